@@ -8,3 +8,17 @@ Layout, from the maths up:
 - :mod:`lora_monitor.plots` — heatmap figures;
 - :mod:`lora_monitor.callback` — :class:`LoRASubspaceMonitor`, the Lightning/TensorBoard side.
 """
+
+from lora_monitor.adapters import LoRAFactors, LoRAMonitorError
+from lora_monitor.callback import AnalysisWarning, LoRASubspaceMonitor
+from lora_monitor.functional import factored_svd, singular_basis, subspace_similarity
+
+__all__ = [
+    "AnalysisWarning",
+    "LoRAFactors",
+    "LoRAMonitorError",
+    "LoRASubspaceMonitor",
+    "factored_svd",
+    "singular_basis",
+    "subspace_similarity",
+]

@@ -1,0 +1,336 @@
+"""The Lightning side: :class:`LoRASubspaceMonitor`, which snapshots, analyses and logs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence, Union
+
+import lightning.pytorch as pl
+import numpy as np
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from lora_monitor.adapters import (
+    LoRAFactors,
+    LoRAMonitorError,
+    ModuleKey,
+    check_reference_compatible,
+    find_lora_factors,
+    load_adapter,
+    select_factors,
+)
+from lora_monitor.functional import BASES, Basis
+from lora_monitor.plots import figure_to_rgb, phi_figure
+from lora_monitor.snapshots import ModuleAnalysis, Snapshot, analyze
+
+TAG_PREFIX = "lora_monitor"
+IMAGE_TAG = f"{TAG_PREFIX}/phi_heatmaps"
+#: Scalars logged per monitored module, ``lora_monitor/<name>/layer_<L>.<projection>``.
+SCALAR_NAMES = ("delta_w_norm", "sigma_max", "phi_top", "phi_mean")
+
+_BASIS_SYMBOLS = {
+    "A": "A",
+    "B": "B",
+    "delta_w_left": r"\Delta W^{\mathrm{left}}",
+    "delta_w_right": r"\Delta W^{\mathrm{right}}",
+}
+
+
+class AnalysisWarning(UserWarning):
+    """A snapshot of a module could not be analysed; training goes on (see ``strict``)."""
+
+
+def scalar_tag(name: str, key: ModuleKey) -> str:
+    layer, projection = key
+    return f"{TAG_PREFIX}/{name}/layer_{layer:02d}.{projection}"
+
+
+def default_layers(layer_indices: Sequence[int], count: int = 4) -> list[int]:
+    """``count`` layers spread evenly over depth, first and last included (paper: 1/32/64/96)."""
+    ordered = sorted(set(layer_indices))
+    positions = np.linspace(0, len(ordered) - 1, min(count, len(ordered))).round().astype(int)
+    return [ordered[p] for p in dict.fromkeys(positions.tolist())]
+
+
+class LoRASubspaceMonitor(Callback):
+    r"""Watch the low-rank updates ΔW = s·B·A of a peft LoRA model while it trains.
+
+    Every ``every_n_steps`` optimizer steps, and once at the end of fit, the monitor copies the
+    LoRA factors of the monitored projections (only the factors, never ΔW), computes on the
+    model's device the normalized subspace similarity of the LoRA paper (Hu et al. 2021, §7)
+
+    .. math:: \phi(X, Y, i, j) = \|U_X^{i\top} U_Y^{j}\|_F^2 / \min(i, j)
+
+    between a reference X and the current update Y, and logs it to every logger of the
+    ``Trainer``.
+
+    Args:
+        every_n_steps: snapshot period, in optimizer steps (``trainer.global_step``).
+        reference: what the current update is compared with: ``"first"`` — the first snapshot
+            of the run; ``"previous"`` — the snapshot before; or the path of an adapter
+            directory written by peft's ``save_pretrained`` (another rank or seed), whose shapes
+            are checked layer by layer at setup.
+        target_modules: which projections to monitor: canonical names ``"q"``, ``"k"``,
+            ``"v"``, ``"o"`` (matching ``q_proj``, ``query``, GPT-2's fused ``c_attn``, ...)
+            or a module's own name, as in peft's ``LoraConfig.target_modules``.
+        layers: layer indices drawn in the heatmap figure; scalars are logged for every
+            monitored layer. Default: four layers spread over depth, like the paper's
+            1/32/64/96.
+        basis: the singular vectors φ is computed in: ``"A"`` (right singular vectors of
+            ``lora_A``, the paper's choice), ``"B"`` (left singular vectors of ``lora_B``),
+            ``"delta_w_left"`` or ``"delta_w_right"`` (of ΔW itself).
+        adapter_name: the peft adapter to monitor; default the active one.
+        log_images: draw and log the heatmap figure (scalars are always logged).
+        strict: raise instead of warning when a snapshot cannot be analysed (for tests and CI).
+            Errors in the configuration are raised at setup either way.
+
+    Logged, for each snapshot at step ``trainer.global_step``:
+
+    - ``lora_monitor/phi_heatmaps`` (image, TensorBoard): one grid figure, a row per drawn
+      layer and a column per projection, of φ(reference, current, i, j) with i (reference)
+      on the vertical axis and j (current) on the horizontal one, colour scale 0..1; when the
+      reference has the smaller rank, a zoom on i, j ≤ r_ref with the cells j > i masked.
+    - ``lora_monitor/delta_w_norm/layer_<L>.<p>``: ‖ΔW‖_F of layer L, projection p.
+    - ``lora_monitor/sigma_max/layer_<L>.<p>``: the top singular value of ΔW.
+    - ``lora_monitor/phi_top/layer_<L>.<p>``: φ(1, 1), how well the reference's top direction
+      is aligned with the current top direction.
+    - ``lora_monitor/phi_mean/layer_<L>.<p>``: the mean of φ(i, i) for i up to the smaller of
+      the two ranks: how much the top-i subspaces agree, on average over i.
+
+    No ``phi_*`` scalars and no image are logged for the first snapshot of a run with
+    ``reference="first"`` or ``"previous"`` (there is nothing to compare with yet).
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> from lightning.pytorch.loggers import TensorBoardLogger
+        >>> from lora_monitor import LoRASubspaceMonitor
+        >>> monitor = LoRASubspaceMonitor(every_n_steps=50, reference="first")
+        >>> trainer = pl.Trainer(callbacks=[monitor], logger=TensorBoardLogger("runs"))
+        >>> # trainer.fit(module)  # module holds a peft LoRA model anywhere inside it
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        reference: Union[Literal["first", "previous"], str, os.PathLike] = "first",
+        target_modules: Sequence[str] = ("q", "v"),
+        layers: Optional[Sequence[int]] = None,
+        basis: Basis = "A",
+        adapter_name: Optional[str] = None,
+        log_images: bool = True,
+        strict: bool = False,
+    ) -> None:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise MisconfigurationException(
+                f"LoRASubspaceMonitor: every_n_steps must be a positive integer, got {every_n_steps!r}"
+            )
+        if not isinstance(reference, (str, os.PathLike)) or str(reference) == "":
+            raise MisconfigurationException(
+                "LoRASubspaceMonitor: reference must be 'first', 'previous' or the path of an "
+                f"adapter directory saved with save_pretrained, got {reference!r}"
+            )
+        if isinstance(target_modules, str):
+            target_modules = (target_modules,)
+        if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
+            raise MisconfigurationException(
+                "LoRASubspaceMonitor: target_modules must be a non-empty list of projection names "
+                f"such as ['q', 'v'] or ['q_proj', 'gate_proj'], got {target_modules!r}"
+            )
+        if layers is not None and (
+            not layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+        ):
+            raise MisconfigurationException(
+                f"LoRASubspaceMonitor: layers must be a non-empty list of layer indices, got {layers!r}"
+            )
+        if basis not in BASES:
+            raise MisconfigurationException(
+                f"LoRASubspaceMonitor: basis must be one of {', '.join(map(repr, BASES))}, got {basis!r}"
+            )
+        self.every_n_steps = every_n_steps
+        self.reference = reference if reference in ("first", "previous") else Path(reference)
+        self.target_modules = tuple(target_modules)
+        self.layers = list(layers) if layers is not None else None
+        self.basis = basis
+        self.adapter_name = adapter_name
+        self.log_images = log_images
+        self.strict = strict
+
+        self._reference_factors: Optional[dict[ModuleKey, LoRAFactors]] = None
+        self._drawn_layers: list[int] = []
+        self._first: Optional[Snapshot] = None
+        self._previous: Optional[Snapshot] = None
+        self._last_step: Optional[int] = None
+        #: The analysis of the latest snapshot, ``(layer, projection) → ModuleAnalysis``.
+        self.latest_analysis: dict[ModuleKey, ModuleAnalysis] = {}
+
+    @property
+    def state_key(self) -> str:
+        # Two monitors in one Trainer (say one against "first", one against a directory) must
+        # not overwrite each other's state in the checkpoint.
+        return self._generate_state_key(
+            reference=str(self.reference),
+            basis=self.basis,
+            target_modules=self.target_modules,
+            adapter_name=self.adapter_name,
+        )
+
+    # ----------------------------------------------------------------------------- set-up
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not trainer.loggers:
+            raise MisconfigurationException(
+                "Cannot use `LoRASubspaceMonitor` callback with `Trainer` that has no logger: "
+                "pass e.g. `logger=TensorBoardLogger('runs')`."
+            )
+        monitored = self._monitored_factors(pl_module)
+        layer_indices = sorted({layer for layer, _ in monitored})
+        if self.layers is not None:
+            select_factors(monitored, None, self.layers)  # raises if an entry matches nothing
+            self._drawn_layers = list(self.layers)
+        else:
+            self._drawn_layers = default_layers(layer_indices)
+        if isinstance(self.reference, Path):
+            saved = load_adapter(self.reference)
+            check_reference_compatible(monitored, saved.factors, self.basis)
+            self._reference_factors = {key: saved.factors[key] for key in monitored}
+        if self.basis == "A" and any(f.module_name.endswith("c_attn") for f in monitored.values()):
+            rank_zero_warn(
+                "LoRASubspaceMonitor: q, k and v of a fused c_attn share one lora_A, so basis='A' "
+                "cannot tell them apart; use basis='delta_w_left' or 'delta_w_right'.",
+                category=AnalysisWarning,
+            )
+
+    def _monitored_factors(self, pl_module: pl.LightningModule) -> dict[ModuleKey, LoRAFactors]:
+        factors = find_lora_factors(pl_module, self.adapter_name)
+        return select_factors(factors, self.target_modules, None)
+
+    # ---------------------------------------------------------------------------- schedule
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self._take_snapshot(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step != self._last_step:
+            self._take_snapshot(trainer, pl_module)
+
+    # ---------------------------------------------------------------------------- analysis
+    def _take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        self._last_step = step
+        try:
+            snapshot = Snapshot.capture(self._monitored_factors(pl_module), step)
+        except LoRAMonitorError as error:  # e.g. the adapter was merged or unloaded mid-run
+            self._report(f"step {step}: no snapshot taken: {error}")
+            return
+        reference, reference_step = self._reference_for(snapshot)
+        self._remember(snapshot)
+        try:
+            analyses = analyze(snapshot, reference, self.basis)
+        except Exception as error:  # an analysis fault must never end a training run
+            self._report(f"step {step}: the analysis failed with {type(error).__name__}: {error}")
+            return
+        self.latest_analysis = analyses
+        for analysis in analyses.values():
+            for problem in analysis.problems:
+                layer, projection = analysis.key
+                self._report(f"step {step}, layer {layer} projection {projection!r}: {problem}; skipped")
+        if trainer.is_global_zero:
+            self._log(trainer, snapshot, analyses, reference, reference_step)
+
+    def _reference_for(self, snapshot: Snapshot) -> tuple[Optional[dict[ModuleKey, LoRAFactors]], Optional[int]]:
+        if self._reference_factors is not None:
+            return self._reference_factors, None
+        earlier = self._first if self.reference == "first" else self._previous
+        if earlier is None:
+            return None, None
+        return earlier.factors, earlier.step
+
+    def _remember(self, snapshot: Optional[Snapshot]) -> None:
+        # Only what "first"/"previous" need is kept: the history stays bounded.
+        if snapshot is None:
+            return
+        if self.reference == "first" and self._first is None:
+            self._first = snapshot
+        if self.reference == "previous":
+            self._previous = snapshot
+
+    def _report(self, message: str) -> None:
+        message = f"LoRASubspaceMonitor: {message}"
+        if self.strict:
+            raise LoRAMonitorError(message)
+        rank_zero_warn(message, category=AnalysisWarning)
+
+    # ----------------------------------------------------------------------------- logging
+    def _log(
+        self,
+        trainer: pl.Trainer,
+        snapshot: Snapshot,
+        analyses: dict[ModuleKey, ModuleAnalysis],
+        reference: Optional[dict[ModuleKey, LoRAFactors]],
+        reference_step: Optional[int],
+    ) -> None:
+        step = snapshot.step
+        scalars = {
+            scalar_tag(name, key): value
+            for key, analysis in sorted(analyses.items())
+            for name, value in analysis.scalars.items()
+        }
+        image = None
+        if self.log_images and reference is not None:
+            grids = {
+                key: a.phi.numpy()
+                for key, a in analyses.items()
+                if a.phi is not None and key[0] in self._drawn_layers
+            }
+            if grids:
+                image = self._render(grids, snapshot, reference, reference_step)
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=step)
+            if image is not None and isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(IMAGE_TAG, image, global_step=step, dataformats="HWC")
+
+    def _render(
+        self,
+        grids: dict[ModuleKey, np.ndarray],
+        snapshot: Snapshot,
+        reference: dict[ModuleKey, LoRAFactors],
+        reference_step: Optional[int],
+    ) -> np.ndarray:
+        key = next(iter(grids))
+        symbol = _BASIS_SYMBOLS[self.basis]
+        current_rank, reference_rank = snapshot.factors[key].rank, reference[key].rank
+        if reference_step is not None:
+            row = rf"{symbol}_{{\mathrm{{step}}={reference_step}}}"
+            column = rf"{symbol}_{{\mathrm{{step}}={snapshot.step}}}"
+        else:
+            # Another run's adapter: the paper's φ(A_{r=8}, A_{r=64}) or φ(A_{r=64}, A'_{r=64}).
+            prime = "'" if current_rank == reference_rank else ""
+            row = rf"{symbol}_{{r={reference_rank}}}"
+            column = rf"{symbol}{prime}_{{r={current_rank}}}"
+        if reference_rank > current_rank:
+            # φ is symmetric under swapping sides; the paper puts the smaller rank on i.
+            grids = {k: g.T for k, g in grids.items()}
+            row, column = column, row
+        layers = [layer for layer in self._drawn_layers if any(k[0] == layer for k in grids)]
+        figure = phi_figure(grids, row_symbol=row, column_symbol=column, layers=layers)
+        return figure_to_rgb(figure)
+
+    # ------------------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "last_step": self._last_step,
+            "first": self._first.state_dict() if self._first is not None else None,
+            "previous": self._previous.state_dict() if self._previous is not None else None,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = state_dict.get("last_step")
+        first, previous = state_dict.get("first"), state_dict.get("previous")
+        self._first = Snapshot.from_state_dict(first) if first is not None else None
+        self._previous = Snapshot.from_state_dict(previous) if previous is not None else None

@@ -1,0 +1,222 @@
+"""The monitor end to end: real peft models, a real Trainer, real TensorBoard event files.
+
+Every number the monitor logs is checked against an independent dense computation: ΔW
+materialized by peft's own ``get_delta_weight``, a full SVD, and φ by a loop over (i, j).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+
+import matplotlib.image
+import pytest
+import torch
+from conftest import tiny_gpt2_lora, tiny_llama_lora
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning_setup import CausalLMModule, make_trainer, read_events
+from peft.tuners.lora import LoraLayer
+
+from lora_monitor import LoRAMonitorError, LoRASubspaceMonitor
+from lora_monitor.callback import IMAGE_TAG, SCALAR_NAMES, scalar_tag
+
+PROJECTIONS = {"q_proj": "q", "v_proj": "v"}
+
+
+def dense_updates(model: torch.nn.Module) -> dict[tuple[int, str], tuple[torch.Tensor, ...]]:
+    """``(layer, projection) → (ΔW, lora_A, lora_B)`` in float64, ΔW from peft's get_delta_weight."""
+    updates = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            layer = int(name.split("layers.")[1].split(".")[0])
+            projection = PROJECTIONS[name.rsplit(".", 1)[1]]
+            delta = module.get_delta_weight("default").detach().double()
+            factors = (module.lora_A["default"].weight, module.lora_B["default"].weight)
+            updates[layer, projection] = (delta, *(f.detach().double() for f in factors))
+    return updates
+
+
+def dense_basis(delta: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, basis: str) -> torch.Tensor:
+    rank = lora_A.shape[0]
+    if basis == "A":
+        return torch.linalg.svd(lora_A).Vh[:rank].T
+    if basis == "B":
+        return torch.linalg.svd(lora_B).U[:, :rank]
+    U, _, Vh = torch.linalg.svd(delta)
+    return U[:, :rank] if basis == "delta_w_left" else Vh[:rank].T
+
+
+def dense_phi(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    phi = torch.empty(U.shape[1], V.shape[1], dtype=torch.float64)
+    for i, j in itertools.product(range(1, U.shape[1] + 1), range(1, V.shape[1] + 1)):
+        phi[i - 1, j - 1] = torch.linalg.matrix_norm(U[:, :i].T @ V[:, :j]) ** 2 / min(i, j)
+    return phi
+
+
+def scalar_series(events, tag: str) -> dict[int, float]:
+    return {event.step: event.value for event in events.Scalars(tag)}
+
+
+def test_tensorboard_run_has_heatmaps_and_scalars(tmp_path):
+    model = tiny_llama_lora(rank=4, num_layers=4, randomize_B=False)
+    monitor = LoRASubspaceMonitor(every_n_steps=2, reference="first")
+    trainer = make_trainer(tmp_path, [monitor], max_steps=6)
+    trainer.fit(CausalLMModule(model))
+
+    events = read_events(trainer.logger.log_dir)
+    tags = events.Tags()
+    # The first snapshot (step 2) is the reference: no φ yet, so no image and no phi scalars.
+    assert tags["images"] == [IMAGE_TAG]
+    images = events.Images(IMAGE_TAG)
+    assert [image.step for image in images] == [4, 6]
+    for image in images:
+        pixels = matplotlib.image.imread(io.BytesIO(image.encoded_image_string), format="png")
+        assert pixels.shape[:2] == (image.height, image.width)
+        # 4 layers drawn (all of them) × (ΔW_q, ΔW_v), no zoom at equal ranks: 7.6 × 6.9 in at 100 dpi.
+        assert (image.width, image.height) == (760, 690)
+
+    keys = [(layer, projection) for layer in range(4) for projection in ("q", "v")]
+    expected = {scalar_tag(name, key) for name in SCALAR_NAMES for key in keys}
+    logged = {tag for tag in tags["scalars"] if tag.startswith("lora_monitor/")}
+    assert logged == expected
+    assert all(tag.startswith("lora_monitor/") for tag in tags["images"])
+    for key in keys:
+        assert sorted(scalar_series(events, scalar_tag("delta_w_norm", key))) == [2, 4, 6]
+        assert sorted(scalar_series(events, scalar_tag("phi_top", key))) == [4, 6]
+        # B starts at zero and moves: the update grows.
+        norms = scalar_series(events, scalar_tag("delta_w_norm", key))
+        assert 0 < norms[2] < norms[6]
+
+
+@pytest.mark.parametrize("basis", ["A", "B", "delta_w_left", "delta_w_right"])
+def test_logged_scalars_match_dense_computation(tmp_path, basis):
+    reference_model = tiny_llama_lora(rank=4, seed=1)
+    reference_model.save_pretrained(str(tmp_path / "seed1"))
+    model = tiny_llama_lora(rank=4, seed=0)
+    monitor = LoRASubspaceMonitor(every_n_steps=3, reference=tmp_path / "seed1", basis=basis)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=3)
+    trainer.fit(CausalLMModule(model))
+
+    events = read_events(trainer.logger.log_dir)
+    current, reference = dense_updates(model), dense_updates(reference_model)
+    for key, factors in current.items():
+        delta = factors[0]
+        phi = dense_phi(dense_basis(*reference[key], basis), dense_basis(*factors, basis))
+        sigma = torch.linalg.svdvals(delta)
+        logged = {name: scalar_series(events, scalar_tag(name, key))[3] for name in SCALAR_NAMES}
+        assert logged["delta_w_norm"] == pytest.approx(float(torch.linalg.matrix_norm(delta)), rel=1e-5)
+        assert logged["sigma_max"] == pytest.approx(float(sigma[0]), rel=1e-5)
+        assert logged["phi_top"] == pytest.approx(float(phi[0, 0]), abs=1e-5)
+        assert logged["phi_mean"] == pytest.approx(float(torch.diagonal(phi).mean()), abs=1e-5)
+        torch.testing.assert_close(monitor.latest_analysis[key].phi.double(), phi, atol=1e-5, rtol=0)
+
+
+def test_rank8_reference_against_running_rank64(tmp_path):
+    rank8 = tiny_llama_lora(rank=8, hidden_size=64, randomize_B=False)
+    make_trainer(tmp_path / "r8", [], max_steps=4).fit(CausalLMModule(rank8))
+    rank8.save_pretrained(str(tmp_path / "r8" / "adapter"))
+
+    rank64 = tiny_llama_lora(rank=64, alpha=128, hidden_size=64, randomize_B=False)
+    monitor = LoRASubspaceMonitor(every_n_steps=2, reference=tmp_path / "r8" / "adapter")
+    trainer = make_trainer(tmp_path / "r64", [monitor], max_steps=4)
+    trainer.fit(CausalLMModule(rank64))
+
+    assert set(monitor.latest_analysis) == {(layer, p) for layer in range(2) for p in ("q", "v")}
+    current, reference = dense_updates(rank64), dense_updates(rank8)
+    for key, analysis in monitor.latest_analysis.items():
+        assert tuple(analysis.phi.shape) == (8, 64)
+        expected = dense_phi(dense_basis(*reference[key], "A"), dense_basis(*current[key], "A"))
+        torch.testing.assert_close(analysis.phi.double(), expected, atol=1e-5, rtol=0)
+    events = read_events(trainer.logger.log_dir)
+    images = events.Images(IMAGE_TAG)
+    assert [image.step for image in images] == [2, 4]
+    # With the smaller rank as reference the figure adds the zoomed, masked i, j ≤ 8 panels.
+    assert images[0].width == 1080
+
+
+def test_previous_reference_compares_consecutive_snapshots(tmp_path):
+    model = tiny_llama_lora(rank=4)
+    monitor = LoRASubspaceMonitor(every_n_steps=1, reference="previous", basis="delta_w_right")
+    trainer = make_trainer(tmp_path, [monitor], max_steps=3, logger=CSVLogger(str(tmp_path)))
+    trainer.fit(CausalLMModule(model))
+    # Each step moves ΔW a little: consecutive top directions stay nearly aligned.
+    assert all(a.phi[0, 0] > 0.5 for a in monitor.latest_analysis.values())
+    metrics = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    assert scalar_tag("phi_top", (0, "q")) in metrics.splitlines()[0]
+
+
+class _CountingModule(CausalLMModule):
+    steps_run = 0
+
+    def training_step(self, batch, batch_idx):
+        type(self).steps_run += 1
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize(
+    "make_model, monitor_kwargs, match",
+    [
+        (lambda: tiny_llama_lora(), dict(target_modules=["k"]), r"'k'.*q.*v"),
+        (lambda: tiny_llama_lora(), dict(layers=[0, 7]), r"7"),
+        (lambda: tiny_llama_lora(), dict(reference="/nonexistent/adapter"), r"/nonexistent/adapter"),
+    ],
+    ids=["target-matches-nothing", "layer-matches-nothing", "missing-reference"],
+)
+def test_configuration_errors_are_raised_at_setup(tmp_path, make_model, monitor_kwargs, match):
+    _CountingModule.steps_run = 0
+    trainer = make_trainer(tmp_path, [LoRASubspaceMonitor(**monitor_kwargs)], max_steps=2)
+    with pytest.raises(LoRAMonitorError, match=match):
+        trainer.fit(_CountingModule(make_model()))
+    assert _CountingModule.steps_run == 0
+
+
+def test_reference_of_other_shapes_is_rejected_at_setup(tmp_path):
+    tiny_llama_lora(hidden_size=64).save_pretrained(str(tmp_path / "wide"))
+    _CountingModule.steps_run = 0
+    trainer = make_trainer(tmp_path, [LoRASubspaceMonitor(reference=tmp_path / "wide")], max_steps=2)
+    with pytest.raises(LoRAMonitorError, match=r"shape"):
+        trainer.fit(_CountingModule(tiny_llama_lora(hidden_size=32)))
+    assert _CountingModule.steps_run == 0
+
+
+def test_model_without_lora_is_rejected_at_setup(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, vocab_size=64)
+    _CountingModule.steps_run = 0
+    trainer = make_trainer(tmp_path, [LoRASubspaceMonitor()], max_steps=2)
+    with pytest.raises(LoRAMonitorError, match=r"LoRA"):
+        trainer.fit(_CountingModule(LlamaForCausalLM(config)))
+    assert _CountingModule.steps_run == 0
+
+
+def test_no_logger_is_rejected_at_setup(tmp_path):
+    trainer = make_trainer(tmp_path, [LoRASubspaceMonitor()], max_steps=2, logger=False)
+    with pytest.raises(MisconfigurationException, match="no logger"):
+        trainer.fit(CausalLMModule(tiny_llama_lora()))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(every_n_steps=0), "every_n_steps"),
+        (dict(basis="C"), "basis"),
+        (dict(target_modules=[]), "target_modules"),
+        (dict(layers=["1"]), "layers"),
+        (dict(reference=3), "reference"),
+    ],
+)
+def test_constructor_validates_arguments(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        LoRASubspaceMonitor(**kwargs)
+
+
+def test_fused_c_attn_is_split_into_q_and_v(tmp_path):
+    model = tiny_gpt2_lora(rank=4)
+    monitor = LoRASubspaceMonitor(every_n_steps=2, reference="first", basis="delta_w_left")
+    trainer = make_trainer(tmp_path, [monitor], max_steps=4)
+    trainer.fit(CausalLMModule(model))
+    assert set(monitor.latest_analysis) == {(layer, p) for layer in range(2) for p in ("q", "v")}
+    assert all(a.phi.shape == (4, 4) for a in monitor.latest_analysis.values())
