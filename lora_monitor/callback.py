@@ -9,7 +9,6 @@ from typing import Any, Literal, Optional, Sequence, Union
 import lightning.pytorch as pl
 import numpy as np
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
@@ -23,6 +22,7 @@ from lora_monitor.adapters import (
     select_factors,
 )
 from lora_monitor.functional import BASES, Basis
+from lora_monitor.loggers import log_snapshot
 from lora_monitor.plots import figure_to_rgb, phi_figure
 from lora_monitor.snapshots import ModuleAnalysis, Snapshot, analyze
 
@@ -106,8 +106,7 @@ class LoRASubspaceMonitor(Callback):
     Example::
 
         >>> import lightning.pytorch as pl
-        >>> from lightning.pytorch.loggers import TensorBoardLogger
-        >>> from lora_monitor import LoRASubspaceMonitor
+        >>>         >>> from lora_monitor import LoRASubspaceMonitor
         >>> monitor = LoRASubspaceMonitor(every_n_steps=50, reference="first")
         >>> trainer = pl.Trainer(callbacks=[monitor], logger=TensorBoardLogger("runs"))
         >>> # trainer.fit(module)  # module holds a peft LoRA model anywhere inside it
@@ -290,10 +289,7 @@ class LoRASubspaceMonitor(Callback):
             }
             if grids:
                 image = self._render(grids, snapshot, reference, reference_step)
-        for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=step)
-            if image is not None and isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image(IMAGE_TAG, image, global_step=step, dataformats="HWC")
+        log_snapshot(trainer.loggers, scalars, {IMAGE_TAG: image} if image is not None else {}, step)
 
     def _render(
         self,
