@@ -9,7 +9,8 @@ Notation (see ``MATHS.md``): ΔW = s·B·A with B ∈ ℝ^{d×r} (peft's ``lora_
 
 from __future__ import annotations
 
-from typing import Literal, Union
+import math
+from typing import Literal, Optional, Union
 
 import torch
 from torch import Tensor
@@ -29,6 +30,18 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _power_of_two_normalize(X: Tensor) -> tuple[Tensor, Tensor]:
+    """``X / 2^e`` with ``2^e ≈ max|X|`` over the last two dims (exact), and ``2^e`` itself.
+
+    The exponent is clamped so that ``2^±e`` stays a normal number of X's dtype; an all-zero
+    matrix gets ``2^0 = 1``.
+    """
+    bound = int(math.log2(torch.finfo(X.dtype).max)) - 20
+    _, exponent = torch.frexp(X.abs().amax(dim=(-2, -1)))
+    power = exponent.clamp(-bound, bound).to(X.dtype)
+    return X * torch.exp2(-power)[..., None, None], torch.exp2(power)
+
+
 def factored_svd(B: Tensor, A: Tensor, scaling: Scaling = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD of ``scaling · B @ A`` computed from its factors, never forming the product.
 
@@ -45,7 +58,9 @@ def factored_svd(B: Tensor, A: Tensor, scaling: Scaling = 1.0) -> tuple[Tensor, 
         ``(U, S, Vh)`` with ``U: (..., d, m)``, ``S: (..., m)`` in decreasing order and
         ``Vh: (..., m, k)``, ``m = min(d, r, k)``, in float32 (float64 if an input is float64).
         A zero or rank-deficient factor gives zero singular values (never NaN); a matrix
-        whose factors hold NaN or Inf gets NaN singular values instead of an exception.
+        whose factors hold NaN or Inf gets NaN singular values instead of an exception. Finite
+        factors of any magnitude are handled (each is scaled by a power of two first); a
+        singular value beyond the dtype's range comes out Inf.
     """
     if B.shape[-1] != A.shape[-2]:
         raise ValueError(
@@ -61,15 +76,21 @@ def factored_svd(B: Tensor, A: Tensor, scaling: Scaling = 1.0) -> tuple[Tensor, 
     # LAPACK's SVD raises on non-finite input; zero those matrices and mark their spectrum NaN.
     B = torch.where(finite[..., None, None], B, torch.zeros((), dtype=dtype, device=B.device))
     A = torch.where(finite[..., None, None], A, torch.zeros((), dtype=dtype, device=A.device))
+    # Bring each factor to magnitude ~1 by an exact power of two, so that the r×r core product
+    # neither overflows (NaN spectrum for finite factors) nor underflows (zero spectrum and
+    # arbitrary vectors for a nonzero ΔW); the powers are put back on the singular values.
+    B, exp_b = _power_of_two_normalize(B)
+    A, exp_a = _power_of_two_normalize(A)
     q_b, r_b = torch.linalg.qr(B)
     q_a, r_a = torch.linalg.qr(A.mT)
     u_core, s_core, vh_core = torch.linalg.svd(r_b @ r_a.mT, full_matrices=False)
     U = q_b @ u_core
     Vh = vh_core @ q_a.mT
     # A negative scaling flips the left vectors so that singular values stay non-negative.
-    S = s_core * scaling.abs()[..., None]
+    S = s_core * scaling.abs()[..., None] * exp_b[..., None] * exp_a[..., None]
     U = U * torch.where(scaling < 0, -1.0, 1.0).to(dtype)[..., None, None]
-    S = torch.where(finite[..., None], S, torch.full((), float("nan"), dtype=dtype, device=S.device))
+    nan = torch.full((), float("nan"), dtype=dtype, device=S.device)
+    S = torch.where(finite[..., None], S, nan)
     return U, S, Vh
 
 
@@ -113,3 +134,189 @@ def subspace_similarity(U: Tensor, V: Tensor) -> Tensor:
     i = torch.arange(1, p + 1, device=U.device, dtype=dtype)
     j = torch.arange(1, q + 1, device=U.device, dtype=dtype)
     return (cumulative / torch.minimum(i[:, None], j[None, :])).clamp(0.0, 1.0)
+
+
+def random_subspace_similarity(
+    n: int,
+    p: int,
+    q: int,
+    *,
+    device: Optional[torch.device | str] = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Closed-form expected φ of two independent uniformly random nested subspaces of ℝⁿ.
+
+    ``E‖U[:, :i]ᵀ V[:, :j]‖_F² = i·j/n`` (each unit vector of one subspace keeps j/n of its
+    squared norm in the other), so ``E φ(i, j) = i·j/n / min(i, j) = max(i, j)/n``: the chance
+    level of a φ grid (the paper's Figure 4, right panel, is a sample of it).
+
+    Returns ``(p, q)`` with ``[i-1, j-1] = max(i, j)/n``; requires ``0 ≤ p, q ≤ n``.
+    """
+    if n < 1 or not (0 <= p <= n and 0 <= q <= n):
+        raise ValueError(
+            f"random_subspace_similarity: needs n ≥ 1 and 0 ≤ p, q ≤ n (a basis of ℝⁿ has at "
+            f"most n vectors); got n={n}, p={p}, q={q}"
+        )
+    i = torch.arange(1, p + 1, device=device, dtype=dtype)
+    j = torch.arange(1, q + 1, device=device, dtype=dtype)
+    return torch.maximum(i[:, None], j[None, :]) / n
+
+
+def sample_random_subspace_similarity(
+    n: int,
+    p: int,
+    q: int,
+    *,
+    samples: int = 1,
+    generator: Optional[torch.Generator] = None,
+    device: Optional[torch.device | str] = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """φ grids of independent random orthonormal bases: the paper's Figure 4, right panel.
+
+    Each sample draws Gaussian matrices G ∈ ℝ^{n×p}, H ∈ ℝ^{n×q}; their thin QR factors Q_G, Q_H
+    span uniformly random nested subspaces, and the result is ``subspace_similarity(Q_G, Q_H)``.
+    Its mean tends to :func:`random_subspace_similarity`. Sampled in float32 (float64 if
+    ``dtype`` is float64) and returned in ``dtype``; ``generator`` must live on ``device``.
+
+    Returns ``(samples, p, q)``.
+    """
+    if n < 1 or not (0 <= p <= n and 0 <= q <= n) or samples < 0:
+        raise ValueError(
+            f"sample_random_subspace_similarity: needs n ≥ 1, 0 ≤ p, q ≤ n and samples ≥ 0; "
+            f"got n={n}, p={p}, q={q}, samples={samples}"
+        )
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    gaussian = torch.randn(samples, n, p + q, generator=generator, device=device, dtype=work)
+    U = torch.linalg.qr(gaussian[..., :p])[0]
+    V = torch.linalg.qr(gaussian[..., p:])[0]
+    return subspace_similarity(U, V).to(dtype)
+
+
+def _normalized_spectrum(S: Tensor) -> tuple[Tensor, Tensor]:
+    """``(|S| / max|S|, max|S|)`` over the last dim in the compute dtype; ``|S|`` where max is 0.
+
+    Dividing by the largest value first keeps the squares from overflowing or underflowing.
+    """
+    S = S.to(compute_dtype(S)).abs()
+    top = S.amax(-1, keepdim=True)
+    x = S / torch.where(top > 0, top, torch.ones((), dtype=S.dtype, device=S.device))
+    return x, top.squeeze(-1)
+
+
+def energy_rank(S: Tensor, energy: float = 0.9) -> Tensor:
+    """Smallest k with ``Σ_{i≤k} σᵢ² ≥ energy · Σᵢ σᵢ²`` (σ sorted decreasingly here).
+
+    Args:
+        S: singular values ``(..., m)``, non-negative (taken in absolute value), any order.
+        energy: the fraction of ``‖ΔW‖_F²`` to hold, in (0, 1].
+
+    Returns:
+        ``(...)`` int64 in ``1..m``; 0 for an all-zero or non-finite spectrum.
+    """
+    if isinstance(energy, (int, float)) and not 0 < energy <= 1:
+        raise ValueError(f"energy_rank: energy must be in (0, 1], got {energy}")
+    x, top = _normalized_spectrum(S)
+    cumulative = x.sort(-1, descending=True).values.square().cumsum(-1)
+    rank = (cumulative < energy * cumulative[..., -1:]).sum(-1) + 1
+    valid = torch.isfinite(top) & (top > 0)
+    return torch.where(valid, rank, torch.zeros((), dtype=rank.dtype, device=rank.device))
+
+
+def effective_rank(S: Tensor) -> Tensor:
+    """Effective rank ``exp(−Σᵢ pᵢ log pᵢ)``, ``pᵢ = σᵢ / Σⱼ σⱼ`` (Roy & Vetterli 2007).
+
+    ``0 log 0 = 0``. ``S: (..., m)`` non-negative. Returns ``(...)`` in ``[1, m]``, 0 for an
+    all-zero spectrum, NaN for a spectrum holding NaN or Inf; float32 (float64 for float64 S).
+    """
+    x, top = _normalized_spectrum(S)
+    total = x.sum(-1, keepdim=True)
+    p = x / torch.where(total > 0, total, torch.ones((), dtype=x.dtype, device=x.device))
+    rank = torch.exp(-torch.xlogy(p, p).sum(-1))
+    return torch.where(top == 0, torch.zeros((), dtype=rank.dtype, device=rank.device), rank)
+
+
+def stable_rank(S: Tensor) -> Tensor:
+    """Stable rank ``Σᵢ σᵢ² / σ₁² = ‖ΔW‖_F² / ‖ΔW‖₂²``, computed as ``Σᵢ (σᵢ/σ₁)²``.
+
+    ``S: (..., m)`` non-negative. Returns ``(...)`` in ``[1, m]``, 0 for an all-zero spectrum,
+    NaN for a spectrum holding NaN or Inf.
+    """
+    x, top = _normalized_spectrum(S)
+    rank = x.square().sum(-1)
+    rank = torch.where(torch.isinf(top), torch.full_like(rank, float("nan")), rank)
+    return torch.where(top == 0, torch.zeros_like(rank), rank)
+
+
+def frobenius_norm(S: Tensor) -> Tensor:
+    """``‖ΔW‖_F = sqrt(Σᵢ σᵢ²)`` from singular values ``S: (..., m)``, as ``σ₁·sqrt(Σ (σᵢ/σ₁)²)``
+    so that squares neither overflow nor underflow. Returns ``(...)``; 0 for an all-zero
+    spectrum, Inf if a singular value is Inf (NaN if one is NaN)."""
+    x, top = _normalized_spectrum(S)
+    norm = top * x.square().sum(-1).sqrt()
+    return torch.where(torch.isinf(top), top, norm)
+
+
+def amplification_factor(U: Tensor, S: Tensor, Vh: Tensor, W0: Tensor) -> Tensor:
+    """How much ΔW amplifies directions W₀ already has (the LoRA paper's §7.3, Table 7).
+
+    ``‖ΔW‖_F / ‖Uᵀ W₀ V‖_F`` with ``U, S, Vh`` the thin SVD of ΔW as :func:`factored_svd`
+    returns it (U, V: its top ``m = min(d, r, k)`` left/right singular vectors) and
+    ``W0: (..., d, k)`` the base weight in the same (out, in) orientation. Computed as two thin
+    products ``(Uᵀ W₀) V`` — O(d·k·m), W₀ is never decomposed.
+
+    For a rank-deficient ΔW the directions of its zero singular values are arbitrary and so is
+    their share of the denominator. Returns ``(...)``: 0 when ΔW = 0, Inf when ΔW ≠ 0 but
+    ``Uᵀ W₀ V = 0``; float32 (float64 if an input is float64).
+    """
+    dtype = compute_dtype(U, S, Vh, W0)
+    projected = (U.to(dtype).mT @ W0.to(dtype)) @ Vh.to(dtype).mT
+    numerator = frobenius_norm(S.to(dtype))
+    denominator = frobenius_norm(projected.flatten(-2))
+    ratio = numerator / denominator
+    return torch.where(numerator == 0, torch.zeros_like(ratio), ratio)
+
+
+def intruder_dimensions(
+    W0: Tensor,
+    U: Tensor,
+    S: Tensor,
+    Vh: Tensor,
+    *,
+    top_k: int = 10,
+    threshold: float = 0.5,
+) -> Tensor:
+    """Number of intruder dimensions of W₀ + ΔW (Shuttleworth et al. 2024, arXiv 2410.21228).
+
+    Among the ``top_k`` leading **left** singular vectors ``u'ᵢ`` of ``W = W₀ + U diag(S) Vh``,
+    counts those with ``maxⱼ |u'ᵢᵀ uⱼ| < threshold`` over all left singular vectors ``uⱼ`` of W₀
+    — the output-space (ℝ^d) side, as peft's mitigation code
+    (``peft.tuners.lora.intruders.reduce_intruder_dimension``, ε = 0.5, top-k = 10) compares.
+
+    Cost: unlike the rest of this module, this takes two dense SVDs
+    (``torch.linalg.svd(full_matrices=False)`` of W₀ and of W₀ + ΔW, ΔW materialized),
+    O(d·k·min(d, k)) time and O(d·k) memory per matrix: meant to be optional and infrequent.
+
+    Args:
+        W0: base weight ``(..., d, k)``, (out, in) orientation like ΔW.
+        U, S, Vh: the thin SVD of ΔW from :func:`factored_svd`.
+
+    Returns:
+        ``(...)`` int64 in ``0..min(top_k, d, k)``; -1 where W₀ or ΔW is not finite.
+    """
+    if top_k < 1:
+        raise ValueError(f"intruder_dimensions: top_k must be ≥ 1, got {top_k}")
+    dtype = compute_dtype(W0, U, S, Vh)
+    W0 = W0.to(dtype)
+    merged = W0 + (U.to(dtype) * S.to(dtype)[..., None, :]) @ Vh.to(dtype)
+    W0 = W0.expand_as(merged)
+    finite = torch.isfinite(merged).all(-1).all(-1) & torch.isfinite(W0).all(-1).all(-1)
+    zero = torch.zeros((), dtype=dtype, device=merged.device)
+    # LAPACK's SVD raises on non-finite input: decompose zeros there and report -1.
+    W0 = torch.where(finite[..., None, None], W0, zero)
+    merged = torch.where(finite[..., None, None], merged, zero)
+    base_left = torch.linalg.svd(W0, full_matrices=False)[0]
+    merged_left = torch.linalg.svd(merged, full_matrices=False)[0][..., :top_k]
+    best = (merged_left.mT @ base_left).abs().amax(-1)
+    count = (best < threshold).sum(-1)
+    return torch.where(finite, count, torch.full_like(count, -1))
