@@ -196,6 +196,15 @@ class LoRASubspaceMonitor(Callback):
         if isinstance(self.reference, Path):
             saved = load_adapter(self.reference)
             check_reference_compatible(monitored, saved.factors, self.basis)
+            projections = {projection for _, projection in monitored}
+            reference_layers = sorted({layer for layer, p in saved.factors if p in projections})
+            if reference_layers != layer_indices:
+                raise LoRAMonitorError(
+                    f"the reference adapter {self.reference} has LoRA modules in layers "
+                    f"{reference_layers} but the model in layers {layer_indices}: it was trained on a "
+                    f"base model with more layers; compare adapters of the same base model (and the "
+                    f"same LoraConfig(layers_to_transform=...))"
+                )
             self._reference_factors = {key: saved.factors[key] for key in monitored}
         if self.basis == "A" and any(f.module_name.endswith("c_attn") for f in monitored.values()):
             rank_zero_warn(
@@ -228,7 +237,11 @@ class LoRASubspaceMonitor(Callback):
             self._report(f"step {step}: no snapshot taken: {error}")
             return
         reference, reference_step = self._reference_for(snapshot)
-        self._remember(snapshot)
+        if step % self.every_n_steps == 0:
+            # The end-of-fit snapshot off the schedule is compared but never becomes the
+            # reference: a run stopped there and resumed must compare with what an
+            # uninterrupted run compares with.
+            self._remember(snapshot)
         try:
             analyses = analyze(snapshot, reference, self.basis)
         except Exception as error:  # an analysis fault must never end a training run
@@ -289,7 +302,9 @@ class LoRASubspaceMonitor(Callback):
             }
             if grids:
                 image = self._render(grids, snapshot, reference, reference_step)
-        log_snapshot(trainer.loggers, scalars, {IMAGE_TAG: image} if image is not None else {}, step)
+        images = {IMAGE_TAG: image} if image is not None else {}
+        for failure in log_snapshot(trainer.loggers, scalars, images, step):
+            self._report(f"step {step}: could not log to {failure}")
 
     def _render(
         self,

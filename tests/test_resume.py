@@ -1,0 +1,128 @@
+"""Resuming from a Lightning checkpoint: the monitor compares with the same reference as an
+uninterrupted run, number for number.
+
+Run A trains 6 steps in one go; run B trains 3 steps, saves a checkpoint, and a new Trainer
+with new monitors resumes it to step 6. Three monitors share each Trainer ("first", "previous"
+and a saved adapter directory), so their checkpoint states must not overwrite each other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_llama_lora
+from lightning.pytorch.callbacks import Callback
+from lightning_setup import CausalLMModule, make_trainer, read_events
+
+from lora_monitor import LoRASubspaceMonitor
+
+EVERY = 2
+STEPS = 6
+INTERRUPTED_AT = 3  # off the snapshot schedule: the end-of-fit snapshot must not become a reference
+
+
+class StepSeededModule(CausalLMModule):
+    """Trains on a batch drawn from the global step, so a resumed run sees the batches an
+    uninterrupted one does (a plain DataLoader restarts its epoch on a mid-epoch resume)."""
+
+    def training_step(self, batch, batch_idx):
+        generator = torch.Generator().manual_seed(self.global_step)
+        tokens = torch.randint(0, self.vocab_size, batch[0].shape, generator=generator)
+        return super().training_step((tokens,), batch_idx)
+
+
+class AnalysisRecorder(Callback):
+    """Copies each monitor's ``latest_analysis`` at every scheduled snapshot (monitors run first)."""
+
+    def __init__(self, monitors: dict[str, LoRASubspaceMonitor]) -> None:
+        self.monitors = monitors
+        self.phi: dict[str, dict[int, dict]] = {name: {} for name in monitors}
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step % EVERY == 0:
+            for name, monitor in self.monitors.items():
+                self.phi[name][trainer.global_step] = {
+                    key: analysis.phi for key, analysis in monitor.latest_analysis.items()
+                }
+
+
+def monitors(reference_dir: Path) -> dict[str, LoRASubspaceMonitor]:
+    return {
+        "first": LoRASubspaceMonitor(every_n_steps=EVERY, reference="first", log_images=False),
+        "previous": LoRASubspaceMonitor(every_n_steps=EVERY, reference="previous", log_images=False),
+        "directory": LoRASubspaceMonitor(every_n_steps=EVERY, reference=reference_dir, log_images=False),
+    }
+
+
+def train(root: Path, reference_dir: Path, max_steps: int, ckpt_path: Path | None = None):
+    watched = monitors(reference_dir)
+    recorder = AnalysisRecorder(watched)
+    trainer = make_trainer(root, [*watched.values(), recorder], max_steps=max_steps)
+    # Same seeds: the resumed model starts from the same init, then loads the checkpoint;
+    # weights_only=True: the monitor's state must load without unpickling arbitrary objects.
+    module = StepSeededModule(tiny_llama_lora(rank=4, randomize_B=False))
+    trainer.fit(module, ckpt_path=ckpt_path, weights_only=True)
+    return trainer, watched, recorder
+
+
+# StepSeededModule ignores the DataLoader's order, which is what this warning is about.
+pytestmark = pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    tiny_llama_lora(rank=2, seed=7).save_pretrained(str(root / "reference"))
+    uninterrupted = train(root / "A", root / "reference", STEPS)
+    interrupted, _, _ = train(root / "B", root / "reference", INTERRUPTED_AT)
+    checkpoint = root / "B" / "interrupted.ckpt"
+    interrupted.save_checkpoint(checkpoint)
+    resumed = train(root / "B", root / "reference", STEPS, ckpt_path=checkpoint)
+    return uninterrupted, resumed, torch.load(checkpoint, weights_only=True)
+
+
+def test_resumed_run_logs_the_same_numbers(runs):
+    (trainer_a, _, _), (trainer_b, _, _), _ = runs
+    events_a, events_b = read_events(trainer_a.logger.log_dir), read_events(trainer_b.logger.log_dir)
+    tags = [t for t in events_a.Tags()["scalars"] if t.startswith("lora_monitor/phi")]
+    assert tags
+    for tag in tags:
+        # Three monitors write each tag; their order within a step is the callbacks' order.
+        after = [(e.step, e.value) for e in events_a.Scalars(tag) if e.step > INTERRUPTED_AT]
+        resumed = [(e.step, e.value) for e in events_b.Scalars(tag) if e.step > INTERRUPTED_AT]
+        assert [step for step, _ in resumed] == [step for step, _ in after] == [4, 4, 4, 6, 6, 6]
+        assert [value for _, value in resumed] == pytest.approx([value for _, value in after], abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["first", "previous", "directory"])
+def test_each_monitor_compares_with_the_same_reference_after_resume(runs, name):
+    (_, _, recorder_a), (_, watched_b, recorder_b), _ = runs
+    assert sorted(recorder_b.phi[name]) == [4, 6]
+    for step in (4, 6):
+        expected, got = recorder_a.phi[name][step], recorder_b.phi[name][step]
+        assert expected.keys() == got.keys()
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0)
+    if name == "first":
+        assert watched_b[name]._first.step == EVERY
+
+
+def test_checkpoint_holds_one_state_per_monitor(runs):
+    _, _, checkpoint = runs
+    states = {key: state for key, state in checkpoint["callbacks"].items() if "LoRASubspaceMonitor" in key}
+    assert len(states) == 3
+    by_reference = {
+        reference: next(state for key, state in states.items() if f"'reference': '{reference}" in key)
+        for reference in ("first", "previous")
+    }
+    assert by_reference["first"]["first"]["step"] == EVERY
+    assert by_reference["first"]["previous"] is None
+    # The interrupted run's last snapshot (step 3, off the schedule) is not its "previous".
+    assert by_reference["previous"]["previous"]["step"] == EVERY
+    assert by_reference["previous"]["first"] is None
+    assert all(state["last_step"] == INTERRUPTED_AT for state in states.values())
+    factors = by_reference["first"]["first"]["modules"]
+    assert {(m["layer"], m["projection"]) for m in factors} == {(0, "q"), (0, "v"), (1, "q"), (1, "v")}
+    assert all(m["lora_A"].shape == (4, 32) for m in factors)
