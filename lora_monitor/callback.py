@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import numpy as np
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lora_monitor.adapters import (
     LoRAFactors,
@@ -22,21 +22,31 @@ from lora_monitor.adapters import (
     select_factors,
 )
 from lora_monitor.functional import BASES, Basis
-from lora_monitor.loggers import log_snapshot
-from lora_monitor.plots import figure_to_rgb, phi_figure
-from lora_monitor.snapshots import ModuleAnalysis, Snapshot, analyze
+from lora_monitor.loggers import log_snapshot, log_text
+from lora_monitor.plots import comparison_symbols, phi_image
+from lora_monitor.recommend import RankRecommendation, recommend_rank
+from lora_monitor.snapshots import ModuleAnalysis, ReferenceBases, Snapshot, analyze
 
 TAG_PREFIX = "lora_monitor"
 IMAGE_TAG = f"{TAG_PREFIX}/phi_heatmaps"
-#: Scalars logged per monitored module, ``lora_monitor/<name>/layer_<L>.<projection>``.
-SCALAR_NAMES = ("delta_w_norm", "sigma_max", "phi_top", "phi_mean")
-
-_BASIS_SYMBOLS = {
-    "A": "A",
-    "B": "B",
-    "delta_w_left": r"\Delta W^{\mathrm{left}}",
-    "delta_w_right": r"\Delta W^{\mathrm{right}}",
-}
+#: Scalars logged per monitored module, ``lora_monitor/<name>/layer_<L>.<projection>`` (those
+#: that need W₀, a reference or the initial factors only when the run has them).
+SCALAR_NAMES = (
+    "delta_w_norm",
+    "sigma_max",
+    "phi_top",
+    "phi_mean",
+    "shared_directions",
+    "energy_rank",
+    "effective_rank",
+    "stable_rank",
+    "amplification",
+    "delta_w_relative_norm",
+    "a_init_similarity",
+)
+#: Scalars logged only when asked for (``intruder_top_k``).
+OPTIONAL_SCALAR_NAMES = ("intruder_dimensions",)
+RECOMMENDATION_TAG = f"{TAG_PREFIX}/rank_recommendation"
 
 
 class AnalysisWarning(UserWarning):
@@ -122,6 +132,7 @@ class LoRASubspaceMonitor(Callback):
         adapter_name: Optional[str] = None,
         log_images: bool = True,
         strict: bool = False,
+        intruder_top_k: Optional[int] = None,
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise MisconfigurationException(
@@ -149,6 +160,13 @@ class LoRASubspaceMonitor(Callback):
             raise MisconfigurationException(
                 f"LoRASubspaceMonitor: basis must be one of {', '.join(map(repr, BASES))}, got {basis!r}"
             )
+        if intruder_top_k is not None and (
+            isinstance(intruder_top_k, bool) or not isinstance(intruder_top_k, int) or intruder_top_k < 1
+        ):
+            raise MisconfigurationException(
+                "LoRASubspaceMonitor: intruder_top_k must be None (off) or a positive number of "
+                f"singular vectors to check, such as 10; got {intruder_top_k!r}"
+            )
         self.every_n_steps = every_n_steps
         self.reference = reference if reference in ("first", "previous") else Path(reference)
         self.target_modules = tuple(target_modules)
@@ -157,14 +175,21 @@ class LoRASubspaceMonitor(Callback):
         self.adapter_name = adapter_name
         self.log_images = log_images
         self.strict = strict
+        self.intruder_top_k = intruder_top_k
 
         self._reference_factors: Optional[dict[ModuleKey, LoRAFactors]] = None
         self._drawn_layers: list[int] = []
         self._first: Optional[Snapshot] = None
+        #: The reference factors the cached bases were computed from, and the bases.
+        self._reference_bases: Optional[tuple[dict[ModuleKey, LoRAFactors], ReferenceBases]] = None
         self._previous: Optional[Snapshot] = None
         self._last_step: Optional[int] = None
+        # The factors before the first optimizer step: is A still its random initialization?
+        self._initial: Optional[Snapshot] = None
         #: The analysis of the latest snapshot, ``(layer, projection) → ModuleAnalysis``.
         self.latest_analysis: dict[ModuleKey, ModuleAnalysis] = {}
+        #: The rank suggested at the end of fit from the latest analysis (None before).
+        self.recommendation: Optional[RankRecommendation] = None
 
     @property
     def state_key(self) -> str:
@@ -223,9 +248,15 @@ class LoRASubspaceMonitor(Callback):
         if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
             self._take_snapshot(trainer, pl_module)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step == 0 and self._initial is None:
+            self._initial = Snapshot.capture(self._monitored_factors(pl_module), 0)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step != self._last_step:
             self._take_snapshot(trainer, pl_module)
+        if self.latest_analysis:
+            self._recommend(trainer)
 
     # ---------------------------------------------------------------------------- analysis
     def _take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -243,7 +274,14 @@ class LoRASubspaceMonitor(Callback):
             # uninterrupted run compares with.
             self._remember(snapshot)
         try:
-            analyses = analyze(snapshot, reference, self.basis)
+            analyses = analyze(
+                snapshot,
+                reference,
+                self.basis,
+                initial=self._initial.factors if self._initial is not None else None,
+                intruder_top_k=self.intruder_top_k,
+                reference_bases=self._bases_of(reference, snapshot),
+            )
         except Exception as error:  # an analysis fault must never end a training run
             self._report(f"step {step}: the analysis failed with {type(error).__name__}: {error}")
             return
@@ -254,6 +292,16 @@ class LoRASubspaceMonitor(Callback):
                 self._report(f"step {step}, layer {layer} projection {projection!r}: {problem}; skipped")
         if trainer.is_global_zero:
             self._log(trainer, snapshot, analyses, reference, reference_step)
+
+    def _bases_of(
+        self, reference: Optional[dict[ModuleKey, LoRAFactors]], snapshot: Snapshot
+    ) -> Optional[ReferenceBases]:
+        # "first" and an adapter directory never change: decompose them once, not per snapshot.
+        if reference is None or self.reference == "previous":
+            return None
+        if self._reference_bases is None or self._reference_bases[0] is not reference:
+            self._reference_bases = (reference, ReferenceBases.compute(reference, snapshot.factors, self.basis))
+        return self._reference_bases[1]
 
     def _reference_for(self, snapshot: Snapshot) -> tuple[Optional[dict[ModuleKey, LoRAFactors]], Optional[int]]:
         if self._reference_factors is not None:
@@ -314,23 +362,24 @@ class LoRASubspaceMonitor(Callback):
         reference_step: Optional[int],
     ) -> np.ndarray:
         key = next(iter(grids))
-        symbol = _BASIS_SYMBOLS[self.basis]
-        current_rank, reference_rank = snapshot.factors[key].rank, reference[key].rank
-        if reference_step is not None:
-            row = rf"{symbol}_{{\mathrm{{step}}={reference_step}}}"
-            column = rf"{symbol}_{{\mathrm{{step}}={snapshot.step}}}"
-        else:
-            # Another run's adapter: the paper's φ(A_{r=8}, A_{r=64}) or φ(A_{r=64}, A'_{r=64}).
-            prime = "'" if current_rank == reference_rank else ""
-            row = rf"{symbol}_{{r={reference_rank}}}"
-            column = rf"{symbol}{prime}_{{r={current_rank}}}"
-        if reference_rank > current_rank:
-            # φ is symmetric under swapping sides; the paper puts the smaller rank on i.
+        row, column, transpose = comparison_symbols(
+            self.basis, reference[key].rank, snapshot.factors[key].rank, reference_step, snapshot.step
+        )
+        if transpose:
             grids = {k: g.T for k, g in grids.items()}
-            row, column = column, row
         layers = [layer for layer in self._drawn_layers if any(k[0] == layer for k in grids)]
-        figure = phi_figure(grids, row_symbol=row, column_symbol=column, layers=layers)
-        return figure_to_rgb(figure)
+        # The frame of the figure is drawn once per run; each snapshot only fills the heatmaps.
+        return phi_image(grids, row_symbol=row, column_symbol=column, layers=layers)
+
+    def _recommend(self, trainer: pl.Trainer) -> None:
+        """The rank suggested by the last analysis: Markdown to the loggers, a console line."""
+        self.recommendation = recommend_rank(self.latest_analysis, self.basis)
+        if not trainer.is_global_zero:
+            return
+        step = trainer.global_step
+        for failure in log_text(trainer.loggers, RECOMMENDATION_TAG, self.recommendation.to_markdown(), step):
+            self._report(f"step {step}: could not log the rank recommendation to {failure}")
+        rank_zero_info(f"LoRASubspaceMonitor: {self.recommendation.summary()}")
 
     # ------------------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
@@ -338,6 +387,7 @@ class LoRASubspaceMonitor(Callback):
             "last_step": self._last_step,
             "first": self._first.state_dict() if self._first is not None else None,
             "previous": self._previous.state_dict() if self._previous is not None else None,
+            "initial": self._initial.state_dict() if self._initial is not None else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -345,3 +395,5 @@ class LoRASubspaceMonitor(Callback):
         first, previous = state_dict.get("first"), state_dict.get("previous")
         self._first = Snapshot.from_state_dict(first) if first is not None else None
         self._previous = Snapshot.from_state_dict(previous) if previous is not None else None
+        initial = state_dict.get("initial")
+        self._initial = Snapshot.from_state_dict(initial) if initial is not None else None

@@ -37,9 +37,34 @@ def _power_of_two_normalize(X: Tensor) -> tuple[Tensor, Tensor]:
     matrix gets ``2^0 = 1``.
     """
     bound = int(math.log2(torch.finfo(X.dtype).max)) - 20
-    _, exponent = torch.frexp(X.abs().amax(dim=(-2, -1)))
+    # The ∞-norm reduces in one pass without an |X| temporary as large as X.
+    _, exponent = torch.frexp(torch.linalg.vector_norm(X, float("inf"), dim=(-2, -1)))
     power = exponent.clamp(-bound, bound).to(X.dtype)
     return X * torch.exp2(-power)[..., None, None], torch.exp2(power)
+
+
+def _normalized_qr(X: Tensor, finite: Tensor, with_q: bool) -> tuple[Optional[Tensor], Tensor, Tensor]:
+    """Thin QR of ``X: (..., n, r)`` brought to magnitude ~1 by an exact power of two and zeroed
+    where ``finite`` is False (LAPACK raises on NaN/Inf): ``(Q or None, R, 2^e)``.
+
+    One copy of X is made (the scaled one, zeroed in place), so the peak memory is X's size plus
+    the QR's outputs. Without ``with_q`` only R is computed (LAPACK's geqrf without orgqr: about
+    half the cost), for the factor whose singular vectors are not needed.
+    """
+    X, power = _power_of_two_normalize(X.expand(*finite.shape, *X.shape[-2:]))
+    X.masked_fill_(~finite[..., None, None], 0.0)
+    if not with_q:
+        return None, torch.linalg.qr(X, mode="r")[1], power
+    Q, R = torch.linalg.qr(X)
+    return Q, R, power
+
+
+def _finite(*tensors: Tensor) -> Tensor:
+    """Batch mask: True where every matrix (last two dims) of every tensor is finite."""
+    mask = torch.isfinite(tensors[0]).all(-1).all(-1)
+    for tensor in tensors[1:]:
+        mask = mask & torch.isfinite(tensor).all(-1).all(-1)
+    return mask
 
 
 def factored_svd(B: Tensor, A: Tensor, scaling: Scaling = 1.0) -> tuple[Tensor, Tensor, Tensor]:
@@ -71,18 +96,13 @@ def factored_svd(B: Tensor, A: Tensor, scaling: Scaling = 1.0) -> tuple[Tensor, 
     B = B.to(dtype)
     A = A.to(dtype)
     scaling = torch.as_tensor(scaling, dtype=dtype, device=B.device)
-    finite = torch.isfinite(B).all(-1).all(-1) & torch.isfinite(A).all(-1).all(-1)
-    finite = finite & torch.isfinite(scaling)
-    # LAPACK's SVD raises on non-finite input; zero those matrices and mark their spectrum NaN.
-    B = torch.where(finite[..., None, None], B, torch.zeros((), dtype=dtype, device=B.device))
-    A = torch.where(finite[..., None, None], A, torch.zeros((), dtype=dtype, device=A.device))
-    # Bring each factor to magnitude ~1 by an exact power of two, so that the r×r core product
-    # neither overflows (NaN spectrum for finite factors) nor underflows (zero spectrum and
-    # arbitrary vectors for a nonzero ΔW); the powers are put back on the singular values.
-    B, exp_b = _power_of_two_normalize(B)
-    A, exp_a = _power_of_two_normalize(A)
-    q_b, r_b = torch.linalg.qr(B)
-    q_a, r_a = torch.linalg.qr(A.mT)
+    # LAPACK's SVD raises on non-finite input; those matrices are zeroed, their spectrum NaN.
+    finite = _finite(B, A) & torch.isfinite(scaling)
+    # Each factor is brought to magnitude ~1 by an exact power of two, so that the r×r core
+    # product neither overflows (NaN spectrum for finite factors) nor underflows (zero spectrum
+    # and arbitrary vectors for a nonzero ΔW); the powers are put back on the singular values.
+    q_b, r_b, exp_b = _normalized_qr(B, finite, with_q=True)
+    q_a, r_a, exp_a = _normalized_qr(A.mT, finite, with_q=True)
     u_core, s_core, vh_core = torch.linalg.svd(r_b @ r_a.mT, full_matrices=False)
     U = q_b @ u_core
     Vh = vh_core @ q_a.mT
@@ -100,25 +120,83 @@ def singular_basis(B: Tensor, A: Tensor, scaling: Scaling = 1.0, basis: Basis = 
     Returns ``(..., n, m)``: columns are the singular vectors, ``n = k`` for ``"A"`` and
     ``"delta_w_right"``, ``n = d`` for ``"B"`` and ``"delta_w_left"``.
     """
-    if basis == "A":
-        eye = torch.eye(A.shape[-2], dtype=A.dtype, device=A.device).expand(*A.shape[:-2], -1, -1)
-        return factored_svd(eye, A)[2].mT
-    if basis == "B":
-        eye = torch.eye(B.shape[-1], dtype=B.dtype, device=B.device).expand(*B.shape[:-2], -1, -1)
-        return factored_svd(B, eye)[0]
-    if basis == "delta_w_left":
-        return factored_svd(B, A, scaling)[0]
-    if basis == "delta_w_right":
-        return factored_svd(B, A, scaling)[2].mT
-    raise ValueError(f"unknown basis {basis!r}; expected one of {', '.join(map(repr, BASES))}")
+    if basis in ("A", "B"):
+        # One factor alone: its own QR, no identity partner (whose QR would be wasted work).
+        factor = A.mT if basis == "A" else B
+        factor = factor.to(compute_dtype(factor))
+        Q, R, _ = _normalized_qr(factor, _finite(factor), with_q=True)
+        return Q @ _factor_rotation(R)[0]
+    _, Q, W, _ = factored_basis(B, A, scaling, basis)
+    return Q @ W
 
 
-def subspace_similarity(U: Tensor, V: Tensor) -> Tensor:
+def _factor_rotation(R: Tensor) -> tuple[Tensor, Tensor]:
+    """For a factor ``X = Q R`` (B, or Aᵀ): ``(W, σ)`` with X's singular vectors ``Q @ W`` (the
+    left ones of B, the right ones of A) and its singular values σ, from the r×r SVD of R."""
+    u, sigma, _ = torch.linalg.svd(R, full_matrices=False)
+    return u, sigma
+
+
+def factored_basis(
+    B: Tensor, A: Tensor, scaling: Scaling = 1.0, basis: Basis = "A"
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """ΔW's singular values and one singular basis kept factored, from one QR per factor.
+
+    The analysis of a snapshot needs the spectrum of ΔW and the basis φ is computed in, never
+    ΔW's vectors on both sides: only the factor the basis lives on (B for ``"B"`` and
+    ``"delta_w_left"``, A for ``"A"`` and ``"delta_w_right"``) gets its Q formed; the other one
+    is reduced to its R (no orgqr), and the basis is returned as ``Q @ W`` without multiplying
+    it out: :func:`subspace_similarity` takes ``W`` as ``rotation``, so that φ against a
+    reference basis costs ``(Uᵀ Q) W``, O(n·r·p), instead of forming the n×r basis.
+
+    Returns:
+        ``(S, Q, W, basis_S)``: ``S (..., m)`` ΔW's singular values as :func:`factored_svd`
+        gives them; ``Q (..., n, r)`` orthonormal and ``W (..., r, m)`` with
+        ``Q @ W == singular_basis(B, A, scaling, basis)`` (up to the sign of each column);
+        ``basis_S (..., m)`` the singular values that order the basis (of A, of B, or S itself
+        for ΔW's bases). All NaN where a factor or the scaling is not finite.
+    """
+    if B.shape[-1] != A.shape[-2]:
+        raise ValueError(
+            f"factored_basis: B is {tuple(B.shape)} and A is {tuple(A.shape)}; the rank "
+            f"dimensions (B's last, A's second to last) must agree"
+        )
+    if basis not in BASES:
+        raise ValueError(f"unknown basis {basis!r}; expected one of {', '.join(map(repr, BASES))}")
+    dtype = compute_dtype(B, A)
+    B, A = B.to(dtype), A.to(dtype)
+    scaling = torch.as_tensor(scaling, dtype=dtype, device=B.device)
+    finite = _finite(B, A) & torch.isfinite(scaling)
+    on_b = basis in ("B", "delta_w_left")
+    q_b, r_b, exp_b = _normalized_qr(B, finite, with_q=on_b)
+    q_a, r_a, exp_a = _normalized_qr(A.mT, finite, with_q=not on_b)
+    Q = q_b if on_b else q_a
+    core = r_b @ r_a.mT
+    magnitude = scaling.abs()[..., None] * exp_b[..., None] * exp_a[..., None]
+    if basis.startswith("delta_w"):
+        u_core, s_core, vh_core = torch.linalg.svd(core, full_matrices=False)
+        # A negative scaling flips the left vectors, as factored_svd does.
+        sign = torch.where(scaling < 0, -1.0, 1.0).to(dtype)[..., None, None]
+        W = u_core * sign if on_b else vh_core.mT
+        S = s_core * magnitude
+        basis_S = S
+    else:
+        S = torch.linalg.svdvals(core) * magnitude
+        W, sigma = _factor_rotation(r_b if on_b else r_a)
+        basis_S = sigma * (exp_b if on_b else exp_a)[..., None]
+    nan = torch.full((), float("nan"), dtype=dtype, device=S.device)
+    return torch.where(finite[..., None], S, nan), Q, W, torch.where(finite[..., None], basis_S, nan)
+
+
+def subspace_similarity(U: Tensor, V: Tensor, rotation: Optional[Tensor] = None) -> Tensor:
     """The whole grid of the normalized subspace similarity φ of the LoRA paper (Section 7.2).
 
     ``φ[..., i-1, j-1] = ‖U[:, :i]ᵀ V[:, :j]‖_F² / min(i, j)`` for bases ``U: (..., n, p)`` and
     ``V: (..., n, q)`` with orthonormal columns ordered by singular value. One product and a
     two-dimensional cumulative sum: no loop over (i, j).
+
+    With ``rotation: (..., q', q)`` the second basis is ``V @ rotation`` (the factored form
+    :func:`factored_basis` returns), and is never formed: the product is ``(Uᵀ V) @ rotation``.
 
     Returns ``(..., p, q)`` with values in [0, 1].
     """
@@ -128,7 +206,10 @@ def subspace_similarity(U: Tensor, V: Tensor) -> Tensor:
             f"must live in the same space (the second to last dimensions must agree)"
         )
     dtype = compute_dtype(U, V)
-    overlap = (U.to(dtype).mT @ V.to(dtype)).square()
+    overlap = U.to(dtype).mT @ V.to(dtype)
+    if rotation is not None:
+        overlap = overlap @ rotation.to(dtype)
+    overlap = overlap.square()
     cumulative = overlap.cumsum(-2).cumsum(-1)
     p, q = cumulative.shape[-2:]
     i = torch.arange(1, p + 1, device=U.device, dtype=dtype)
@@ -320,3 +401,46 @@ def intruder_dimensions(
     best = (merged_left.mT @ base_left).abs().amax(-1)
     count = (best < threshold).sum(-1)
     return torch.where(finite, count, torch.full_like(count, -1))
+
+
+def shared_directions(phi: Tensor, n: int, *, false_alarm: float = 1e-3) -> Tensor:
+    """How many top directions two runs share clearly above chance, read off a φ grid.
+
+    The top-i blocks share ``O_i = i·φ(i, i)`` dimensions (the sum of the squared cosines of
+    their principal angles); growing both blocks by their i-th direction adds
+    ``g_i = O_i − O_{i−1} ≥ 0``. For independent uniformly random subspaces of ℝⁿ,
+    ``E g_i = (2i − 1)/n`` and ``g_i`` is at most as spread as ``χ²_ν / n``, ``ν = 2i − 1``
+    (the entries of ``U_iᵀ V_i`` are nearly N(0, 1/n); orthonormality only thins the tail).
+
+    *Clearly above chance* means ``g_i ≥ (ν + 2√(νx) + 2x)/n`` with ``x = ln(m / false_alarm)``,
+    ``m = min(p, q)``: by the Laurent–Massart bound ``P(χ²_ν ≥ ν + 2√(νx) + 2x) ≤ e^{−x}``,
+    random subspaces get any of their m directions called shared with probability at most
+    ``false_alarm``. At n = 384, m = 8 that is g₁ ≥ 0.065 (25× the chance level 1/n).
+
+    The count is the largest such i, so that the top-i blocks hold every shared direction found:
+    a block, not a single vector, is what is compared. When σ₁ ≈ σ₂ swap their directions between
+    runs, g₁ ≈ 0 (φ(1, 1) ≈ 0) but g₂ ≈ 2, and the count is 2.
+
+    Args:
+        phi: ``(..., p, q)`` φ grids (:func:`subspace_similarity`) of bases of ℝⁿ.
+        n: the dimension of the space the basis vectors live in.
+        false_alarm: the family-wise probability of a false count on random subspaces, in (0, 1).
+
+    Returns:
+        ``(...)`` int64 in ``0..min(p, q)``; 0 for a grid holding NaN.
+    """
+    if not 0 < false_alarm < 1:
+        raise ValueError(f"shared_directions: false_alarm must be in (0, 1), got {false_alarm}")
+    m = min(phi.shape[-2:])
+    if n < 1 or m < 1:
+        raise ValueError(f"shared_directions: needs n ≥ 1 and a non-empty grid, got n={n}, {tuple(phi.shape)}")
+    dtype = compute_dtype(phi)
+    i = torch.arange(1, m + 1, device=phi.device, dtype=dtype)
+    overlap = torch.diagonal(phi[..., :m, :m].to(dtype), dim1=-2, dim2=-1) * i
+    gain = torch.diff(overlap, dim=-1, prepend=torch.zeros_like(overlap[..., :1]))
+    nu = 2 * i - 1
+    x = math.log(m / false_alarm)
+    threshold = (nu + 2 * torch.sqrt(nu * x) + 2 * x) / n
+    above = gain >= threshold
+    # The largest i with a gain above its threshold: 1-based position of the last True, 0 if none.
+    return (above * i.to(torch.int64)).amax(-1)

@@ -18,9 +18,9 @@ import inspect
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
-import matplotlib.image
 import numpy as np
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
+from PIL import Image
 
 #: Writes one ``(H, W, 3)`` uint8 image under a tag at a step.
 ImageWriter = Callable[[str, np.ndarray, int], None]
@@ -34,7 +34,7 @@ def image_path(log_dir: str | Path, tag: str, step: int) -> Path:
 def _write_png(log_dir: str, tag: str, image: np.ndarray, step: int) -> None:
     path = image_path(log_dir, tag, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    matplotlib.image.imsave(path, image, format="png")
+    Image.fromarray(image).save(path, format="png")
 
 
 def _log_mlflow_image(logger: MLFlowLogger, tag: str, image: np.ndarray, step: int) -> None:

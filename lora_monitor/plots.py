@@ -6,15 +6,21 @@ training process without a display and without touching other figures.
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Hashable, Mapping, Optional, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 import matplotlib
 
+import torch
+
 from lora_monitor.adapters import ModuleKey
+from lora_monitor.functional import random_subspace_similarity, sample_random_subspace_similarity
 
 #: Matplotlib colour map of the heatmaps (dark = 0, light = 1, as in the paper) and the grey of
 #: masked cells.
@@ -67,6 +73,7 @@ def phi_figure(
     zoom: Optional[bool] = None,
     layers: Optional[Sequence[int]] = None,
     projections: Optional[Sequence[str]] = None,
+    extra_rows: Optional[Mapping[str, np.ndarray]] = None,
 ) -> Figure:
     """One grid figure of φ heatmaps: a row per layer, a column per projection.
 
@@ -78,6 +85,8 @@ def phi_figure(
         zoom: add, per projection, a zoom on ``i, j ≤ p`` with the cells ``j > i`` masked grey
             (the right half of the paper's rank-8-vs-64 figure). Default: when ``p < q``.
         layers, projections: order of rows and columns; default: sorted / first-seen order.
+        extra_rows: ``label → (p, q) grid`` drawn as further rows below the layers, the same grid
+            in every column (e.g. the φ of random subspaces: what "nothing shared" looks like).
 
     Returns:
         A matplotlib ``Figure`` (no pyplot state), 0..1 colour scale with one colour bar.
@@ -90,15 +99,17 @@ def phi_figure(
     p, q = next(iter(grids.values())).shape
     if zoom is None:
         zoom = p < q
+    extra_rows = dict(extra_rows or {})
+    rows = [(f"Layer {layer}", layer) for layer in layers] + [(label, None) for label in extra_rows]
     columns = [(projection, False) for projection in projections]
     if zoom:
         columns += [(projection, True) for projection in projections]
     width_ratios = [1.6 if zoomed else 3.0 for _, zoomed in columns]
     # A fixed layout (no constrained layout): measuring every tick label costs seconds.
-    width, height = sum(width_ratios) + 1.6, 1.5 * len(layers) + 0.9
+    width, height = sum(width_ratios) + 1.6, 1.5 * len(rows) + 0.9
     figure = Figure(figsize=(width, height), dpi=DPI)
     grid = figure.add_gridspec(
-        len(layers),
+        len(rows),
         len(columns) + 1,
         width_ratios=width_ratios + [0.12],
         left=0.9 / width,
@@ -109,14 +120,14 @@ def phi_figure(
         hspace=0.35,
     )
     axes = np.array(
-        [[figure.add_subplot(grid[row, column]) for column in range(len(columns))] for row in range(len(layers))]
+        [[figure.add_subplot(grid[row, column]) for column in range(len(columns))] for row in range(len(rows))]
     )
     cmap = phi_colormap()
     image = None
-    for row, layer in enumerate(layers):
+    for row, (label, layer) in enumerate(rows):
         for column, (projection, zoomed) in enumerate(columns):
             ax = axes[row, column]
-            phi = grids.get((layer, projection))
+            phi = grids.get((layer, projection)) if layer is not None else extra_rows[label]
             if phi is None:
                 ax.set_axis_off()
                 continue
@@ -127,14 +138,93 @@ def phi_figure(
             image = _draw_panel(ax, phi, cmap, masked_upper=zoomed)
             if row == 0:
                 ax.set_title(projection_label(projection), fontsize=10)
-            if row == len(layers) - 1:
+            if row == len(rows) - 1:
                 ax.set_xlabel("j", fontsize=9)
             if column == 0:
-                ax.set_ylabel(f"Layer {layer}\ni", fontsize=9)
+                ax.set_ylabel(f"{label}\ni", fontsize=9)
     figure.suptitle(rf"$\phi({row_symbol}, {column_symbol}, i, j)$", fontsize=12)
     if image is not None:
         figure.colorbar(image, cax=figure.add_subplot(grid[:, -1]), label=r"$\phi$")
     return figure
+
+
+#: Mathtext of the matrix whose singular vectors φ compares, by basis.
+BASIS_SYMBOLS = {
+    "A": "A",
+    "B": "B",
+    "delta_w_left": r"\Delta W^{\mathrm{left}}",
+    "delta_w_right": r"\Delta W^{\mathrm{right}}",
+}
+
+
+def random_baseline_rows(n: int, p: int, q: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """The two rows of "no shared direction" for ``(p, q)`` grids of bases of ℝⁿ, as
+    :func:`phi_figure`'s ``extra_rows``: the expected φ of random subspaces, max(i, j)/n, and
+    one drawn pair of random subspaces (the paper's Figure 4, right panel)."""
+    generator = torch.Generator().manual_seed(seed)
+    sample = sample_random_subspace_similarity(n, p, q, generator=generator)[0]
+    return {
+        f"Random, mean\n(n={n})": random_subspace_similarity(n, p, q).numpy(),
+        f"Random, one draw\n(n={n})": sample.numpy(),
+    }
+
+
+def comparison_symbols(
+    basis: str,
+    reference_rank: int,
+    current_rank: int,
+    reference_step: Optional[int] = None,
+    current_step: Optional[int] = None,
+) -> tuple[str, str, bool]:
+    """The two sides of the title ``φ(row, column, i, j)`` as the paper writes them, and whether
+    the grids must be transposed to put the smaller rank on i (φ is symmetric under swapping
+    sides; the paper's rank-8-vs-64 figure and its masked zoom have rank 8 on i).
+
+    Two runs (no steps) read like the paper's φ(A_{r=8}, A_{r=64}) or, at equal ranks,
+    φ(A_{r=64}, A'_{r=64}); two snapshots of one run are named by their steps.
+    """
+    symbol = BASIS_SYMBOLS[basis]
+    if reference_step is not None:
+        row = rf"{symbol}_{{\mathrm{{step}}={reference_step}}}"
+        column = rf"{symbol}_{{\mathrm{{step}}={current_step}}}"
+    else:
+        prime = "'" if current_rank == reference_rank else ""
+        row = rf"{symbol}_{{r={reference_rank}}}"
+        column = rf"{symbol}{prime}_{{r={current_rank}}}"
+    if reference_rank > current_rank:
+        return column, row, True
+    return row, column, False
+
+
+def comparison_figure(
+    grids: Mapping[ModuleKey, np.ndarray],
+    *,
+    basis: str,
+    reference_rank: int,
+    current_rank: int,
+    layers: Optional[Sequence[int]] = None,
+    baseline_dimension: Optional[int] = None,
+    seed: int = 0,
+) -> Figure:
+    """The paper's figure of φ between two runs' adapters (:func:`comparison_symbols`).
+
+    Args:
+        grids: ``(layer, projection) → φ(reference, current)`` of shape
+            ``(reference_rank, current_rank)``.
+        basis: the basis φ was computed in (its symbol goes in the title).
+        layers: rows, in order; default all layers of ``grids``.
+        baseline_dimension: n of the basis vectors; given, two rows of random-subspace φ of the
+            same shapes are added below the layers (:func:`random_baseline_rows`, drawn with
+            ``seed``).
+    """
+    row, column, transpose = comparison_symbols(basis, reference_rank, current_rank)
+    if transpose:
+        grids = {key: grid.T for key, grid in grids.items()}
+    p, q = next(iter(grids.values())).shape
+    extra_rows = None
+    if baseline_dimension is not None:
+        extra_rows = random_baseline_rows(baseline_dimension, p, q, seed)
+    return phi_figure(grids, row_symbol=row, column_symbol=column, layers=layers, extra_rows=extra_rows)
 
 
 def figure_to_rgb(figure: Figure) -> np.ndarray:
@@ -142,3 +232,157 @@ def figure_to_rgb(figure: Figure) -> np.ndarray:
     canvas = FigureCanvasAgg(figure)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+# --------------------------------------------------------------------------------------------
+# Fast rendering: the figure's frame is drawn by matplotlib once per layout, the heatmaps by numpy
+
+
+@dataclass
+class _Panel:
+    """Where one heatmap lands in the image, and which input value each of its cells shows."""
+
+    rows: slice
+    columns: slice
+    #: ``(height, width)`` indices into the flattened inputs (-1: masked cell), already
+    #: resampled to the panel's pixels as ``imshow(interpolation="nearest")`` does.
+    source: np.ndarray
+
+
+@dataclass
+class _Frame:
+    overlay: np.ndarray  # (H, W, 4) float32 straight-alpha RGBA of everything but heatmaps and title
+    panels: list[_Panel]
+    title: Text
+
+
+_FRAMES: OrderedDict[Hashable, _Frame] = OrderedDict()
+_FRAME_CACHE_SIZE = 8
+_ROW_PLACEHOLDER, _COLUMN_PLACEHOLDER = "ROWSYMBOL", "COLUMNSYMBOL"
+
+
+def _pixel_indices(start: float, stop: float, cells: int) -> tuple[slice, np.ndarray]:
+    """Pixels ``[round(start), round(stop))`` and the cell each pixel centre falls in."""
+    first, last = int(round(start)), int(round(stop))
+    centres = np.arange(first, last) + 0.5
+    cell = np.floor((centres - start) / (stop - start) * cells).astype(np.int64)
+    return slice(first, last), np.clip(cell, 0, cells - 1)
+
+
+def _build_frame(
+    inputs: Sequence[tuple[Hashable, tuple[int, int]]], grids_keys: int, layout: dict
+) -> _Frame:
+    # Draw the real figure once with grids whose values are the flat positions of the inputs'
+    # cells: whatever phi_figure does to a grid (zoom, mask, transpose, extra rows) is then
+    # read back from its images, and later calls only look values up.
+    offsets = np.cumsum([0] + [p * q for _, (p, q) in inputs])
+    ids = [
+        np.arange(offsets[n], offsets[n + 1], dtype=np.float64).reshape(shape)
+        for n, (_, shape) in enumerate(inputs)
+    ]
+    grids = {key: ids[n] for n, (key, _) in enumerate(inputs[:grids_keys])}
+    extra = {key: ids[grids_keys + n] for n, (key, _) in enumerate(inputs[grids_keys:])}
+    if extra:
+        layout = {**layout, "extra_rows": extra}
+    figure = phi_figure(grids, row_symbol=_ROW_PLACEHOLDER, column_symbol=_COLUMN_PLACEHOLDER, **layout)
+    figure.patch.set_visible(False)
+    # The suptitle: the only figure-level text that holds the placeholders.
+    title = next(text for text in figure.texts if _ROW_PLACEHOLDER in text.get_text())
+    title.set_visible(False)
+    images = [(ax, image) for ax in figure.axes for image in ax.images]
+    for ax, image in images:
+        image.set_visible(False)
+        ax.patch.set_visible(False)
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    overlay = np.asarray(canvas.buffer_rgba(), dtype=np.float32) / 255.0
+    height = overlay.shape[0]
+    panels = []
+    for ax, image in images:
+        box = ax.get_window_extent()
+        data = np.ma.getdata(image.get_array())
+        mask = np.ma.getmaskarray(image.get_array())
+        cells = np.where(mask, -1, np.rint(data)).astype(np.int64)
+        rows, row_cells = _pixel_indices(height - box.y1, height - box.y0, cells.shape[0])
+        columns, column_cells = _pixel_indices(box.x0, box.x1, cells.shape[1])
+        panels.append(_Panel(rows, columns, cells[row_cells[:, None], column_cells[None, :]]))
+    return _Frame(overlay=overlay, panels=panels, title=title)
+
+
+def _title_overlay(title: Text, text: str, width: int, height: int) -> tuple[np.ndarray, int]:
+    """The suptitle alone, drawn at its place in a strip as wide as the figure; (RGBA, rows)."""
+    _, top = title.get_position()
+    strip = int(np.ceil((1 - top) * height + 4 * title.get_fontsize()))
+    figure = Figure(figsize=(width / DPI, strip / DPI), dpi=DPI)
+    figure.patch.set_visible(False)
+    figure.text(
+        0.5,
+        1 - (1 - top) * height / strip,
+        text,
+        fontsize=title.get_fontsize(),
+        ha=title.get_horizontalalignment(),
+        va=title.get_verticalalignment(),
+    )
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba(), dtype=np.float32) / 255.0, strip
+
+
+def _composite(base: np.ndarray, overlay: np.ndarray) -> None:
+    """``base ← overlay over base`` in place, straight alpha (Agg's own buffer format)."""
+    alpha = overlay[..., 3:]
+    base *= 1 - alpha
+    base += overlay[..., :3] * alpha
+
+
+def phi_image(
+    grids: Mapping[ModuleKey, np.ndarray],
+    *,
+    row_symbol: str,
+    column_symbol: str,
+    **layout: Any,
+) -> np.ndarray:
+    """``figure_to_rgb(phi_figure(grids, ...))``, the same picture, in milliseconds.
+
+    Drawing tick labels and titles is what costs time in a matplotlib figure (a second or more
+    for a 4-layer grid), and they do not change between snapshots of a run. So the figure is
+    drawn once per layout (the keys and shapes of ``grids``, and ``layout``: ``zoom``,
+    ``layers``, ``projections``, ``extra_rows``) without its heatmaps and title; later calls
+    colour-map the grids with numpy into the panels' pixels, as ``imshow`` with nearest
+    interpolation does, and lay the cached frame and the title over them.
+
+    Returns:
+        ``(H, W, 3)`` uint8, the size :func:`figure_to_rgb` gives.
+    """
+    if not grids:
+        raise ValueError("phi_image: no φ grids to draw")
+    extra_rows = dict(layout.pop("extra_rows", None) or {})
+    arrays = [np.asarray(grid, dtype=np.float32) for grid in grids.values()]
+    arrays += [np.asarray(grid, dtype=np.float32) for grid in extra_rows.values()]
+    inputs = [(key, a.shape) for key, a in zip([*grids, *extra_rows], arrays)]
+    cache_key = (
+        tuple(inputs),
+        len(grids),
+        tuple((name, tuple(v) if isinstance(v, (list, tuple)) else v) for name, v in sorted(layout.items())),
+    )
+    frame = _FRAMES.get(cache_key)
+    if frame is None:
+        frame = _build_frame(inputs, len(grids), layout)
+        _FRAMES[cache_key] = frame
+        if len(_FRAMES) > _FRAME_CACHE_SIZE:
+            _FRAMES.popitem(last=False)
+    _FRAMES.move_to_end(cache_key)
+
+    # One colour lookup for every cell of every grid; index -1 (masked) gives the mask colour.
+    cmap = phi_colormap()
+    values = np.concatenate([a.ravel() for a in arrays] + [np.array([np.nan], np.float32)])
+    colours = cmap(np.ma.masked_invalid(values), bytes=False)[:, :3].astype(np.float32)
+    height, width = frame.overlay.shape[:2]
+    image = np.ones((height, width, 3), dtype=np.float32)
+    for panel in frame.panels:
+        image[panel.rows, panel.columns] = colours[panel.source]
+    _composite(image, frame.overlay)
+    text = frame.title.get_text().replace(_ROW_PLACEHOLDER, row_symbol).replace(_COLUMN_PLACEHOLDER, column_symbol)
+    title, strip = _title_overlay(frame.title, text, width, height)
+    _composite(image[:strip], title)
+    return np.rint(image * 255).astype(np.uint8)

@@ -16,12 +16,29 @@ import torch
 from torch import Tensor
 
 from lora_monitor.adapters import LoRAFactors, ModuleKey
-from lora_monitor.functional import Basis, factored_svd, singular_basis, subspace_similarity
+from lora_monitor.functional import (
+    Basis,
+    amplification_factor,
+    effective_rank,
+    energy_rank,
+    factored_basis,
+    factored_svd,
+    frobenius_norm,
+    intruder_dimensions,
+    shared_directions,
+    singular_basis,
+    stable_rank,
+    subspace_similarity,
+)
 
 
 @dataclass
 class Snapshot:
-    """Detached copies of the LoRA factors of the monitored modules at one optimizer step."""
+    """Detached copies of the LoRA factors of the monitored modules at one optimizer step.
+
+    ``base_weight`` is not copied: W₀ is frozen, so a snapshot keeps a reference to the live
+    (d, k) view of it (None after a checkpoint round trip, which stores the factors only).
+    """
 
     step: int
     factors: dict[ModuleKey, LoRAFactors]
@@ -36,6 +53,7 @@ class Snapshot:
                 lora_A=f.lora_A.detach().clone(),
                 lora_B=f.lora_B.detach().clone(),
                 scaling=float(f.scaling),
+                base_weight=None if f.base_weight is None else f.base_weight.detach(),
             )
             for key, f in factors.items()
         }
@@ -77,26 +95,67 @@ class ModuleAnalysis:
 
     ``phi`` is the grid φ(reference, current, i, j) of shape ``(r_ref, r_cur)`` in the chosen
     basis (None without a reference); ``singular_values`` the spectrum of the current ΔW.
+
+    Attributes:
+        dimension: n, the dimension of the space the basis vectors live in (k for ``"A"`` and
+            ``"delta_w_right"``, d for ``"B"`` and ``"delta_w_left"``); φ's chance level is
+            max(i, j)/n.
+        basis_singular_values, reference_basis_singular_values: the singular values that order
+            the basis vectors (of A, B or ΔW) of the current update and of the reference: a
+            small gap between two of them means their directions can swap between runs.
+        amplification: ‖ΔW‖_F / ‖Uᵀ W₀ V‖_F (the paper's §7.3); None without W₀.
+        relative_norm: ‖ΔW‖_F / ‖W₀‖_F; None without W₀.
+        intruders: intruder dimensions among the top-k singular vectors of W₀ + ΔW; None
+            unless asked for (``intruder_top_k``).
+        init_similarity: φ(A₀, A, r, r), the share of A's row space still spanned by its
+            initial value A₀ (1: unchanged; chance r/k); None without an initial snapshot.
     """
 
     key: ModuleKey
     singular_values: Tensor
     phi: Optional[Tensor] = None
     problems: list[str] = field(default_factory=list)
+    dimension: Optional[int] = None
+    basis_singular_values: Optional[Tensor] = None
+    reference_basis_singular_values: Optional[Tensor] = None
+    amplification: Optional[float] = None
+    relative_norm: Optional[float] = None
+    intruders: Optional[int] = None
+    init_similarity: Optional[float] = None
+
+    @property
+    def shared_directions(self) -> Optional[int]:
+        """How many top directions the reference and the update share clearly above chance
+        (:func:`lora_monitor.functional.shared_directions`); None without φ."""
+        if self.phi is None or self.dimension is None:
+            return None
+        return int(shared_directions(self.phi, self.dimension))
 
     @property
     def scalars(self) -> dict[str, float]:
         """The per-module scalars the monitor logs (see the callback's docstring)."""
         s = self.singular_values
+        if not torch.isfinite(s).all():
+            return {}  # non-finite factors: log nothing rather than NaN that breaks plots
         values = {
-            "delta_w_norm": float(s.square().sum().sqrt()),
+            "delta_w_norm": float(frobenius_norm(s)),
             "sigma_max": float(s[0]) if s.numel() else 0.0,
+            "energy_rank": float(energy_rank(s)),
+            "effective_rank": float(effective_rank(s)),
+            "stable_rank": float(stable_rank(s)),
         }
         if self.phi is not None:
             diagonal = torch.diagonal(self.phi)
             values["phi_top"] = float(self.phi[0, 0])
             values["phi_mean"] = float(diagonal.mean())
-        # A module with non-finite factors logs nothing rather than a NaN that breaks plots.
+        optional = {
+            "shared_directions": self.shared_directions,
+            "amplification": self.amplification,
+            "delta_w_relative_norm": self.relative_norm,
+            "intruder_dimensions": self.intruders,
+            "a_init_similarity": self.init_similarity,
+        }
+        values.update({name: float(v) for name, v in optional.items() if v is not None})
         return {name: value for name, value in values.items() if math.isfinite(value)}
 
 
@@ -120,29 +179,107 @@ def _stack(factors: list[LoRAFactors], device: torch.device) -> tuple[Tensor, Te
     return B, A, scaling
 
 
+def _reference_group(
+    reference: Mapping[ModuleKey, LoRAFactors], keys: list[ModuleKey], device: torch.device, basis: Basis
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A batch of reference modules: ``(basis (n, r_ref, stacked), ΔW's singular values, the
+    singular values ordering the basis)``, the basis multiplied out since it is reused."""
+    S, Q, W, basis_S = factored_basis(*_stack([reference[k] for k in keys], device), basis)
+    return Q @ W, S, basis_S
+
+
+@dataclass
+class ReferenceBases:
+    """The singular bases of a reference that never changes, computed once for every snapshot.
+
+    An adapter directory, or a run's first snapshot, is compared with every later snapshot:
+    decomposing it again each time would double the cost of :func:`analyze`. Built with the
+    grouping :func:`analyze` uses, so that a batch of modules is found already stacked.
+    """
+
+    basis: Basis
+    #: ``tuple of keys → (bases, singular values, basis singular values)``, stacked per batch.
+    groups: dict[tuple[ModuleKey, ...], tuple[Tensor, Tensor, Tensor]]
+
+    @classmethod
+    def compute(
+        cls,
+        reference: Mapping[ModuleKey, LoRAFactors],
+        current: Mapping[ModuleKey, LoRAFactors],
+        basis: Basis,
+    ) -> ReferenceBases:
+        """The bases of ``reference``, on the devices of the ``current`` factors it will be
+        compared with."""
+        groups = {
+            tuple(keys): _reference_group(reference, keys, device, basis)
+            for (_, _, device, *_), keys in _group_by_shape(current, reference).items()
+        }
+        return cls(basis=basis, groups=groups)
+
+    def batch(self, keys: list[ModuleKey]) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+        return self.groups.get(tuple(keys))
+
+
 def analyze(
     current: Snapshot,
     reference: Optional[Mapping[ModuleKey, LoRAFactors]] = None,
     basis: Basis = "A",
+    *,
+    initial: Optional[Mapping[ModuleKey, LoRAFactors]] = None,
+    intruder_top_k: Optional[int] = None,
+    reference_bases: Optional[ReferenceBases] = None,
 ) -> dict[ModuleKey, ModuleAnalysis]:
     """Spectra of every module of ``current`` and, given a reference, its φ grids.
 
     Same-shaped modules are analysed in one batched call on the device of the snapshot; the
     reference's factors are moved there. A module whose factors are not finite, or whose ΔW is
     zero while the basis is one of ΔW's, gets no φ and a note in ``problems`` instead.
+
+    Where a module's factors carry W₀ (``base_weight``, live models), its amplification and
+    ‖ΔW‖_F/‖W₀‖_F are computed from two thin products, one module at a time (W₀ is never
+    stacked, copied nor decomposed); with ``intruder_top_k`` also its intruder dimensions,
+    which cost two dense SVDs per module. ``initial`` (the factors before the first optimizer
+    step) gives φ(A₀, A, r, r). ``reference_bases`` (:meth:`ReferenceBases.compute` of
+    ``reference`` in the same basis) saves decomposing a reference that does not change.
+
+    Cost per batch: one QR of each factor, Q formed for the factor the basis lives on only, and
+    r×r SVDs; the current basis stays factored (``Q @ W``, see
+    :func:`~lora_monitor.functional.factored_basis`). ΔW's explicit singular vectors are only
+    formed for batches whose modules carry W₀.
     """
+    if reference_bases is not None and reference_bases.basis != basis:
+        raise ValueError(f"analyze: reference_bases are in basis {reference_bases.basis!r}, not {basis!r}")
     device_results: dict[ModuleKey, dict[str, Tensor]] = {}
+    dimensions: dict[ModuleKey, int] = {}
     for (_, _, device, *_), keys in _group_by_shape(current.factors, reference).items():
         B, A, scaling = _stack([current.factors[k] for k in keys], device)
-        current_basis, spectrum = _basis_and_spectrum(B, A, scaling, basis)
-        batch: dict[str, Tensor] = {"singular_values": spectrum}
+        S, Q, W, basis_spectrum = factored_basis(B, A, scaling, basis)
+        batch: dict[str, Tensor] = {"singular_values": S, "basis_singular_values": basis_spectrum}
         if reference is not None:
-            reference_factors = _stack([reference[k] for k in keys], device)
-            reference_basis, reference_spectrum = _basis_and_spectrum(*reference_factors, basis)
-            batch["reference_singular_values"] = reference_spectrum
-            batch["phi"] = subspace_similarity(reference_basis, current_basis)
+            cached = reference_bases.batch(keys) if reference_bases is not None else None
+            reference_basis, reference_S, reference_spectrum = cached or _reference_group(reference, keys, device, basis)
+            batch["reference_singular_values"] = reference_S
+            batch["reference_basis_singular_values"] = reference_spectrum
+            batch["phi"] = subspace_similarity(reference_basis, Q, W)
+        if initial is not None and all(k in initial for k in keys):
+            initial_A = torch.stack([initial[k].lora_A.to(device) for k in keys])
+            start = singular_basis(B, initial_A, basis="A")
+            now = (Q, W) if basis == "A" else (singular_basis(B, A, basis="A"), None)
+            batch["init_similarity"] = subspace_similarity(start, *now)[..., -1, -1]
+        # ΔW's vectors on both sides are needed only for the amplification against W₀.
+        if any(current.factors[k].base_weight is not None for k in keys):
+            U, _, Vh = factored_svd(B, A, scaling)
         for index, key in enumerate(keys):
             device_results[key] = {name: value[index] for name, value in batch.items()}
+            dimensions[key] = Q.shape[-2]
+            W0 = current.factors[key].base_weight
+            if W0 is not None:
+                svd = (U[index], S[index], Vh[index])
+                device_results[key]["amplification"] = amplification_factor(*svd, W0)
+                w0_norm = torch.linalg.vector_norm(W0, dtype=S.dtype)
+                device_results[key]["relative_norm"] = frobenius_norm(S[index]) / w0_norm
+                if intruder_top_k is not None:
+                    device_results[key]["intruders"] = intruder_dimensions(W0, *svd, top_k=intruder_top_k)
 
     # One transfer of everything small to the host, after all device work is queued.
     host_results = {
@@ -151,7 +288,19 @@ def analyze(
     }
     analyses = {}
     for key, values in host_results.items():
-        analysis = ModuleAnalysis(key=key, singular_values=values["singular_values"], phi=values.get("phi"))
+        scalar = {name: values[name].item() for name in _SCALAR_RESULTS if name in values}
+        analysis = ModuleAnalysis(
+            key=key,
+            singular_values=values["singular_values"],
+            phi=values.get("phi"),
+            dimension=dimensions[key],
+            basis_singular_values=values["basis_singular_values"],
+            reference_basis_singular_values=values.get("reference_basis_singular_values"),
+            amplification=scalar.get("amplification"),
+            relative_norm=scalar.get("relative_norm"),
+            intruders=int(scalar["intruders"]) if scalar.get("intruders", -1) >= 0 else None,
+            init_similarity=scalar.get("init_similarity"),
+        )
         for role, spectrum in (("", values["singular_values"]), ("the reference's ", values.get("reference_singular_values"))):
             if spectrum is None:
                 continue
@@ -165,11 +314,5 @@ def analyze(
     return analyses
 
 
-def _basis_and_spectrum(B: Tensor, A: Tensor, scaling: Tensor, basis: Basis) -> tuple[Tensor, Tensor]:
-    """The chosen singular basis and ΔW's singular values, sharing the factored SVD when they can."""
-    U, S, Vh = factored_svd(B, A, scaling)
-    if basis == "delta_w_left":
-        return U, S
-    if basis == "delta_w_right":
-        return Vh.mT, S
-    return singular_basis(B, A, scaling, basis), S
+#: Per-module results that come back as Python numbers.
+_SCALAR_RESULTS = ("amplification", "relative_norm", "intruders", "init_similarity")

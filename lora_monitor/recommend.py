@@ -1,0 +1,344 @@
+"""A LoRA rank suggested by a snapshot's analysis, with its evidence: pure logic, no Lightning.
+
+The evidence, strongest first:
+
+1. **Directions shared with another run** (another rank or seed, given as the reference):
+   :attr:`ModuleAnalysis.shared_directions`, the number of top directions whose top-k blocks
+   overlap clearly above the random-subspace level (the precise rule is in
+   :func:`lora_monitor.functional.shared_directions`). Directions found again by an independent
+   run are what the data supports; the rest of a rank-64 update is, as the LoRA paper reads its
+   Figure 3, mostly noise. Blocks are compared, never single vectors: when σ₁ ≈ σ₂ the top two
+   directions swap between runs, φ(1, 1) ≈ 0 and yet the top-2 block is shared.
+2. **The spectrum of ΔW** alone (no reference): the rank holding 90 % of ‖ΔW‖_F². It cannot
+   tell a reproducible direction from noise, and says so.
+
+A rank is suggested per module, per projection (the largest over layers: one LoRA ``r`` must
+hold every layer's update) and for the model (the largest over projections). The report says
+plainly when the evidence is weak: too early (ΔW tiny next to W₀, or A still close to its
+random initialization), a spectral gap too small to order the directions at the cut, or a
+comparison whose smaller rank is fully shared (that rank may be too small).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from statistics import median
+from typing import Mapping, Optional, Sequence
+
+from torch import Tensor
+
+from lora_monitor.adapters import ModuleKey
+from lora_monitor.functional import energy_rank, effective_rank, stable_rank
+from lora_monitor.snapshots import ModuleAnalysis
+
+#: σ_k / σ_{k+1} below this (a gap under 10 %): directions k and k+1 are too close to be
+#: ordered, so a cut between them, or φ(1, 1) when k = 1, is not meaningful.
+GAP_RATIO = 1.1
+#: Median ‖ΔW‖_F / ‖W₀‖_F below this: B has barely left its zero initialization.
+EARLY_RELATIVE_NORM = 1e-3
+#: Median φ(A₀, A, r, r) above this: A's row space is still mostly its random initialization.
+EARLY_INIT_SIMILARITY = 0.5
+#: The share of ‖ΔW‖_F² the spectral rank holds.
+ENERGY = 0.9
+
+
+def _layer_name(key: ModuleKey) -> str:
+    layer, projection = key
+    return f"layer_{layer:02d}.{projection}"
+
+
+def _gap(spectrum: Optional[Tensor], k: int) -> Optional[float]:
+    """σ_k / σ_{k+1} (1-based k), None where the spectrum has no σ_{k+1}; inf after a zero."""
+    if spectrum is None or k < 1 or spectrum.numel() <= k:
+        return None
+    below = float(spectrum[k])
+    return float(spectrum[k - 1]) / below if below > 0 else float("inf")
+
+
+def _smallest_gap(analysis: ModuleAnalysis, k: int) -> Optional[float]:
+    """The smaller σ_k / σ_{k+1} of the two runs' basis spectra (the one that can swap)."""
+    gaps = [
+        g
+        for g in (
+            _gap(analysis.basis_singular_values, k),
+            _gap(analysis.reference_basis_singular_values, k),
+        )
+        if g is not None
+    ]
+    return min(gaps) if gaps else None
+
+
+@dataclass(frozen=True)
+class ModuleEvidence:
+    """What one module says about the rank.
+
+    Attributes:
+        key: ``(layer, projection)``.
+        rank, reference_rank: r of the update and of the reference (None without one).
+        shared: directions shared with the reference clearly above chance (None without φ).
+        block_overlap: φ(k, k) at k = ``shared``: how much of the top-k blocks is shared
+            (None when nothing is shared); chance is k/n.
+        phi_top: φ(1, 1), chance 1/n (``chance_top``).
+        energy_rank, effective_rank, stable_rank: of ΔW's spectrum.
+        top_gap: σ₁/σ₂ of the basis spectra (the smaller of the two runs').
+        cut_gap: σ_k/σ_{k+1} at the suggested k (the smaller of the two runs').
+        relative_norm, init_similarity: ‖ΔW‖_F/‖W₀‖_F and φ(A₀, A, r, r), None when unknown.
+        suggested: the rank this module supports: ``shared`` with a reference, else the energy
+            rank.
+    """
+
+    key: ModuleKey
+    rank: int
+    reference_rank: Optional[int]
+    shared: Optional[int]
+    block_overlap: Optional[float]
+    phi_top: Optional[float]
+    chance_top: Optional[float]
+    energy_rank: int
+    effective_rank: float
+    stable_rank: float
+    top_gap: Optional[float]
+    cut_gap: Optional[float]
+    relative_norm: Optional[float]
+    init_similarity: Optional[float]
+    suggested: int
+
+    @classmethod
+    def from_analysis(cls, analysis: ModuleAnalysis) -> ModuleEvidence:
+        spectrum = analysis.singular_values
+        shared = analysis.shared_directions
+        phi = analysis.phi
+        energy = int(energy_rank(spectrum, ENERGY))
+        suggested = shared if shared is not None else energy
+        return cls(
+            key=analysis.key,
+            rank=spectrum.numel(),
+            reference_rank=None if phi is None else phi.shape[0],
+            shared=shared,
+            block_overlap=float(phi[shared - 1, shared - 1]) if phi is not None and shared else None,
+            phi_top=None if phi is None else float(phi[0, 0]),
+            chance_top=None if phi is None or analysis.dimension is None else 1.0 / analysis.dimension,
+            energy_rank=energy,
+            effective_rank=float(effective_rank(spectrum)),
+            stable_rank=float(stable_rank(spectrum)),
+            top_gap=_smallest_gap(analysis, 1),
+            cut_gap=_smallest_gap(analysis, suggested) if suggested else None,
+            relative_norm=analysis.relative_norm,
+            init_similarity=analysis.init_similarity,
+            suggested=suggested,
+        )
+
+
+@dataclass(frozen=True)
+class RankRecommendation:
+    """The suggested LoRA rank, per projection and for the model, with the evidence.
+
+    Attributes:
+        basis: the basis φ was computed in.
+        compared: True when the evidence is a comparison with a reference run.
+        modules: the evidence of each module, by key order.
+        projections: projection → suggested rank (None: no rank is supported).
+        rank: the suggested rank for the whole model (None: no rank is supported).
+        cautions: why the evidence is weak, one sentence each (empty when it is not).
+        skipped: modules left out (their analysis had problems), with the reason.
+    """
+
+    basis: str
+    compared: bool
+    modules: list[ModuleEvidence]
+    projections: dict[str, Optional[int]]
+    rank: Optional[int]
+    cautions: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def weak(self) -> bool:
+        return bool(self.cautions) or not self.compared
+
+    def summary(self) -> str:
+        """One line for the console."""
+        source = "directions shared with the reference above chance" if self.compared else (
+            "the 90 %-energy rank of ΔW (spectrum only)"
+        )
+        per_projection = ", ".join(
+            f"{p}: {'none' if r is None else r}" for p, r in self.projections.items()
+        )
+        if self.rank is None:
+            head = "no LoRA rank is supported by the evidence"
+        else:
+            head = f"suggested LoRA rank {self.rank}"
+        strength = "weak evidence, see the rank_recommendation text" if self.weak else "evidence consistent"
+        return f"{head} ({per_projection}; from {source}, {len(self.modules)} modules; {strength})"
+
+    def to_markdown(self) -> str:
+        """A Markdown report: the suggestion, the cautions, a table per projection and per module."""
+        lines = [f"**{self.summary()}**", ""]
+        if self.rank is None and self.compared:
+            lines += [
+                "No module shares a direction with the reference clearly above the level of "
+                "random subspaces (φ(i, i) at chance, max(i, j)/n): the two runs agree on nothing "
+                "yet. Train longer, or the update is noise at this rank.",
+                "",
+            ]
+        if self.cautions:
+            lines += ["Evidence is weak:", ""] + [f"- {c}" for c in self.cautions] + [""]
+        by_projection: dict[str, list[ModuleEvidence]] = defaultdict(list)
+        for m in self.modules:
+            by_projection[m.key[1]].append(m)
+        evidence = "shared directions per layer" if self.compared else "90 %-energy rank per layer"
+        rows = []
+        for projection, suggested in self.projections.items():
+            modules = by_projection[projection]
+            per_layer = ", ".join(f"{m.key[0]}: {m.suggested}" for m in modules)
+            rows.append(
+                [
+                    projection,
+                    "none" if suggested is None else str(suggested),
+                    per_layer,
+                    f"{median(m.energy_rank for m in modules):g}",
+                    f"{median(m.stable_rank for m in modules):.2f}",
+                ]
+            )
+        lines += [
+            markdown_table(
+                ["projection", "suggested rank", evidence, "median energy rank (90 %)", "median stable rank"],
+                rows,
+            ),
+            "",
+            f"Per module (basis {self.basis!r}; k = the suggested rank; chance of φ(i, i) is i/n):",
+            "",
+            markdown_table(_MODULE_HEADERS, [_module_row(m) for m in self.modules]),
+        ]
+        if self.skipped:
+            lines += ["", "Skipped: " + "; ".join(self.skipped)]
+        return "\n".join(lines)
+
+
+_MODULE_HEADERS = [
+    "module",
+    "r (ref → cur)",
+    "shared dirs",
+    "φ(k, k)",
+    "φ(1, 1) / chance",
+    "energy rank",
+    "effective rank",
+    "stable rank",
+    "σ₁/σ₂",
+    "σ_k/σ_k+1",
+    "‖ΔW‖/‖W₀‖",
+]
+
+
+def _number(value: Optional[float], spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _module_row(m: ModuleEvidence) -> list[str]:
+    ranks = str(m.rank) if m.reference_rank is None else f"{m.reference_rank} → {m.rank}"
+    top = "–" if m.phi_top is None else f"{m.phi_top:.3f} / {m.chance_top:.4f}"
+    return [
+        _layer_name(m.key),
+        ranks,
+        "–" if m.shared is None else str(m.shared),
+        _number(m.block_overlap, ".3f"),
+        top,
+        str(m.energy_rank),
+        f"{m.effective_rank:.2f}",
+        f"{m.stable_rank:.2f}",
+        _number(m.top_gap, ".3f"),
+        _number(m.cut_gap, ".3f"),
+        _number(m.relative_norm, ".2e"),
+    ]
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub/TensorBoard Markdown table, columns padded so that it also reads as plain text."""
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def _cautions(modules: list[ModuleEvidence], basis: str, compared: bool) -> list[str]:
+    cautions = []
+    if not compared:
+        cautions.append(
+            "spectrum only: no reference run to compare with, and the 90 %-energy rank cannot "
+            "tell a direction that another run would find again from noise; compare with "
+            "another seed or rank (reference=<adapter directory>)"
+        )
+    norms = [m.relative_norm for m in modules if m.relative_norm is not None]
+    if norms and median(norms) < EARLY_RELATIVE_NORM:
+        cautions.append(
+            f"too early: ΔW is still tiny next to W₀ (median ‖ΔW‖_F/‖W₀‖_F = {median(norms):.1e} "
+            f"< {EARLY_RELATIVE_NORM:g}): B has barely left its zero initialization; train longer"
+        )
+    similarities = [m.init_similarity for m in modules if m.init_similarity is not None]
+    if similarities and median(similarities) > EARLY_INIT_SIMILARITY and basis in ("A", "delta_w_right"):
+        cautions.append(
+            f"too early: A is still close to its random initialization (median φ(A₀, A, r, r) = "
+            f"{median(similarities):.2f} > {EARLY_INIT_SIMILARITY}), so input-space φ mostly "
+            f"shows the initialization; train longer or use basis 'delta_w_left'"
+        )
+    ties = [m for m in modules if m.top_gap is not None and m.top_gap < GAP_RATIO]
+    if ties:
+        listed = ", ".join(f"{_layer_name(m.key)} (σ₁/σ₂ = {m.top_gap:.3f})" for m in ties[:4])
+        more = f" and {len(ties) - 4} more" if len(ties) > 4 else ""
+        cautions.append(
+            f"σ₁ ≈ σ₂ (gap under {GAP_RATIO - 1:.0%}) in {listed}{more}: the top direction is "
+            f"not determined and can swap with the second between runs, so φ(1, 1) says little "
+            f"there; the suggestion reads the top-k blocks φ(k, k) instead"
+        )
+    cuts = [m for m in modules if m.suggested and m.cut_gap is not None and m.cut_gap < GAP_RATIO]
+    if cuts:
+        listed = ", ".join(f"{_layer_name(m.key)} (k = {m.suggested}, σ_k/σ_k+1 = {m.cut_gap:.3f})" for m in cuts[:4])
+        more = f" and {len(cuts) - 4} more" if len(cuts) > 4 else ""
+        cautions.append(
+            f"the gap in the spectrum at the suggested cut is too small to order the directions "
+            f"in {listed}{more}: rank k and k + 1 cannot be told apart there"
+        )
+    full = [
+        m for m in modules
+        if m.shared and m.reference_rank is not None and m.shared == min(m.rank, m.reference_rank) > 1
+    ]
+    if full:
+        cautions.append(
+            f"every direction of the smaller rank is shared in {', '.join(_layer_name(m.key) for m in full[:4])}"
+            f"{' and more' if len(full) > 4 else ''}: the smaller rank may be too small, compare "
+            f"with a larger one"
+        )
+    return cautions
+
+
+def recommend_rank(analyses: Mapping[ModuleKey, ModuleAnalysis], basis: str) -> RankRecommendation:
+    """Suggest a LoRA rank from the analysis of one snapshot (or one pair of saved adapters).
+
+    Args:
+        analyses: :func:`lora_monitor.snapshots.analyze`'s result, with φ against a reference
+            run (another rank or seed) for the strongest evidence, or without.
+        basis: the basis φ was computed in.
+
+    Returns:
+        The :class:`RankRecommendation`; ``rank`` is None when no module supports any rank.
+    """
+    usable = {k: a for k, a in analyses.items() if not a.problems}
+    skipped = [f"{_layer_name(k)}: {'; '.join(a.problems)}" for k, a in sorted(analyses.items()) if a.problems]
+    # Compare only when every usable module has φ: a half-compared model would mix two rules.
+    compared = bool(usable) and all(a.phi is not None for a in usable.values())
+    modules = [ModuleEvidence.from_analysis(usable[k]) for k in sorted(usable)]
+    projections: dict[str, Optional[int]] = {}
+    for m in modules:
+        best = projections.get(m.key[1])
+        value = m.suggested or None
+        projections[m.key[1]] = value if best is None else max(best, value or 0)
+    supported = [r for r in projections.values() if r]
+    return RankRecommendation(
+        basis=basis,
+        compared=compared,
+        modules=modules,
+        projections=projections,
+        rank=max(supported) if supported else None,
+        cautions=_cautions(modules, basis, compared),
+        skipped=skipped,
+    )
