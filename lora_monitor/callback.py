@@ -231,11 +231,29 @@ class LoRASubspaceMonitor(Callback):
                     f"same LoraConfig(layers_to_transform=...))"
                 )
             self._reference_factors = {key: saved.factors[key] for key in monitored}
+            self._check_reference_analysable()
         if self.basis == "A" and any(f.module_name.endswith("c_attn") for f in monitored.values()):
             rank_zero_warn(
                 "LoRASubspaceMonitor: q, k and v of a fused c_attn share one lora_A, so basis='A' "
                 "cannot tell them apart; use basis='delta_w_left' or 'delta_w_right'.",
                 category=AnalysisWarning,
+            )
+
+    def _check_reference_analysable(self) -> None:
+        # A reference that cannot be analysed would warn at every snapshot of every module:
+        # the user must fix it, so say it once, before training.
+        alone = analyze(Snapshot(step=0, factors=self._reference_factors), None, self.basis)
+        problems = [
+            f"layer {layer} projection {projection!r}: {'; '.join(analysis.problems)}"
+            for (layer, projection), analysis in sorted(alone.items())
+            if analysis.problems
+        ]
+        if problems:
+            raise LoRAMonitorError(
+                f"the reference adapter {self.reference} cannot be compared in basis "
+                f"{self.basis!r}: {', '.join(problems)}. An adapter saved before training has "
+                f"lora_B = 0 (peft's initialization): save it after training, or use basis='A'; "
+                f"NaN or Inf come from a run that diverged"
             )
 
     def _monitored_factors(self, pl_module: pl.LightningModule) -> dict[ModuleKey, LoRAFactors]:

@@ -306,13 +306,19 @@ def analyze(
                 continue
             if not torch.isfinite(spectrum).all():
                 analysis.problems.append(f"{role}LoRA factors hold NaN or Inf")
-            elif basis.startswith("delta_w") and not spectrum.any():
-                analysis.problems.append(f"{role}ΔW is exactly zero, so its singular vectors are undefined")
+            elif not basis_spectrum.any():
+                # peft starts with lora_B = 0: in bases "B" and "delta_w_*" φ is then undefined.
+                analysis.problems.append(
+                    f"{role}{_BASIS_MATRIX[basis]} is exactly zero, so its singular vectors are undefined"
+                )
         if analysis.problems:
             analysis.phi = None
         analyses[key] = analysis
     return analyses
 
+
+#: The matrix whose singular vectors each basis is made of.
+_BASIS_MATRIX = {"A": "lora_A", "B": "lora_B", "delta_w_left": "ΔW", "delta_w_right": "ΔW"}
 
 #: Per-module results that come back as Python numbers.
 _SCALAR_RESULTS = ("amplification", "relative_norm", "intruders", "init_similarity")

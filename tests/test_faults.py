@@ -254,6 +254,20 @@ def test_unusable_reference_is_rejected_at_setup(tmp_path, make_reference, match
     assert module.steps_run == 0
 
 
+@pytest.mark.parametrize("basis, matrix", [("B", "lora_B"), ("delta_w_left", "ΔW")])
+def test_reference_saved_before_training_is_rejected_at_setup(tmp_path, basis, matrix):
+    # peft's initialization: lora_B = 0, so B's and ΔW's singular vectors do not exist.
+    untrained = save(tiny_llama_lora(randomize_B=False), tmp_path / "untrained")
+    module = CountingModule(tiny_llama_lora())
+    monitor = LoRASubspaceMonitor(reference=untrained, basis=basis)
+    with pytest.raises(
+        LoRAMonitorError,
+        match=rf"cannot be compared in basis '{basis}': layer 0 projection 'q': {matrix} is exactly zero.*save it after training",
+    ):
+        make_trainer(tmp_path, [monitor], max_steps=1).fit(module)
+    assert module.steps_run == 0
+
+
 def test_reference_saved_as_bin_works(tmp_path):
     reference_model = tiny_llama_lora(rank=4, seed=1)
     directory = save(reference_model, tmp_path / "bin", safe_serialization=False)
