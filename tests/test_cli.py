@@ -121,7 +121,7 @@ def test_bad_inputs_exit_2_with_one_line(adapters, tmp_path, capsys, case):
         bert = tiny_bert_lora(rank=4, hidden_size=48, target_modules=("query", "value"))
         bert.save_pretrained(str(tmp_path / "bert"))
         argv = ["compare", str(directory), str(tmp_path / "bert"), "--projections", "q"]
-        expected = "error:"
+        expected = "another base model"
     status, out, err = _run(argv, capsys)
     assert status == 2
     assert out == ""
@@ -139,14 +139,14 @@ def test_help_lists_both_commands(capsys):
     assert "compare" in out and "inspect" in out and "save_pretrained" in out
 
 
-def test_console_script_runs_in_a_subprocess(adapters):
-    """The installed ``lora-monitor`` script (``python -m lora_monitor`` where not installed)."""
+def test_console_script_exits_2_in_a_subprocess():
+    """The installed ``lora-monitor`` script (``python -m lora_monitor`` where not installed):
+    the process's own exit status and stderr, not a traceback. One run: importing torch and
+    Lightning in a fresh process is the slow part; the output itself is checked in-process."""
     script = shutil.which("lora-monitor", path=str(Path(sys.executable).parent))
     command = [script] if script else [sys.executable, "-m", "lora_monitor"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    done = subprocess.run([*command, "inspect", str(adapters["r4"][1])], capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr
-    assert "| layer_01.v " in done.stdout
-    missing = subprocess.run([*command, "inspect", "/nonexistent/adapter"], capture_output=True, text=True, env=env)
-    assert missing.returncode == 2
-    assert missing.stderr.startswith("lora-monitor: error: adapter directory not found")
+    done = subprocess.run([*command, "inspect", "/nonexistent/adapter"], capture_output=True, text=True, env=env)
+    assert done.returncode == 2
+    assert done.stderr.startswith("lora-monitor: error: adapter directory not found")
+    assert done.stdout == ""
