@@ -56,7 +56,7 @@ def test_monitor_from_the_example_yaml(tmp_path, monkeypatch):
     "reference",
     ["first", "previous", "adapters/r64_seed0", "/abs/adapter"],
 )
-def test_hints_parse_every_kind_of_reference(reference, tmp_path):
+def test_hints_parse_every_kind_of_reference(reference):
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(exit_on_error=False)
