@@ -21,6 +21,7 @@ from lora_monitor.adapters import (
     load_adapter,
     select_factors,
 )
+from lora_monitor.distributed import full_factors, gathered_lora_parameters
 from lora_monitor.functional import BASES, Basis
 from lora_monitor.loggers import log_snapshot, log_text
 from lora_monitor.plots import comparison_symbols, phi_image
@@ -96,6 +97,9 @@ class LoRASubspaceMonitor(Callback):
         log_images: draw and log the heatmap figure (scalars are always logged).
         strict: raise instead of warning when a snapshot cannot be analysed (for tests and CI).
             Errors in the configuration are raised at setup either way.
+        intruder_top_k: count the intruder dimensions (Shuttleworth et al. 2024) among the top
+            ``intruder_top_k`` singular vectors of W₀ + ΔW. Off (None) by default: it takes two
+            dense SVDs, of W₀ and of W₀ + ΔW, per module and snapshot.
 
     Logged, for each snapshot at step ``trainer.global_step``:
 
@@ -109,6 +113,20 @@ class LoRASubspaceMonitor(Callback):
       is aligned with the current top direction.
     - ``lora_monitor/phi_mean/layer_<L>.<p>``: the mean of φ(i, i) for i up to the smaller of
       the two ranks: how much the top-i subspaces agree, on average over i.
+    - ``lora_monitor/shared_directions/layer_<L>.<p>``: the number of top directions shared
+      with the reference clearly above the level of random subspaces
+      (:func:`lora_monitor.functional.shared_directions` gives the precise rule).
+    - ``lora_monitor/energy_rank/layer_<L>.<p>``, ``effective_rank``, ``stable_rank``: of ΔW's
+      spectrum: the smallest k holding 90 % of ‖ΔW‖_F², exp(entropy of σ/Σσ) (Roy & Vetterli),
+      ‖ΔW‖_F²/σ₁².
+    - ``lora_monitor/amplification/layer_<L>.<p>``: ‖ΔW‖_F / ‖Uᵀ W₀ V‖_F (the paper's §7.3),
+      and ``delta_w_relative_norm``: ‖ΔW‖_F / ‖W₀‖_F; both need the live W₀ (not quantized).
+    - ``lora_monitor/a_init_similarity/layer_<L>.<p>``: φ(A₀, A, r, r), how much of A's row space
+      is still its value before the first optimizer step (from a fresh start only).
+    - ``lora_monitor/intruder_dimensions/layer_<L>.<p>``: with ``intruder_top_k``.
+    - ``lora_monitor/rank_recommendation`` (text, TensorBoard), at the end of fit: the suggested
+      LoRA rank with its evidence (:func:`lora_monitor.recommend.recommend_rank`); the summary
+      line also goes to the console (rank zero). Kept as :attr:`recommendation`.
 
     No ``phi_*`` scalars and no image are logged for the first snapshot of a run with
     ``reference="first"`` or ``"previous"`` (there is nothing to compare with yet).
@@ -281,7 +299,9 @@ class LoRASubspaceMonitor(Callback):
         step = trainer.global_step
         self._last_step = step
         try:
-            snapshot = Snapshot.capture(self._monitored_factors(pl_module), step)
+            # Every rank gets here: sharded strategies gather the LoRA factors collectively.
+            with gathered_lora_parameters(trainer, pl_module):
+                snapshot = Snapshot.capture(full_factors(self._monitored_factors(pl_module)), step)
         except LoRAMonitorError as error:  # e.g. the adapter was merged or unloaded mid-run
             self._report(f"step {step}: no snapshot taken: {error}")
             return

@@ -30,41 +30,44 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _power_of_two_normalize(X: Tensor) -> tuple[Tensor, Tensor]:
-    """``X / 2^e`` with ``2^e ≈ max|X|`` over the last two dims (exact), and ``2^e`` itself.
-
-    The exponent is clamped so that ``2^±e`` stays a normal number of X's dtype; an all-zero
-    matrix gets ``2^0 = 1``.
-    """
-    bound = int(math.log2(torch.finfo(X.dtype).max)) - 20
-    # The ∞-norm reduces in one pass without an |X| temporary as large as X.
-    _, exponent = torch.frexp(torch.linalg.vector_norm(X, float("inf"), dim=(-2, -1)))
-    power = exponent.clamp(-bound, bound).to(X.dtype)
-    return X * torch.exp2(-power)[..., None, None], torch.exp2(power)
+def _power_of_two(max_abs: Tensor, dtype: torch.dtype) -> Tensor:
+    """``2^e ≈ max_abs`` (exact power of two), clamped so that ``2^±e`` stays a normal number of
+    ``dtype``; 1 for a zero (or non-finite) maximum."""
+    bound = int(math.log2(torch.finfo(dtype).max)) - 20
+    _, exponent = torch.frexp(max_abs)
+    return torch.exp2(exponent.clamp(-bound, bound).to(dtype))
 
 
-def _normalized_qr(X: Tensor, finite: Tensor, with_q: bool) -> tuple[Optional[Tensor], Tensor, Tensor]:
+def _max_abs(X: Tensor) -> Tensor:
+    """``max |X|`` over the last two dims, NaN if one entry is NaN: one pass, no |X| temporary;
+    it is finite exactly where the matrix is, so it doubles as the finiteness test."""
+    return torch.linalg.vector_norm(X, float("inf"), dim=(-2, -1))
+
+
+def _normalized_qr(
+    X: Tensor, max_abs: Tensor, finite: Tensor, with_q: bool
+) -> tuple[Optional[Tensor], Tensor, Tensor]:
     """Thin QR of ``X: (..., n, r)`` brought to magnitude ~1 by an exact power of two and zeroed
     where ``finite`` is False (LAPACK raises on NaN/Inf): ``(Q or None, R, 2^e)``.
 
-    One copy of X is made (the scaled one, zeroed in place), so the peak memory is X's size plus
-    the QR's outputs. Without ``with_q`` only R is computed (LAPACK's geqrf without orgqr: about
-    half the cost), for the factor whose singular vectors are not needed.
+    The scaling keeps the r×r core product of two such factors from overflowing or
+    underflowing. On the CPU, when every matrix is finite and of moderate magnitude (the usual
+    case), X goes to LAPACK as it is and ``2^e = 1``: the check is free there, and it saves a
+    copy as large as X (the QR copies its input anyway). Elsewhere a host round trip would cost
+    more than the copy. Without ``with_q`` only R is computed (geqrf without orgqr: about half
+    the cost), for the factor whose singular vectors are not needed.
     """
-    X, power = _power_of_two_normalize(X.expand(*finite.shape, *X.shape[-2:]))
-    X.masked_fill_(~finite[..., None, None], 0.0)
+    power = _power_of_two(max_abs, X.dtype).expand(finite.shape)
+    moderate = math.log2(torch.finfo(X.dtype).max) / 4  # float32: |e| ≤ 32
+    if X.device.type == "cpu" and bool((finite & (power.log2().abs() <= moderate)).all()):
+        power = torch.ones_like(power)
+    else:
+        X = X * (1 / power)[..., None, None]
+        X.masked_fill_(~finite[..., None, None], 0.0)
     if not with_q:
         return None, torch.linalg.qr(X, mode="r")[1], power
     Q, R = torch.linalg.qr(X)
     return Q, R, power
-
-
-def _finite(*tensors: Tensor) -> Tensor:
-    """Batch mask: True where every matrix (last two dims) of every tensor is finite."""
-    mask = torch.isfinite(tensors[0]).all(-1).all(-1)
-    for tensor in tensors[1:]:
-        mask = mask & torch.isfinite(tensor).all(-1).all(-1)
-    return mask
 
 
 def factored_svd(B: Tensor, A: Tensor, scaling: Scaling = 1.0) -> tuple[Tensor, Tensor, Tensor]:
@@ -97,12 +100,13 @@ def factored_svd(B: Tensor, A: Tensor, scaling: Scaling = 1.0) -> tuple[Tensor, 
     A = A.to(dtype)
     scaling = torch.as_tensor(scaling, dtype=dtype, device=B.device)
     # LAPACK's SVD raises on non-finite input; those matrices are zeroed, their spectrum NaN.
-    finite = _finite(B, A) & torch.isfinite(scaling)
+    max_b, max_a = _max_abs(B), _max_abs(A)
+    finite = torch.isfinite(max_b) & torch.isfinite(max_a) & torch.isfinite(scaling)
     # Each factor is brought to magnitude ~1 by an exact power of two, so that the r×r core
     # product neither overflows (NaN spectrum for finite factors) nor underflows (zero spectrum
     # and arbitrary vectors for a nonzero ΔW); the powers are put back on the singular values.
-    q_b, r_b, exp_b = _normalized_qr(B, finite, with_q=True)
-    q_a, r_a, exp_a = _normalized_qr(A.mT, finite, with_q=True)
+    q_b, r_b, exp_b = _normalized_qr(B, max_b, finite, with_q=True)
+    q_a, r_a, exp_a = _normalized_qr(A.mT, max_a, finite, with_q=True)
     u_core, s_core, vh_core = torch.linalg.svd(r_b @ r_a.mT, full_matrices=False)
     U = q_b @ u_core
     Vh = vh_core @ q_a.mT
@@ -124,7 +128,8 @@ def singular_basis(B: Tensor, A: Tensor, scaling: Scaling = 1.0, basis: Basis = 
         # One factor alone: its own QR, no identity partner (whose QR would be wasted work).
         factor = A.mT if basis == "A" else B
         factor = factor.to(compute_dtype(factor))
-        Q, R, _ = _normalized_qr(factor, _finite(factor), with_q=True)
+        max_abs = _max_abs(factor)
+        Q, R, _ = _normalized_qr(factor, max_abs, torch.isfinite(max_abs), with_q=True)
         return Q @ _factor_rotation(R)[0]
     _, Q, W, _ = factored_basis(B, A, scaling, basis)
     return Q @ W
@@ -166,10 +171,11 @@ def factored_basis(
     dtype = compute_dtype(B, A)
     B, A = B.to(dtype), A.to(dtype)
     scaling = torch.as_tensor(scaling, dtype=dtype, device=B.device)
-    finite = _finite(B, A) & torch.isfinite(scaling)
+    max_b, max_a = _max_abs(B), _max_abs(A)
+    finite = torch.isfinite(max_b) & torch.isfinite(max_a) & torch.isfinite(scaling)
     on_b = basis in ("B", "delta_w_left")
-    q_b, r_b, exp_b = _normalized_qr(B, finite, with_q=on_b)
-    q_a, r_a, exp_a = _normalized_qr(A.mT, finite, with_q=not on_b)
+    q_b, r_b, exp_b = _normalized_qr(B, max_b, finite, with_q=on_b)
+    q_a, r_a, exp_a = _normalized_qr(A.mT, max_a, finite, with_q=not on_b)
     Q = q_b if on_b else q_a
     core = r_b @ r_a.mT
     magnitude = scaling.abs()[..., None] * exp_b[..., None] * exp_a[..., None]

@@ -45,13 +45,21 @@ class Snapshot:
 
     @classmethod
     def capture(cls, factors: Mapping[ModuleKey, LoRAFactors], step: int) -> Snapshot:
+        # Same-shaped factors are copied into one stacked tensor each, and every module gets
+        # views of it: analyze() then finds its batches already stacked instead of copying them.
+        A, B = {}, {}
+        for keys in _group_by_shape(factors, None).values():
+            stacked_A = torch.stack([factors[k].lora_A.detach() for k in keys])
+            stacked_B = torch.stack([factors[k].lora_B.detach() for k in keys])
+            for index, key in enumerate(keys):
+                A[key], B[key] = stacked_A[index], stacked_B[index]
         copies = {
             key: LoRAFactors(
                 module_name=f.module_name,
                 layer=f.layer,
                 projection=f.projection,
-                lora_A=f.lora_A.detach().clone(),
-                lora_B=f.lora_B.detach().clone(),
+                lora_A=A[key],
+                lora_B=B[key],
                 scaling=float(f.scaling),
                 base_weight=None if f.base_weight is None else f.base_weight.detach(),
             )
@@ -172,9 +180,26 @@ def _group_by_shape(
     return groups
 
 
+def _stacked(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """``torch.stack(tensors)`` on ``device``, without a copy when they already are consecutive
+    equal-sized slices of one buffer on it (the views :meth:`Snapshot.capture` makes)."""
+    first = tensors[0]
+    step = first.numel()
+    consecutive = first.device == device and all(
+        t.shape == first.shape
+        and t.stride() == first.stride()
+        and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and t.storage_offset() == first.storage_offset() + index * step
+        for index, t in enumerate(tensors)
+    )
+    if consecutive and first.is_contiguous():
+        return first.as_strided((len(tensors), *first.shape), (step, *first.stride()), first.storage_offset())
+    return torch.stack([t.to(device) for t in tensors])
+
+
 def _stack(factors: list[LoRAFactors], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    A = torch.stack([f.lora_A.to(device) for f in factors])
-    B = torch.stack([f.lora_B.to(device) for f in factors])
+    A = _stacked([f.lora_A for f in factors], device)
+    B = _stacked([f.lora_B for f in factors], device)
     scaling = torch.tensor([float(f.scaling) for f in factors], device=device)
     return B, A, scaling
 
@@ -301,7 +326,11 @@ def analyze(
             intruders=int(scalar["intruders"]) if scalar.get("intruders", -1) >= 0 else None,
             init_similarity=scalar.get("init_similarity"),
         )
-        for role, spectrum in (("", values["singular_values"]), ("the reference's ", values.get("reference_singular_values"))):
+        roles = (
+            ("", values["singular_values"], values["basis_singular_values"]),
+            ("the reference's ", values.get("reference_singular_values"), values.get("reference_basis_singular_values")),
+        )
+        for role, spectrum, basis_spectrum in roles:
             if spectrum is None:
                 continue
             if not torch.isfinite(spectrum).all():

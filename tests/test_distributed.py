@@ -57,3 +57,68 @@ def test_ddp_spawn_logs_what_a_single_process_logs(tmp_path):
     assert [i.step for i in read_events(ddp).Images(IMAGE_TAG)] == [
         i.step for i in read_events(single).Images(IMAGE_TAG)
     ]
+
+
+def _dtensor_worker(rank: int, port: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lora_monitor.adapters import LoRAFactors
+    from lora_monitor.distributed import full_factors
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        generator = torch.Generator().manual_seed(0)  # the same whole factors on both ranks
+        A, B = torch.randn(4, 6, generator=generator), torch.randn(8, 4, generator=generator)
+        sharded = LoRAFactors(
+            module_name="layers.0.q_proj", layer=0, projection="q",
+            lora_A=distribute_tensor(A, mesh, [Shard(0)]), lora_B=distribute_tensor(B, mesh, [Shard(0)]),
+            scaling=2.0, base_weight=torch.zeros(8, 6),
+        )
+        gathered = full_factors({(0, "q"): sharded})[(0, "q")]
+        assert type(gathered.lora_A) is torch.Tensor and type(gathered.lora_B) is torch.Tensor
+        torch.testing.assert_close(gathered.lora_A, A)
+        torch.testing.assert_close(gathered.lora_B, B)
+        assert gathered.base_weight is None and gathered.scaling == 2.0
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+def test_fsdp2_dtensor_factors_are_gathered_whole_on_every_rank():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_dtensor_worker, args=(port,), nprocs=2, join=True)
+
+
+def test_plain_factors_pass_through_without_copy():
+    from lora_monitor.distributed import full_factors
+
+    factors = {(0, "q"): tiny_factors()}
+    assert full_factors(factors)[(0, "q")] is factors[(0, "q")]
+
+
+def tiny_factors():
+    from lora_monitor.adapters import LoRAFactors
+
+    return LoRAFactors(module_name="layers.0.q_proj", layer=0, projection="q",
+                       lora_A=torch.ones(2, 3), lora_B=torch.ones(4, 2), scaling=1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_stage_3"])
+def test_sharded_strategy_logs_what_a_single_device_logs(tmp_path, strategy):
+    if strategy.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+    single = _run(tmp_path / "single", accelerator="cuda", devices=1)
+    sharded = _run(tmp_path / strategy, accelerator="cuda", devices=1, strategy=strategy)
+    expected, got = _logged(single), _logged(sharded)
+    assert expected and set(got) == set(expected)
+    for tag, series in expected.items():
+        for step, value in series.items():
+            assert got[tag][step] == pytest.approx(value, rel=1e-3, abs=1e-4), (tag, step)

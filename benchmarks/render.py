@@ -1,0 +1,58 @@
+"""Target 4: all images of one snapshot, 4 layers × (ΔW_q, ΔW_v), in ≤ 0.5 s.
+
+Compares, in one run, matplotlib drawing the whole figure (``figure_to_rgb(phi_figure(...))``)
+with :func:`lora_monitor.plots.phi_image`, which draws the figure's frame once per layout (the
+first snapshot: "cold") and then only colour-maps the grids into it ("warm", every later
+snapshot). Both rank 8 against rank 64 (with the zoom panels) and rank 64 against rank 64.
+Exit status 1 when a target is missed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import Targets  # noqa: E402
+
+from lora_monitor import plots  # noqa: E402
+
+REPEATS = 5
+
+
+def main() -> int:
+    rng = np.random.default_rng(0)
+    targets = Targets()
+    for p, q in [(8, 64), (64, 64)]:
+        grids = {(layer, proj): rng.random((p, q), dtype=np.float32) for layer in (0, 10, 21, 31) for proj in ("q", "v")}
+        symbols = dict(row_symbol=f"A_{{r={p}}}", column_symbol=f"A_{{r={q}}}")
+        matplotlib_times, warm_times = [], []
+        plots._FRAMES.clear()
+        start = time.perf_counter()
+        plots.phi_image(grids, **symbols)
+        cold = time.perf_counter() - start
+        for repeat in range(REPEATS):
+            start = time.perf_counter()
+            plots.figure_to_rgb(plots.phi_figure(grids, **symbols))
+            matplotlib_times.append(time.perf_counter() - start)
+            step_symbols = dict(symbols, column_symbol=f"A_{{\\mathrm{{step}}={100 * repeat}}}")
+            start = time.perf_counter()
+            plots.phi_image(grids, **step_symbols)
+            warm_times.append(time.perf_counter() - start)
+        whole, warm = statistics.median(matplotlib_times), statistics.median(warm_times)
+        print(f"r = {p} vs r = {q}, 4 layers × 2 projections:")
+        print(f"  matplotlib, whole figure: {whole * 1e3:.0f} ms (median of {REPEATS})")
+        print(f"  phi_image, first snapshot (frame drawn): {cold * 1e3:.0f} ms")
+        print(f"  phi_image, later snapshots: {warm * 1e3:.0f} ms (median of {REPEATS}), {whole / warm:.0f}× faster")
+        targets.check(f"one snapshot's images, r={p} vs r={q}", warm, 0.5, " s")
+    return targets.exit_code()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

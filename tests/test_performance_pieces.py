@@ -1,0 +1,100 @@
+"""The pieces the speed of the monitor rests on, each checked against the plain computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lora_monitor import plots
+from lora_monitor.adapters import LoRAFactors
+from lora_monitor.functional import BASES, factored_basis, factored_svd, singular_basis, subspace_similarity
+from lora_monitor.snapshots import ReferenceBases, Snapshot, _stack, analyze
+
+
+def _factors(rank: int, seed: int, layers: int = 3, d: int = 24, k: int = 20) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        (layer, p): LoRAFactors(
+            module_name=f"layers.{layer}.{p}_proj", layer=layer, projection=p,
+            lora_A=torch.randn(rank, k, generator=generator, dtype=torch.float64),
+            lora_B=torch.randn(d, rank, generator=generator, dtype=torch.float64),
+            scaling=-0.5 if p == "v" else 2.0,
+        )
+        for layer in range(layers) for p in ("q", "v")
+    }
+
+
+@pytest.mark.parametrize("basis", BASES)
+def test_factored_basis_matches_dense_svd(basis):
+    generator = torch.Generator().manual_seed(0)
+    B = torch.randn(2, 12, 4, generator=generator, dtype=torch.float64)
+    A = torch.randn(2, 4, 10, generator=generator, dtype=torch.float64)
+    S, Q, W, basis_S = factored_basis(B, A, -0.5, basis)
+    dense = torch.linalg.svd(-0.5 * B @ A)
+    torch.testing.assert_close(S, dense.S[:, :4])
+    factor = {"A": A, "B": B}.get(basis)
+    torch.testing.assert_close(basis_S, S if factor is None else torch.linalg.svdvals(factor))
+    vectors = {"A": torch.linalg.svd(A).Vh.mT, "B": torch.linalg.svd(B).U,
+               "delta_w_left": dense.U, "delta_w_right": dense.Vh.mT}[basis][..., :4]
+    # Same vectors up to sign: |cosine| 1 column by column; and the factored φ is the dense one.
+    torch.testing.assert_close((Q @ W * vectors).sum(-2).abs(), torch.ones(2, 4, dtype=torch.float64))
+    torch.testing.assert_close(subspace_similarity(vectors, Q, W), subspace_similarity(vectors, Q @ W))
+    torch.testing.assert_close(singular_basis(B, A, -0.5, basis), Q @ W)
+
+
+def test_factored_basis_nan_factor_gives_nan_without_raising():
+    B, A = torch.randn(3, 8, 2), torch.randn(3, 2, 6)
+    B[1, 0, 0] = float("nan")
+    S, _, _, basis_S = factored_basis(B, A, 1.0, "delta_w_left")
+    assert torch.isnan(S[1]).all() and torch.isnan(basis_S[1]).all()
+    assert torch.isfinite(S[[0, 2]]).all()
+    torch.testing.assert_close(S[[0, 2]], factored_svd(B[[0, 2]], A[[0, 2]])[1])
+
+
+def test_snapshot_batches_are_views_and_analysis_does_not_copy_them():
+    snapshot = Snapshot.capture(_factors(4, 0), step=1)
+    factors = list(snapshot.factors.values())
+    B, A, _ = _stack(factors, torch.device("cpu"))
+    assert B.data_ptr() == factors[0].lora_B.data_ptr() and A.data_ptr() == factors[0].lora_A.data_ptr()
+    torch.testing.assert_close(B, torch.stack([f.lora_B for f in factors]))
+    torch.testing.assert_close(A, torch.stack([f.lora_A for f in factors]))
+    # Not consecutive (every other module): stacked by copying.
+    B2, _, _ = _stack(factors[::2], torch.device("cpu"))
+    torch.testing.assert_close(B2, torch.stack([f.lora_B for f in factors[::2]]))
+
+
+@pytest.mark.parametrize("basis", BASES)
+def test_cached_reference_bases_give_the_uncached_analysis(basis):
+    snapshot = Snapshot.capture(_factors(6, 0), step=3)
+    reference = _factors(2, 1)
+    bases = ReferenceBases.compute(reference, snapshot.factors, basis)
+    cached = analyze(snapshot, reference, basis, reference_bases=bases)
+    plain = analyze(snapshot, reference, basis)
+    for key, analysis in plain.items():
+        torch.testing.assert_close(cached[key].phi, analysis.phi)
+        torch.testing.assert_close(cached[key].singular_values, analysis.singular_values)
+        # and against the dense φ of the explicit bases
+        f, r = snapshot.factors[key], reference[key]
+        dense = subspace_similarity(
+            singular_basis(r.lora_B, r.lora_A, r.scaling, basis), singular_basis(f.lora_B, f.lora_A, f.scaling, basis)
+        )
+        torch.testing.assert_close(analysis.phi, dense)
+    with pytest.raises(ValueError, match="basis"):
+        analyze(snapshot, reference, "A" if basis != "A" else "B", reference_bases=bases)
+
+
+def test_phi_image_is_the_matplotlib_figure():
+    rng = np.random.default_rng(0)
+    grids = {(layer, p): rng.random((4, 16), dtype=np.float32) for layer in (0, 5) for p in ("q", "v")}
+    plots._FRAMES.clear()
+    for column in ("A_{r=16}", r"A_{\mathrm{step}=10}"):  # the title changes, the frame is reused
+        fast = plots.phi_image(grids, row_symbol="A_{r=4}", column_symbol=column)
+        slow = plots.figure_to_rgb(plots.phi_figure(grids, row_symbol="A_{r=4}", column_symbol=column))
+        assert fast.shape == slow.shape and fast.dtype == np.uint8
+        difference = np.abs(fast.astype(int) - slow.astype(int))
+        assert difference.max() <= 8 and difference.mean() < 1
+    assert len(plots._FRAMES) == 1
+    # Other data in the same frame: the heatmap pixels follow it.
+    changed = plots.phi_image({k: 1 - g for k, g in grids.items()}, row_symbol="A_{r=4}", column_symbol="A")
+    assert np.abs(changed.astype(int) - fast.astype(int)).max() > 100
