@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, TextIO
 
+from matplotlib.figure import Figure
+
 from lora_monitor.adapters import (
     LoRAFactors,
     LoRAMonitorError,
@@ -72,6 +74,7 @@ class Comparison:
     recommendation: RankRecommendation
     reference_rank: int
     rank: int
+    figure: Optional[Figure]
     figure_path: Optional[Path]
 
 
@@ -119,7 +122,7 @@ def compare_adapters(
     bar.step("rank suggested")
     key = next(iter(current))
     reference_rank, rank = reference[key].rank, current[key].rank
-    figure_path = None
+    figure = figure_path = None
     if output is not None:
         grids = {k: a.phi.numpy() for k, a in analyses.items() if a.phi is not None}
         dimension = next(a.dimension for a in analyses.values() if a.phi is not None)
@@ -135,7 +138,7 @@ def compare_adapters(
         figure_path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(figure_path, format=figure_format)
         bar.step(f"figure written to {figure_path}")
-    return Comparison(analyses, recommendation, reference_rank, rank, figure_path)
+    return Comparison(analyses, recommendation, reference_rank, rank, figure, figure_path)
 
 
 def _figure_format(output: Optional[str | Path]) -> Optional[str]:

@@ -142,7 +142,9 @@ def phi_figure(
                 ax.set_xlabel("j", fontsize=9)
             if column == 0:
                 ax.set_ylabel(f"{label}\ni", fontsize=9)
-    figure.suptitle(rf"$\phi({row_symbol}, {column_symbol}, i, j)$", fontsize=12)
+    # Placed in inches from the top, like the axes: a fraction would sink into the column
+    # titles of a tall figure.
+    figure.suptitle(rf"$\phi({row_symbol}, {column_symbol}, i, j)$", fontsize=12, y=1 - 0.08 / height)
     if image is not None:
         figure.colorbar(image, cax=figure.add_subplot(grid[:, -1]), label=r"$\phi$")
     return figure
