@@ -6,6 +6,8 @@ one (:func:`lora_monitor.snapshots.analyze`), so the test covers the path from f
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -130,10 +132,8 @@ def test_cut_inside_a_cluster_of_equal_singular_values_is_flagged(planted_direct
     # shared count stops inside the cluster and rank 2 vs 3 cannot be told apart.
     reference = planted_adapter(U, V, [10.0, 6.0, 5.9], rank=16, seed=1)
     current = planted_adapter(U, V, [10.0, 6.0], rank=16, seed=2)
-    current = {
-        key: LoRAFactors(**{**f.__dict__, "lora_A": _with_row(f.lora_A, 2, 5.8 * _orthonormal(K, 1, torch.Generator().manual_seed(3))[:, 0])})
-        for key, f in current.items()
-    }
+    unshared = 5.8 * _orthonormal(K, 1, torch.Generator().manual_seed(3))[:, 0]
+    current = {key: replace(f, lora_A=_with_row(f.lora_A, 2, unshared)) for key, f in current.items()}
     analyses = analyze(Snapshot(step=100, factors=current), reference, "A")
     recommendation = recommend_rank(analyses, "A")
     assert recommendation.rank == 2
@@ -164,5 +164,6 @@ def test_shared_directions_false_alarm_rate_on_random_subspaces():
 
     generator = torch.Generator().manual_seed(0)
     for n, p, q in [(384, 8, 64), (64, 8, 8), (32, 4, 16)]:
-        phi = sample_random_subspace_similarity(n, p, q, samples=500, generator=generator)
-        assert int((shared_directions(phi, n) > 0).sum()) <= 2  # ≤ 1e-3 by the bound
+        phi = sample_random_subspace_similarity(n, p, q, samples=300, generator=generator)
+        # At most 10⁻³ by the bound (in fact far less): no false count in 300 draws.
+        assert int((shared_directions(phi, n) > 0).sum()) == 0
