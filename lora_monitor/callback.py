@@ -411,7 +411,9 @@ class LoRASubspaceMonitor(Callback):
 
     def _recommend(self, trainer: pl.Trainer) -> None:
         """The rank suggested by the last analysis: Markdown to the loggers, a console line."""
-        self.recommendation = recommend_rank(self.latest_analysis, self.basis)
+        self.recommendation = recommend_rank(
+            self.latest_analysis, self.basis, reference_is_run=isinstance(self.reference, Path)
+        )
         if not trainer.is_global_zero:
             return
         step = trainer.global_step

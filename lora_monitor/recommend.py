@@ -105,10 +105,10 @@ class ModuleEvidence:
     suggested: int
 
     @classmethod
-    def from_analysis(cls, analysis: ModuleAnalysis) -> ModuleEvidence:
+    def from_analysis(cls, analysis: ModuleAnalysis, use_phi: bool = True) -> ModuleEvidence:
         spectrum = analysis.singular_values
-        shared = analysis.shared_directions
-        phi = analysis.phi
+        phi = analysis.phi if use_phi else None
+        shared = analysis.shared_directions if phi is not None else None
         energy = int(energy_rank(spectrum, ENERGY))
         suggested = shared if shared is not None else energy
         return cls(
@@ -264,9 +264,10 @@ def _cautions(modules: list[ModuleEvidence], basis: str, compared: bool) -> list
     cautions = []
     if not compared:
         cautions.append(
-            "spectrum only: no reference run to compare with, and the 90 %-energy rank cannot "
-            "tell a direction that another run would find again from noise; compare with "
-            "another seed or rank (reference=<adapter directory>)"
+            "spectrum only: no other run to compare with (a snapshot of the same run does not "
+            "count), and the 90 %-energy rank cannot tell a direction that another run would "
+            "find again from noise; compare with an adapter of another seed or rank "
+            "(reference=<adapter directory>)"
         )
     norms = [m.relative_norm for m in modules if m.relative_norm is not None]
     if norms and median(norms) < EARLY_RELATIVE_NORM:
@@ -311,13 +312,19 @@ def _cautions(modules: list[ModuleEvidence], basis: str, compared: bool) -> list
     return cautions
 
 
-def recommend_rank(analyses: Mapping[ModuleKey, ModuleAnalysis], basis: str) -> RankRecommendation:
+def recommend_rank(
+    analyses: Mapping[ModuleKey, ModuleAnalysis], basis: str, *, reference_is_run: bool = True
+) -> RankRecommendation:
     """Suggest a LoRA rank from the analysis of one snapshot (or one pair of saved adapters).
 
     Args:
         analyses: :func:`lora_monitor.snapshots.analyze`'s result, with φ against a reference
             run (another rank or seed) for the strongest evidence, or without.
         basis: the basis φ was computed in.
+        reference_is_run: False when φ compares two snapshots of the same run (the monitor's
+            ``reference="first"`` or ``"previous"``): what a run shares with its own past says
+            it is stable, not that another run would find it, so φ is left out and the
+            spectra decide.
 
     Returns:
         The :class:`RankRecommendation`; ``rank`` is None when no module supports any rank.
@@ -325,8 +332,8 @@ def recommend_rank(analyses: Mapping[ModuleKey, ModuleAnalysis], basis: str) -> 
     usable = {k: a for k, a in analyses.items() if not a.problems}
     skipped = [f"{_layer_name(k)}: {'; '.join(a.problems)}" for k, a in sorted(analyses.items()) if a.problems]
     # Compare only when every usable module has φ: a half-compared model would mix two rules.
-    compared = bool(usable) and all(a.phi is not None for a in usable.values())
-    modules = [ModuleEvidence.from_analysis(usable[k]) for k in sorted(usable)]
+    compared = reference_is_run and bool(usable) and all(a.phi is not None for a in usable.values())
+    modules = [ModuleEvidence.from_analysis(usable[k], use_phi=compared) for k in sorted(usable)]
     projections: dict[str, Optional[int]] = {}
     for m in modules:
         best = projections.get(m.key[1])

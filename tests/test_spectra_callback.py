@@ -112,6 +112,9 @@ def test_an_early_run_is_reported_as_weak_evidence(tmp_path):
     assert "ΔW is still tiny next to W₀" in cautions
     assert "A is still close to its random initialization" in cautions
     assert monitor.recommendation.weak
+    # φ against the run's own first snapshot is stability, not a second run: spectra decide.
+    assert not monitor.recommendation.compared
+    assert all(m.shared is None for m in monitor.recommendation.modules)
 
 
 def test_snapshot_keeps_a_reference_to_W0_not_a_copy():
