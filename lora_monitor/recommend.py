@@ -8,7 +8,9 @@ The evidence, strongest first:
    :func:`lora_monitor.functional.shared_directions`). Directions found again by an independent
    run are what the data supports; the rest of a rank-64 update is, as the LoRA paper reads its
    Figure 3, mostly noise. Blocks are compared, never single vectors: when σ₁ ≈ σ₂ the top two
-   directions swap between runs, φ(1, 1) ≈ 0 and yet the top-2 block is shared.
+   directions swap between runs, φ(1, 1) ≈ 0 and yet the top-2 block is shared. The module's
+   rank is the smallest k whose top-k blocks hold 90 % of the overlap beyond chance,
+   k·φ(k, k) − k²/n, found within those directions.
 2. **The spectrum of ΔW** alone (no reference): the rank holding 90 % of ‖ΔW‖_F². It cannot
    tell a reproducible direction from noise, and says so.
 
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from statistics import median
 from typing import Mapping, Optional, Sequence
 
+import torch
 from torch import Tensor
 
 from lora_monitor.adapters import ModuleKey
@@ -56,6 +59,19 @@ def _gap(spectrum: Optional[Tensor], k: int) -> Optional[float]:
     return float(spectrum[k - 1]) / below if below > 0 else float("inf")
 
 
+def _overlap_rank(phi: Tensor, shared: int, n: int) -> int:
+    """The smallest k whose top-k blocks hold 90 % of the overlap beyond chance found within
+    the ``shared`` directions: ``E_k = k·φ(k, k) − k²/n`` (dimensions shared beyond what random
+    subspaces share), k = the first with ``E_k ≥ 0.9 · max_{i ≤ shared} E_i``; 0 if nothing is
+    shared. Like the energy rank, but of the overlap: a long tail of slightly shared directions
+    (updates that live in one common, larger subspace) does not push the rank up."""
+    if shared == 0:
+        return 0
+    i = torch.arange(1, shared + 1, dtype=phi.dtype)
+    excess = i * torch.diagonal(phi)[:shared] - i.square() / n
+    return int((excess < ENERGY * excess.max()).logical_not().nonzero()[0, 0]) + 1
+
+
 def _smallest_gap(analysis: ModuleAnalysis, k: int) -> Optional[float]:
     """The smaller σ_k / σ_{k+1} of the two runs' basis spectra (the one that can swap)."""
     gaps = [
@@ -77,15 +93,16 @@ class ModuleEvidence:
         key: ``(layer, projection)``.
         rank, reference_rank: r of the update and of the reference (None without one).
         shared: directions shared with the reference clearly above chance (None without φ).
-        block_overlap: φ(k, k) at k = ``shared``: how much of the top-k blocks is shared
+        block_overlap: φ(k, k) at the suggested k: how much of the top-k blocks is shared
             (None when nothing is shared); chance is k/n.
         phi_top: φ(1, 1), chance 1/n (``chance_top``).
         energy_rank, effective_rank, stable_rank: of ΔW's spectrum.
         top_gap: σ₁/σ₂ of the basis spectra (the smaller of the two runs').
         cut_gap: σ_k/σ_{k+1} at the suggested k (the smaller of the two runs').
         relative_norm, init_similarity: ‖ΔW‖_F/‖W₀‖_F and φ(A₀, A, r, r), None when unknown.
-        suggested: the rank this module supports: ``shared`` with a reference, else the energy
-            rank.
+        suggested: the rank this module supports: with a reference, the smallest k whose top-k
+            blocks hold 90 % of the overlap beyond chance within the ``shared`` directions; else
+            the energy rank.
     """
 
     key: ModuleKey
@@ -110,13 +127,13 @@ class ModuleEvidence:
         phi = analysis.phi if use_phi else None
         shared = analysis.shared_directions if phi is not None else None
         energy = int(energy_rank(spectrum, ENERGY))
-        suggested = shared if shared is not None else energy
+        suggested = energy if shared is None else _overlap_rank(phi, shared, analysis.dimension)
         return cls(
             key=analysis.key,
             rank=spectrum.numel(),
             reference_rank=None if phi is None else phi.shape[0],
             shared=shared,
-            block_overlap=float(phi[shared - 1, shared - 1]) if phi is not None and shared else None,
+            block_overlap=float(phi[suggested - 1, suggested - 1]) if phi is not None and suggested else None,
             phi_top=None if phi is None else float(phi[0, 0]),
             chance_top=None if phi is None or analysis.dimension is None else 1.0 / analysis.dimension,
             energy_rank=energy,
@@ -298,6 +315,15 @@ def _cautions(modules: list[ModuleEvidence], basis: str, compared: bool) -> list
         cautions.append(
             f"the gap in the spectrum at the suggested cut is too small to order the directions "
             f"in {listed}{more}: rank k and k + 1 cannot be told apart there"
+        )
+    diffuse = [m for m in modules if m.block_overlap is not None and m.block_overlap < 0.5]
+    if diffuse:
+        listed = ", ".join(f"{_layer_name(m.key)} (φ({m.suggested}, {m.suggested}) = {m.block_overlap:.2f})" for m in diffuse[:4])
+        more = f" and {len(diffuse) - 4} more" if len(diffuse) > 4 else ""
+        cautions.append(
+            f"partly shared: the top-k blocks share less than half of their dimensions in "
+            f"{listed}{more}: far above chance, but the runs agree on a direction only in part; "
+            f"the suggested rank marks where the shared overlap ends, not a crisp cut"
         )
     full = [
         m for m in modules
