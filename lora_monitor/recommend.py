@@ -203,7 +203,7 @@ class RankRecommendation:
         by_projection: dict[str, list[ModuleEvidence]] = defaultdict(list)
         for m in self.modules:
             by_projection[m.key[1]].append(m)
-        evidence = "shared directions per layer" if self.compared else "90 %-energy rank per layer"
+        evidence = "per layer (shared blocks)" if self.compared else "per layer (90 %-energy rank)"
         rows = []
         for projection, suggested in self.projections.items():
             modules = by_projection[projection]
