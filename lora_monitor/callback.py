@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, Iterator, Literal, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import numpy as np
@@ -134,7 +135,8 @@ class LoRASubspaceMonitor(Callback):
     Example::
 
         >>> import lightning.pytorch as pl
-        >>>         >>> from lora_monitor import LoRASubspaceMonitor
+        >>> from lightning.pytorch.loggers import TensorBoardLogger
+        >>> from lora_monitor import LoRASubspaceMonitor
         >>> monitor = LoRASubspaceMonitor(every_n_steps=50, reference="first")
         >>> trainer = pl.Trainer(callbacks=[monitor], logger=TensorBoardLogger("runs"))
         >>> # trainer.fit(module)  # module holds a peft LoRA model anywhere inside it
@@ -292,7 +294,8 @@ class LoRASubspaceMonitor(Callback):
         if trainer.global_step != self._last_step:
             self._take_snapshot(trainer, pl_module)
         if self.latest_analysis:
-            self._recommend(trainer)
+            with self._contained(f"step {trainer.global_step}: the rank recommendation"):
+                self._recommend(trainer)
 
     # ---------------------------------------------------------------------------- analysis
     def _take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -329,7 +332,18 @@ class LoRASubspaceMonitor(Callback):
                 layer, projection = analysis.key
                 self._report(f"step {step}, layer {layer} projection {projection!r}: {problem}; skipped")
         if trainer.is_global_zero:
-            self._log(trainer, snapshot, analyses, reference, reference_step)
+            with self._contained(f"step {step}: logging the analysis"):
+                self._log(trainer, snapshot, analyses, reference, reference_step)
+
+    @contextmanager
+    def _contained(self, what: str) -> Iterator[None]:
+        """Drawing, writing and summarizing must not end a training run either (unless strict)."""
+        try:
+            yield
+        except LoRAMonitorError:
+            raise  # already reported: only strict mode raises it from here
+        except Exception as error:
+            self._report(f"{what} failed with {type(error).__name__}: {error}")
 
     def _bases_of(
         self, reference: Optional[dict[ModuleKey, LoRAFactors]], snapshot: Snapshot
@@ -387,7 +401,9 @@ class LoRASubspaceMonitor(Callback):
                 if a.phi is not None and key[0] in self._drawn_layers
             }
             if grids:
-                image = self._render(grids, snapshot, reference, reference_step)
+                # A figure that cannot be drawn costs the image only: the scalars still go out.
+                with self._contained(f"step {step}: drawing the heatmaps"):
+                    image = self._render(grids, snapshot, reference, reference_step)
         images = {IMAGE_TAG: image} if image is not None else {}
         for failure in log_snapshot(trainer.loggers, scalars, images, step):
             self._report(f"step {step}: could not log to {failure}")

@@ -306,11 +306,7 @@ def analyze(
                 if intruder_top_k is not None:
                     device_results[key]["intruders"] = intruder_dimensions(W0, *svd, top_k=intruder_top_k)
 
-    # One transfer of everything small to the host, after all device work is queued.
-    host_results = {
-        key: {name: value.cpu() for name, value in values.items()}
-        for key, values in device_results.items()
-    }
+    host_results = _to_host(device_results)
     analyses = {}
     for key, values in host_results.items():
         scalar = {name: values[name].item() for name in _SCALAR_RESULTS if name in values}
@@ -344,6 +340,22 @@ def analyze(
             analysis.phi = None
         analyses[key] = analysis
     return analyses
+
+
+def _to_host(results: dict[ModuleKey, dict[str, Tensor]]) -> dict[ModuleKey, dict[str, Tensor]]:
+    """Move every small result to the host in one transfer per (device, dtype), not one per
+    tensor: on a GPU each ``.cpu()`` would be a synchronizing round trip."""
+    by_kind: dict[tuple, list[tuple[ModuleKey, str, Tensor]]] = defaultdict(list)
+    for key, values in results.items():
+        for name, value in values.items():
+            by_kind[value.device, value.dtype].append((key, name, value))
+    host: dict[ModuleKey, dict[str, Tensor]] = {key: {} for key in results}
+    for entries in by_kind.values():
+        flat = torch.cat([value.reshape(-1) for _, _, value in entries]).cpu()
+        pieces = flat.split([value.numel() for _, _, value in entries])
+        for (key, name, value), piece in zip(entries, pieces):
+            host[key][name] = piece.view(value.shape)
+    return host
 
 
 #: The matrix whose singular vectors each basis is made of.

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_setup import CausalLMModule, make_trainer, read_events
 from peft.tuners.lora import LoraLayer
 
-from lora_monitor import LoRAMonitorError, LoRASubspaceMonitor
+from lora_monitor import AnalysisWarning, LoRAMonitorError, LoRASubspaceMonitor
 from lora_monitor.callback import IMAGE_TAG, SCALAR_NAMES, scalar_tag
 
 PROJECTIONS = {"q_proj": "q", "v_proj": "v"}
@@ -220,3 +220,24 @@ def test_fused_c_attn_is_split_into_q_and_v(tmp_path):
     trainer.fit(CausalLMModule(model))
     assert set(monitor.latest_analysis) == {(layer, p) for layer in range(2) for p in ("q", "v")}
     assert all(a.phi.shape == (4, 4) for a in monitor.latest_analysis.values())
+
+
+def test_a_figure_that_cannot_be_drawn_costs_only_the_image(tmp_path, monkeypatch):
+    import lora_monitor.callback
+
+    def broken_renderer(*args, **kwargs):
+        raise RuntimeError("no fonts on this machine")
+
+    monkeypatch.setattr(lora_monitor.callback, "phi_image", broken_renderer)
+    monitor = LoRASubspaceMonitor(every_n_steps=2, reference="first")
+    trainer = make_trainer(tmp_path, [monitor], max_steps=4)
+    with pytest.warns(AnalysisWarning, match=r"step 4: drawing the heatmaps failed with RuntimeError"):
+        trainer.fit(CausalLMModule(tiny_llama_lora(rank=4)))
+    assert trainer.global_step == 4
+    events = read_events(trainer.logger.log_dir)
+    assert events.Tags()["images"] == []
+    assert sorted(scalar_series(events, scalar_tag("phi_top", (0, "q")))) == [4]
+
+    strict = LoRASubspaceMonitor(every_n_steps=2, reference="first", strict=True)
+    with pytest.raises(LoRAMonitorError, match="drawing the heatmaps failed"):
+        make_trainer(tmp_path / "strict", [strict], max_steps=4).fit(CausalLMModule(tiny_llama_lora(rank=4)))
