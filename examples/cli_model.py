@@ -12,22 +12,15 @@ Override anything on the command line, e.g. ``--trainer.max_steps=100 --model.ra
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
 from collections.abc import Sequence
 from typing import Optional
 
-# Runnable from a checkout without installing the package.
-if importlib.util.find_spec("lora_monitor") is None:
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LightningCLI
+from peft import LoraConfig, get_peft_model
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import LlamaConfig, LlamaForCausalLM
 
 
 class TinyLlamaLoRA(pl.LightningModule):

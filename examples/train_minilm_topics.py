@@ -43,18 +43,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse  # noqa: E402
-import importlib.util  # noqa: E402
-import pathlib  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Any, Optional, Sequence, get_args  # noqa: E402
-
-_HERE = pathlib.Path(__file__).resolve().parent
-# Runnable from a checkout without installing: the sibling module, and the package beside it.
-if str(_HERE) not in sys.path:
-    sys.path.insert(0, str(_HERE))
-if importlib.util.find_spec("lora_monitor") is None:
-    sys.path.insert(0, str(_HERE.parent))
 
 import lightning as L  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402

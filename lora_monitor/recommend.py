@@ -46,6 +46,12 @@ EARLY_INIT_SIMILARITY = 0.5
 ENERGY = 0.9
 
 
+def _few(modules: list, describe) -> str:
+    """The first four modules described, and how many more there are."""
+    listed = ", ".join(describe(m) for m in modules[:4])
+    return listed + (f" and {len(modules) - 4} more" if len(modules) > 4 else "")
+
+
 def _layer_name(key: ModuleKey) -> str:
     layer, projection = key
     return f"layer_{layer:02d}.{projection}"
@@ -301,28 +307,25 @@ def _cautions(modules: list[ModuleEvidence], basis: str, compared: bool) -> list
         )
     ties = [m for m in modules if m.top_gap is not None and m.top_gap < GAP_RATIO]
     if ties:
-        listed = ", ".join(f"{_layer_name(m.key)} (σ₁/σ₂ = {m.top_gap:.3f})" for m in ties[:4])
-        more = f" and {len(ties) - 4} more" if len(ties) > 4 else ""
+        listed = _few(ties, lambda m: f"{_layer_name(m.key)} (σ₁/σ₂ = {m.top_gap:.3f})")
         cautions.append(
-            f"σ₁ ≈ σ₂ (gap under {GAP_RATIO - 1:.0%}) in {listed}{more}: the top direction is "
+            f"σ₁ ≈ σ₂ (gap under {GAP_RATIO - 1:.0%}) in {listed}: the top direction is "
             f"not determined and can swap with the second between runs, so φ(1, 1) says little "
             f"there; the suggestion reads the top-k blocks φ(k, k) instead"
         )
     cuts = [m for m in modules if m.suggested and m.cut_gap is not None and m.cut_gap < GAP_RATIO]
     if cuts:
-        listed = ", ".join(f"{_layer_name(m.key)} (k = {m.suggested}, σ_k/σ_k+1 = {m.cut_gap:.3f})" for m in cuts[:4])
-        more = f" and {len(cuts) - 4} more" if len(cuts) > 4 else ""
+        listed = _few(cuts, lambda m: f"{_layer_name(m.key)} (k = {m.suggested}, σ_k/σ_k+1 = {m.cut_gap:.3f})")
         cautions.append(
             f"the gap in the spectrum at the suggested cut is too small to order the directions "
-            f"in {listed}{more}: rank k and k + 1 cannot be told apart there"
+            f"in {listed}: rank k and k + 1 cannot be told apart there"
         )
     diffuse = [m for m in modules if m.block_overlap is not None and m.block_overlap < 0.5]
     if diffuse:
-        listed = ", ".join(f"{_layer_name(m.key)} (φ({m.suggested}, {m.suggested}) = {m.block_overlap:.2f})" for m in diffuse[:4])
-        more = f" and {len(diffuse) - 4} more" if len(diffuse) > 4 else ""
+        listed = _few(diffuse, lambda m: f"{_layer_name(m.key)} (φ({m.suggested}, {m.suggested}) = {m.block_overlap:.2f})")
         cautions.append(
             f"partly shared: the top-k blocks share less than half of their dimensions in "
-            f"{listed}{more}: far above chance, but the runs agree on a direction only in part; "
+            f"{listed}: far above chance, but the runs agree on a direction only in part; "
             f"the suggested rank marks where the shared overlap ends, not a crisp cut"
         )
     full = [
