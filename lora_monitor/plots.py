@@ -45,7 +45,7 @@ def _ticks(n: int, most: int) -> np.ndarray:
     return np.unique(np.linspace(1, n, min(n, most)).round().astype(int))
 
 
-def _draw_panel(ax, phi: np.ndarray, cmap: Colormap, masked_upper: bool):
+def _draw_panel(ax, phi: np.ndarray, cmap: Colormap, masked_upper: bool, x_ticks: bool, y_ticks: bool):
     p, q = phi.shape
     if masked_upper:
         i, j = np.indices(phi.shape)
@@ -59,8 +59,10 @@ def _draw_panel(ax, phi: np.ndarray, cmap: Colormap, masked_upper: bool):
         interpolation="nearest",
         extent=(0.5, q + 0.5, p + 0.5, 0.5),
     )
-    ax.set_xticks(_ticks(q, 11))
-    ax.set_yticks(_ticks(p, 8))
+    # Panels of a column share j, panels of a row share i: ticks on the outer panels only, as
+    # with shared axes (tick objects are most of the time it takes to draw the figure).
+    ax.set_xticks(_ticks(q, 11) if x_ticks else [])
+    ax.set_yticks(_ticks(p, 8) if y_ticks else [])
     ax.tick_params(labelsize=7, length=2)
     return image
 
@@ -135,7 +137,8 @@ def phi_figure(
             if zoomed:
                 side = min(phi.shape)
                 phi = phi[:side, :side]
-            image = _draw_panel(ax, phi, cmap, masked_upper=zoomed)
+            last_row, first_column = row == len(rows) - 1, column in (0, len(projections))
+            image = _draw_panel(ax, phi, cmap, masked_upper=zoomed, x_ticks=last_row, y_ticks=first_column)
             if row == 0:
                 ax.set_title(projection_label(projection), fontsize=10)
             if row == len(rows) - 1:
