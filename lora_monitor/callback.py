@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional, Sequence, Union
 
@@ -22,6 +25,7 @@ from lora_monitor.adapters import (
     load_adapter,
     select_factors,
 )
+from lora_monitor.background import Background
 from lora_monitor.distributed import full_factors, gathered_lora_parameters
 from lora_monitor.functional import BASES, Basis
 from lora_monitor.loggers import log_snapshot, log_text
@@ -53,6 +57,20 @@ RECOMMENDATION_TAG = f"{TAG_PREFIX}/rank_recommendation"
 
 class AnalysisWarning(UserWarning):
     """A snapshot of a module could not be analysed; training goes on (see ``strict``)."""
+
+
+@dataclass
+class _Outcome:
+    """What the analysis of one snapshot hands to the training thread, which reports and logs
+    it: loggers (Lightning's CSVLogger among them) are not safe to call from another thread."""
+
+    step: int
+    #: None when the analysis failed.
+    analyses: Optional[dict[ModuleKey, ModuleAnalysis]] = None
+    scalars: dict[str, float] = field(default_factory=dict)
+    image: Optional[np.ndarray] = None
+    #: Warnings to give (errors with ``strict``), in the order they arose.
+    problems: list[str] = field(default_factory=list)
 
 
 def scalar_tag(name: str, key: ModuleKey) -> str:
@@ -101,6 +119,13 @@ class LoRASubspaceMonitor(Callback):
         intruder_top_k: count the intruder dimensions (Shuttleworth et al. 2024) among the top
             ``intruder_top_k`` singular vectors of W₀ + ΔW. Off (None) by default: it takes two
             dense SVDs, of W₀ and of W₀ + ΔW, per module and snapshot.
+        asynchronous: analyse and draw each snapshot in a worker thread (on a CUDA side stream
+            when the factors are on a GPU) while training goes on, instead of inside the
+            training step. The snapshot itself is still copied at its step; its scalars and
+            image are logged from the training thread at a later hook, under its own step, and
+            everything is logged (and :attr:`latest_analysis`, :attr:`recommendation` final)
+            when fit returns. Default (None): on when the monitored factors are on a CUDA
+            device, off otherwise.
 
     Logged, for each snapshot at step ``trainer.global_step``:
 
@@ -153,6 +178,7 @@ class LoRASubspaceMonitor(Callback):
         log_images: bool = True,
         strict: bool = False,
         intruder_top_k: Optional[int] = None,
+        asynchronous: Optional[bool] = None,
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise MisconfigurationException(
@@ -187,6 +213,11 @@ class LoRASubspaceMonitor(Callback):
                 "LoRASubspaceMonitor: intruder_top_k must be None (off) or a positive number of "
                 f"singular vectors to check, such as 10; got {intruder_top_k!r}"
             )
+        if asynchronous is not None and not isinstance(asynchronous, bool):
+            raise MisconfigurationException(
+                "LoRASubspaceMonitor: asynchronous must be True, False or None (on when the LoRA "
+                f"factors are on a CUDA device), got {asynchronous!r}"
+            )
         self.every_n_steps = every_n_steps
         self.reference = reference if reference in ("first", "previous") else Path(reference)
         self.target_modules = tuple(target_modules)
@@ -196,6 +227,7 @@ class LoRASubspaceMonitor(Callback):
         self.log_images = log_images
         self.strict = strict
         self.intruder_top_k = intruder_top_k
+        self.asynchronous = asynchronous
 
         self._reference_factors: Optional[dict[ModuleKey, LoRAFactors]] = None
         self._drawn_layers: list[int] = []
@@ -206,6 +238,8 @@ class LoRASubspaceMonitor(Callback):
         self._last_step: Optional[int] = None
         # The factors before the first optimizer step: is A still its random initialization?
         self._initial: Optional[Snapshot] = None
+        #: The worker of an asynchronous monitor, from its first snapshot to the end of fit.
+        self._background: Optional[Background[_Outcome]] = None
         #: The analysis of the latest snapshot, ``(layer, projection) → ModuleAnalysis``.
         self.latest_analysis: dict[ModuleKey, ModuleAnalysis] = {}
         #: The rank suggested at the end of fit from the latest analysis (None before).
@@ -283,7 +317,11 @@ class LoRASubspaceMonitor(Callback):
     # ---------------------------------------------------------------------------- schedule
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+        due = step > 0 and step % self.every_n_steps == 0 and step != self._last_step
+        # A snapshot waits for the one before it: a worker slower than every_n_steps steps then
+        # slows training down, rather than piling snapshots up in memory.
+        self._collect(trainer, wait=due)
+        if due:
             self._take_snapshot(trainer, pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -293,9 +331,32 @@ class LoRASubspaceMonitor(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step != self._last_step:
             self._take_snapshot(trainer, pl_module)
+        # Every snapshot is logged when fit returns, and the recommendation reads the last one.
+        self._collect(trainer, wait=True)
         if self.latest_analysis:
             with self._contained(f"step {trainer.global_step}: the rank recommendation"):
                 self._recommend(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning calls no teardown after an exception. What was analysed is still logged,
+        # but the error that stops fit must stay the one raised.
+        with contextlib.suppress(LoRAMonitorError):
+            self._collect(trainer, wait=True)
+        self._close_background()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._close_background()
+
+    def _collect(self, trainer: pl.Trainer, wait: bool) -> None:
+        """Report and log the analyses the worker finished (all of them if ``wait``)."""
+        if self._background is not None:
+            for outcome in self._background.results(wait):
+                self._publish(trainer, outcome)
+
+    def _close_background(self) -> None:
+        if self._background is not None:
+            self._background.close()
+            self._background = None
 
     # ---------------------------------------------------------------------------- analysis
     def _take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -308,32 +369,104 @@ class LoRASubspaceMonitor(Callback):
         except LoRAMonitorError as error:  # e.g. the adapter was merged or unloaded mid-run
             self._report(f"step {step}: no snapshot taken: {error}")
             return
+        # What the snapshot is compared with is decided here, at its step, whether it is then
+        # analysed here or in the worker: checkpoints and resume see only this thread's state.
         reference, reference_step = self._reference_for(snapshot)
         if step % self.every_n_steps == 0:
             # The end-of-fit snapshot off the schedule is compared but never becomes the
             # reference: a run stopped there and resumed must compare with what an
             # uninterrupted run compares with.
             self._remember(snapshot)
+        initial = self._initial.factors if self._initial is not None else None
+        work = functools.partial(
+            self._analyse, snapshot, reference, reference_step, initial, trainer.is_global_zero
+        )
+        device = next(iter(snapshot.factors.values())).lora_A.device
+        if not (self.asynchronous if self.asynchronous is not None else device.type == "cuda"):
+            self._publish(trainer, work())
+            return
+        if self._background is None:
+            self._background = Background(device)
+        tensors = [
+            tensor
+            for factors in (snapshot.factors, reference or {}, initial or {})
+            for f in factors.values()
+            for tensor in (f.lora_A, f.lora_B, f.base_weight)
+            if tensor is not None
+        ]
+        self._background.submit(work, tensors)
+
+    def _analyse(
+        self,
+        snapshot: Snapshot,
+        reference: Optional[dict[ModuleKey, LoRAFactors]],
+        reference_step: Optional[int],
+        initial: Optional[dict[ModuleKey, LoRAFactors]],
+        logs: bool,
+    ) -> _Outcome:
+        """Analyse ``snapshot`` and, if this rank ``logs``, draw its figure: in whichever thread
+        runs it.
+
+        Reads only its arguments and what setup fixed, and writes only the cache of the
+        reference's bases, which no other thread touches. Problems are collected, not reported.
+        """
+        step = snapshot.step
+        outcome = _Outcome(step)
         try:
-            analyses = analyze(
+            outcome.analyses = analyze(
                 snapshot,
                 reference,
                 self.basis,
-                initial=self._initial.factors if self._initial is not None else None,
+                initial=initial,
                 intruder_top_k=self.intruder_top_k,
                 reference_bases=self._bases_of(reference, snapshot),
             )
         except Exception as error:  # an analysis fault must never end a training run
-            self._report(f"step {step}: the analysis failed with {type(error).__name__}: {error}")
-            return
-        self.latest_analysis = analyses
-        for analysis in analyses.values():
+            outcome.problems.append(f"step {step}: the analysis failed with {type(error).__name__}: {error}")
+            return outcome
+        for analysis in outcome.analyses.values():
             for problem in analysis.problems:
                 layer, projection = analysis.key
-                self._report(f"step {step}, layer {layer} projection {projection!r}: {problem}; skipped")
-        if trainer.is_global_zero:
-            with self._contained(f"step {step}: logging the analysis"):
-                self._log(trainer, snapshot, analyses, reference, reference_step)
+                outcome.problems.append(f"step {step}, layer {layer} projection {projection!r}: {problem}; skipped")
+        if not logs:
+            return outcome
+        try:
+            outcome.scalars = {
+                scalar_tag(name, key): value
+                for key, analysis in sorted(outcome.analyses.items())
+                for name, value in analysis.scalars.items()
+            }
+            grids = {
+                key: a.phi.numpy()
+                for key, a in outcome.analyses.items()
+                if a.phi is not None and key[0] in self._drawn_layers
+            }
+        except Exception as error:
+            outcome.problems.append(f"step {step}: logging the analysis failed with {type(error).__name__}: {error}")
+            return outcome
+        if self.log_images and reference is not None and grids:
+            # A figure that cannot be drawn costs the image only: the scalars still go out.
+            try:
+                outcome.image = self._render(grids, snapshot, reference, reference_step)
+            except Exception as error:
+                outcome.problems.append(
+                    f"step {step}: drawing the heatmaps failed with {type(error).__name__}: {error}"
+                )
+        return outcome
+
+    def _publish(self, trainer: pl.Trainer, outcome: _Outcome) -> None:
+        """In the training thread: keep, report and log what :meth:`_analyse` produced."""
+        if outcome.analyses is not None:
+            self.latest_analysis = outcome.analyses
+        for problem in outcome.problems:
+            self._report(problem)
+        if outcome.analyses is None or not trainer.is_global_zero:
+            return
+        step = outcome.step
+        with self._contained(f"step {step}: logging the analysis"):
+            images = {IMAGE_TAG: outcome.image} if outcome.image is not None else {}
+            for failure in log_snapshot(trainer.loggers, outcome.scalars, images, step):
+                self._report(f"step {step}: could not log to {failure}")
 
     @contextmanager
     def _contained(self, what: str) -> Iterator[None]:
@@ -379,35 +512,6 @@ class LoRASubspaceMonitor(Callback):
         rank_zero_warn(message, category=AnalysisWarning)
 
     # ----------------------------------------------------------------------------- logging
-    def _log(
-        self,
-        trainer: pl.Trainer,
-        snapshot: Snapshot,
-        analyses: dict[ModuleKey, ModuleAnalysis],
-        reference: Optional[dict[ModuleKey, LoRAFactors]],
-        reference_step: Optional[int],
-    ) -> None:
-        step = snapshot.step
-        scalars = {
-            scalar_tag(name, key): value
-            for key, analysis in sorted(analyses.items())
-            for name, value in analysis.scalars.items()
-        }
-        image = None
-        if self.log_images and reference is not None:
-            grids = {
-                key: a.phi.numpy()
-                for key, a in analyses.items()
-                if a.phi is not None and key[0] in self._drawn_layers
-            }
-            if grids:
-                # A figure that cannot be drawn costs the image only: the scalars still go out.
-                with self._contained(f"step {step}: drawing the heatmaps"):
-                    image = self._render(grids, snapshot, reference, reference_step)
-        images = {IMAGE_TAG: image} if image is not None else {}
-        for failure in log_snapshot(trainer.loggers, scalars, images, step):
-            self._report(f"step {step}: could not log to {failure}")
-
     def _render(
         self,
         grids: dict[ModuleKey, np.ndarray],

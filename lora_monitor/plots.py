@@ -6,6 +6,7 @@ training process without a display and without touching other figures.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Hashable, Mapping, Optional, Sequence
@@ -262,6 +263,9 @@ class _Frame:
 
 
 _FRAMES: OrderedDict[Hashable, _Frame] = OrderedDict()
+#: Held around the frame cache and matplotlib's text drawing: neither is thread-safe, and an
+#: asynchronous monitor draws in its worker thread while another monitor may draw elsewhere.
+_DRAWING = threading.Lock()
 _FRAME_CACHE_SIZE = 8
 _ROW_PLACEHOLDER, _COLUMN_PLACEHOLDER = "ROWSYMBOL", "COLUMNSYMBOL"
 
@@ -370,13 +374,14 @@ def phi_image(
         len(grids),
         tuple((name, tuple(v) if isinstance(v, (list, tuple)) else v) for name, v in sorted(layout.items())),
     )
-    frame = _FRAMES.get(cache_key)
-    if frame is None:
-        frame = _build_frame(inputs, len(grids), layout)
-        _FRAMES[cache_key] = frame
-        if len(_FRAMES) > _FRAME_CACHE_SIZE:
-            _FRAMES.popitem(last=False)
-    _FRAMES.move_to_end(cache_key)
+    with _DRAWING:
+        frame = _FRAMES.get(cache_key)
+        if frame is None:
+            frame = _build_frame(inputs, len(grids), layout)
+            _FRAMES[cache_key] = frame
+            if len(_FRAMES) > _FRAME_CACHE_SIZE:
+                _FRAMES.popitem(last=False)
+        _FRAMES.move_to_end(cache_key)
 
     # One colour lookup for every cell of every grid; index -1 (masked) gives the mask colour.
     cmap = phi_colormap()
@@ -388,6 +393,7 @@ def phi_image(
         image[panel.rows, panel.columns] = colours[panel.source]
     _composite(image, frame.overlay)
     text = frame.title.get_text().replace(_ROW_PLACEHOLDER, row_symbol).replace(_COLUMN_PLACEHOLDER, column_symbol)
-    title, strip = _title_overlay(frame.title, text, width, height)
+    with _DRAWING:
+        title, strip = _title_overlay(frame.title, text, width, height)
     _composite(image[:strip], title)
     return np.rint(image * 255).astype(np.uint8)
