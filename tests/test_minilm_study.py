@@ -1,11 +1,17 @@
 """The paper's rank-8-vs-rank-64 figure from a real pretrained model, checked on numbers.
 
-One module-scoped run of ``examples/rank_study.py`` (no second seed): all-MiniLM-L6-v2 with
-LoRA on query/value, rank 64 then rank 8 monitored live against it, short chunks so that it
-fits the CI budget (measured: 150 s for both runs and the figure on 2 CPU cores shared with
-light load; 0.3–0.6 s a step). What the paper reads in its Figure 3 must hold: the top direction
-of the rank-8 update lies inside the rank-64 update far above the random-subspace level, and
-only the dominant directions reach φ > 0.5.
+One module-scoped run of ``examples/rank_study.py`` (no second seed) in MATHS.md's set-up:
+all-MiniLM-L6-v2 with LoRA on query/value (α = r, AdamW lr 1e-3, batch 16), 20-way topic
+classification of 40-word chunks (64 tokens), rank 64 then rank 8 monitored live against it,
+200 steps each. What the paper reads in its Figure 3 must hold: the top direction of the rank-8
+update lies inside the rank-64 update far above the random-subspace level, and deep in the
+diagonal (i ≥ 5) the two updates share little, φ(i, i) < 0.5.
+
+Measured here (seeds fixed; same numbers as ``python examples/rank_study.py``): mean φ(1, 1) over
+the 12 modules 0.133 in A's basis, 51× chance (1/384), 0.001–0.342 by module — below the 0.2–0.4
+of MATHS.md — and no φ(i, i) above 0.5; validation accuracy 0.57 at rank 64, 0.59 at rank 8.
+Wall time: 249 s for both runs and the figure on 2 idle CPU cores (0.6 s a step), 708 s while
+another process shared the cores.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from lora_monitor import LoRASubspaceMonitor  # noqa: E402
 from lora_monitor.callback import RECOMMENDATION_TAG  # noqa: E402
 from lightning_setup import read_events  # noqa: E402
 
-STEPS = 150
+STEPS = 200
 N = 384  # MiniLM's hidden size: the dimension of A's right singular vectors
 
 
@@ -36,7 +42,7 @@ def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("rank_study")
     start = time.perf_counter()
     result = rank_study.main(
-        ["--max-steps", str(STEPS), "--max-length", "32", "--every-n-steps", "75", "--no-seeds",
+        ["--max-steps", str(STEPS), "--max-length", "64", "--every-n-steps", "100", "--no-seeds",
          "--out", str(root / "runs"), "--figures", str(root / "figures")]
     )
     result["wall"] = time.perf_counter() - start
@@ -95,13 +101,14 @@ def test_top_direction_of_rank_8_lies_inside_rank_64_far_above_chance(study):
     top = float(phis[:, 0, 0].mean())
     print(f"\nmean φ(1, 1) over {len(phis)} modules: {top:.3f}, chance {chance:.4f} ({top / chance:.0f}×); "
           f"study wall time {study['wall']:.0f} s")
-    # Measured at 150 steps: 0.166 (64× chance; 0.02–0.43 by module); room for variation.
+    # Measured at 200 steps, 64 tokens: 0.133 (51× chance; 0.001–0.342 by module); room for
+    # variation across machines (float reduction order differs with the CPU and thread count).
     assert top > 30 * chance
     # The whole rank-64 subspace holds more of rank 8's top direction than chance (64/n).
-    assert float(phis[:, 0, -1].mean()) > 1.8 * 64 / N  # measured 0.40, 2.4× chance
+    assert float(phis[:, 0, -1].mean()) > 1.8 * 64 / N  # measured 0.41, 2.4× chance
     # φ > 0.5 only for the dominant directions: deep in the diagonal the blocks share little.
     diagonal = torch.diagonal(phis, dim1=1, dim2=2)
-    assert float(diagonal[:, 4:].max()) < 0.5
+    assert float(diagonal[:, 4:].max()) < 0.5  # measured 0.23
     assert all(a.shared_directions >= 1 for a in comparison.analyses.values())
 
 
