@@ -26,7 +26,13 @@ from lora_monitor.adapters import (
     select_factors,
 )
 from lora_monitor.background import Background
-from lora_monitor.distributed import full_factors, gathered_lora_parameters
+from lora_monitor.distributed import (
+    all_gather_objects,
+    analysis_is_spread,
+    full_factors,
+    gathered_lora_parameters,
+    rank_share,
+)
 from lora_monitor.functional import BASES, Basis
 from lora_monitor.loggers import log_snapshot, log_text
 from lora_monitor.plots import comparison_symbols, phi_image
@@ -126,6 +132,12 @@ class LoRASubspaceMonitor(Callback):
             everything is logged (and :attr:`latest_analysis`, :attr:`recommendation` final)
             when fit returns. Default (None): on when the monitored factors are on a CUDA
             device, off otherwise.
+
+    With several processes (DDP, FSDP, DeepSpeed), every rank takes each snapshot. A
+    synchronous analysis is split across the ranks — each analyses every ``world_size``-th
+    module and the small results are gathered on all of them — and only global rank zero draws
+    and logs. An asynchronous one runs whole on every rank, in each rank's worker thread
+    (collectives from a second thread could interleave with the training step's own).
 
     Logged, for each snapshot at step ``trainer.global_step``:
 
@@ -383,7 +395,11 @@ class LoRASubspaceMonitor(Callback):
         )
         device = next(iter(snapshot.factors.values())).lora_A.device
         if not (self.asynchronous if self.asynchronous is not None else device.type == "cuda"):
-            self._publish(trainer, work())
+            if analysis_is_spread(trainer):
+                outcome = self._analyse_spread(trainer, snapshot, reference, reference_step, initial)
+            else:
+                outcome = work()
+            self._publish(trainer, outcome)
             return
         if self._background is None:
             self._background = Background(device)
@@ -410,6 +426,41 @@ class LoRASubspaceMonitor(Callback):
         Reads only its arguments and what setup fixed, and writes only the cache of the
         reference's bases, which no other thread touches. Problems are collected, not reported.
         """
+        outcome = self._analysis(snapshot, reference, initial)
+        if logs:
+            self._prepare_logs(outcome, snapshot, reference, reference_step)
+        return outcome
+
+    def _analyse_spread(
+        self,
+        trainer: pl.Trainer,
+        snapshot: Snapshot,
+        reference: Optional[dict[ModuleKey, LoRAFactors]],
+        reference_step: Optional[int],
+        initial: Optional[dict[ModuleKey, LoRAFactors]],
+    ) -> _Outcome:
+        """:meth:`_analyse` with the modules split across the ranks, every rank in the training
+        thread (a collective). All ranks get every analysis and every problem, so they keep the
+        same state, and in strict mode they all stop at once instead of waiting for each other."""
+        keys = rank_share(snapshot.factors, trainer.global_rank, trainer.world_size)
+        share = Snapshot(step=snapshot.step, factors={key: snapshot.factors[key] for key in keys})
+        shares: list[_Outcome] = all_gather_objects(self._analysis(share, reference, initial))
+        outcome = _Outcome(snapshot.step, problems=[problem for s in shares for problem in s.problems])
+        analysed = [s.analyses for s in shares if s.analyses is not None]
+        if analysed:
+            outcome.analyses = dict(sorted(item for analyses in analysed for item in analyses.items()))
+            if trainer.is_global_zero:
+                self._prepare_logs(outcome, snapshot, reference, reference_step)
+        return outcome
+
+    def _analysis(
+        self,
+        snapshot: Snapshot,
+        reference: Optional[dict[ModuleKey, LoRAFactors]],
+        initial: Optional[dict[ModuleKey, LoRAFactors]],
+    ) -> _Outcome:
+        """The analyses of ``snapshot``'s modules, and its problems (the analysis's own errors
+        included: an analysis fault must never end a training run)."""
         step = snapshot.step
         outcome = _Outcome(step)
         try:
@@ -421,15 +472,26 @@ class LoRASubspaceMonitor(Callback):
                 intruder_top_k=self.intruder_top_k,
                 reference_bases=self._bases_of(reference, snapshot),
             )
-        except Exception as error:  # an analysis fault must never end a training run
+        except Exception as error:
             outcome.problems.append(f"step {step}: the analysis failed with {type(error).__name__}: {error}")
             return outcome
         for analysis in outcome.analyses.values():
             for problem in analysis.problems:
                 layer, projection = analysis.key
                 outcome.problems.append(f"step {step}, layer {layer} projection {projection!r}: {problem}; skipped")
-        if not logs:
-            return outcome
+        return outcome
+
+    def _prepare_logs(
+        self,
+        outcome: _Outcome,
+        snapshot: Snapshot,
+        reference: Optional[dict[ModuleKey, LoRAFactors]],
+        reference_step: Optional[int],
+    ) -> None:
+        """Fill ``outcome``'s scalars and image from its analyses (if it has any)."""
+        if outcome.analyses is None:
+            return
+        step = snapshot.step
         try:
             outcome.scalars = {
                 scalar_tag(name, key): value
@@ -443,7 +505,7 @@ class LoRASubspaceMonitor(Callback):
             }
         except Exception as error:
             outcome.problems.append(f"step {step}: logging the analysis failed with {type(error).__name__}: {error}")
-            return outcome
+            return
         if self.log_images and reference is not None and grids:
             # A figure that cannot be drawn costs the image only: the scalars still go out.
             try:
@@ -452,7 +514,6 @@ class LoRASubspaceMonitor(Callback):
                 outcome.problems.append(
                     f"step {step}: drawing the heatmaps failed with {type(error).__name__}: {error}"
                 )
-        return outcome
 
     def _publish(self, trainer: pl.Trainer, outcome: _Outcome) -> None:
         """In the training thread: keep, report and log what :meth:`_analyse` produced."""

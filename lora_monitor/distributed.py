@@ -11,13 +11,18 @@ collective, which every rank must enter, outside forward and backward (the callb
   ``DTensor.full_tensor()`` (:func:`full_factors`);
 - DeepSpeed ZeRO-3 (``DeepSpeedStrategy``, stage 3): ``deepspeed.zero.GatheredParameters`` of
   the LoRA parameters only.
+
+With several ranks the analysis itself is spread: each rank analyses every ``world_size``-th
+module (:func:`rank_share`) and the small results — φ grids and spectra, kilobytes — are
+gathered on every rank (:func:`all_gather_objects`), instead of every rank repeating the whole
+analysis that only rank zero logs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import lightning.pytorch as pl
 import torch
@@ -82,3 +87,30 @@ def gathered_lora_parameters(trainer: pl.Trainer, pl_module: pl.LightningModule)
             yield
     else:
         yield
+
+
+def rank_share(keys: Iterable[ModuleKey], rank: int, world_size: int) -> list[ModuleKey]:
+    """The modules ``rank`` analyses when ``world_size`` ranks share the work: every
+    ``world_size``-th of the sorted keys, so each rank gets modules of every shape (its batched
+    calls stay large) and about the same amount of work."""
+    return sorted(keys)[rank::world_size]
+
+
+def analysis_is_spread(trainer: pl.Trainer) -> bool:
+    """Whether the ranks of ``trainer`` split the analysis (several ranks, one process group)."""
+    return (
+        trainer.world_size > 1
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() == trainer.world_size
+    )
+
+
+def all_gather_objects(value: Any) -> list[Any]:
+    """``value`` of every rank, in rank order, on every rank (a collective: call it on all).
+
+    Meant for small picklable results; tensors in them should be on the host.
+    """
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered

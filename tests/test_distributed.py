@@ -7,6 +7,7 @@ log the same numbers as a single-process run, from global rank zero only, and ne
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -20,12 +21,33 @@ from lora_monitor.callback import IMAGE_TAG
 STEPS, EVERY = 4, 2
 
 
+class ShareRecorder(LoRASubspaceMonitor):
+    """The monitor, writing which modules each rank analysed at each step to ``record_dir``."""
+
+    def __init__(self, record_dir: Path, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.record_dir = record_dir
+
+    def _analysis(self, snapshot, reference, initial):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        with open(self.record_dir / f"rank{rank}.jsonl", "a") as record:
+            record.write(json.dumps([snapshot.step, sorted(snapshot.factors)]) + "\n")
+        return super()._analysis(snapshot, reference, initial)
+
+
 def _run(root: Path, **trainer_kwargs) -> Path:
     model = tiny_llama_lora(rank=4, randomize_B=False)
-    monitor = LoRASubspaceMonitor(every_n_steps=EVERY, reference="first", basis="delta_w_left", strict=True)
+    root.mkdir(parents=True)
+    monitor = ShareRecorder(root, every_n_steps=EVERY, reference="first", basis="delta_w_left", strict=True)
     trainer = make_trainer(root, [monitor], max_steps=STEPS, **trainer_kwargs)
     trainer.fit(CausalLMModule(model))
     return Path(root) / "run" / "version_0"
+
+
+def _analysed(root: Path, rank: int) -> dict[int, set[tuple[int, str]]]:
+    """step → the modules ``rank`` analysed at that step."""
+    lines = (root / f"rank{rank}.jsonl").read_text().splitlines()
+    return {step: {tuple(key) for key in keys} for step, keys in map(json.loads, lines)}
 
 
 def _logged(log_dir: Path) -> dict[str, dict[int, float]]:
@@ -57,6 +79,15 @@ def test_ddp_spawn_logs_what_a_single_process_logs(tmp_path):
     assert [i.step for i in read_events(ddp).Images(IMAGE_TAG)] == [
         i.step for i in read_events(single).Images(IMAGE_TAG)
     ]
+    # The work was split: each rank analysed half of the modules at every snapshot, never the
+    # same module twice, and together all of them.
+    everything = _analysed(tmp_path / "single", 0)
+    first, second = _analysed(tmp_path / "ddp", 0), _analysed(tmp_path / "ddp", 1)
+    assert sorted(first) == sorted(second) == sorted(everything) == [EVERY, STEPS]
+    for step, modules in everything.items():
+        assert len(modules) == 4  # 2 layers × (q, v)
+        assert len(first[step]) == len(second[step]) == 2
+        assert first[step] | second[step] == modules and not first[step] & second[step]
 
 
 def _dtensor_worker(rank: int, port: int) -> None:
