@@ -12,6 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -97,6 +98,10 @@ class Snapshot:
         return cls(step=int(state["step"]), factors={f.key: f for f in factors})
 
 
+#: Tensor dtypes that pickle as numpy arrays.
+_NUMPY_DTYPES = (torch.float32, torch.float64)
+
+
 @dataclass
 class ModuleAnalysis:
     """What one snapshot says about one module, on the host.
@@ -130,6 +135,20 @@ class ModuleAnalysis:
     relative_norm: Optional[float] = None
     intruders: Optional[int] = None
     init_similarity: Optional[float] = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled as numpy arrays, each with its own bytes: torch pickles a tensor through
+        # torch.save (≈ 0.1 ms each) and with its whole storage (for these, the buffer of one
+        # host transfer), which made gathering the analyses across ranks cost more than them.
+        return {
+            name: value.numpy() if isinstance(value, Tensor) and value.dtype in _NUMPY_DTYPES else value
+            for name, value in vars(self).items()
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(
+            {name: torch.from_numpy(value) if isinstance(value, np.ndarray) else value for name, value in state.items()}
+        )
 
     @property
     def shared_directions(self) -> Optional[int]:

@@ -98,3 +98,28 @@ def test_phi_image_is_the_matplotlib_figure():
     # Other data in the same frame: the heatmap pixels follow it.
     changed = plots.phi_image({k: 1 - g for k, g in grids.items()}, row_symbol="A_{r=4}", column_symbol="A")
     assert np.abs(changed.astype(int) - fast.astype(int)).max() > 100
+
+
+def test_analyses_pickle_compactly_and_back_unchanged():
+    # The ranks of a multi-process run gather their analyses: each must carry its own few
+    # bytes (not the transfer buffer it was cut from) and come back equal, as tensors.
+    import pickle
+
+    snapshot = Snapshot.capture(_factors(rank=4, seed=0), step=3)
+    analyses = analyze(snapshot, _factors(rank=6, seed=1), "A")
+    payload = pickle.dumps(analyses)
+    content = sum(
+        value.nbytes for a in analyses.values() for value in vars(a).values() if isinstance(value, torch.Tensor)
+    )
+    assert len(payload) < content + 1000 * len(analyses)
+    back = pickle.loads(payload)
+    assert back.keys() == analyses.keys()
+    for key, analysis in analyses.items():
+        for name, value in vars(analysis).items():
+            if isinstance(value, torch.Tensor):
+                restored = getattr(back[key], name)
+                assert type(restored) is torch.Tensor and restored.dtype == value.dtype, name
+                torch.testing.assert_close(restored, value, rtol=0, atol=0)
+            else:
+                assert getattr(back[key], name) == value, name
+        assert back[key].shared_directions == analysis.shared_directions
