@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=64, help="tokens per chunk")
     parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--dropout", type=float, default=0.0, help="BERT's hidden and attention dropout")
     return parser
 
 
@@ -159,6 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         max_length=args.max_length,
         seed=args.seed,
         num_workers=args.num_workers,
+        dropout=args.dropout,
     )
 
     timer = _StepTimer()
