@@ -5,10 +5,10 @@ Fine-tunes the real example (all-MiniLM-L6-v2 with LoRA on query/value,
 settings: every 50 steps, reference "first", images to TensorBoard) and off, alternating
 off/on and on/off pair by pair, and compares the medians of ``trainer.fit`` wall time.
 
-Every run is a fresh Python process. Runs in one process drift: whatever the first fit leaves
-behind (allocator state, objects the garbage collector walks, thread pools) slows the second,
-and a second fit was measured up to 7 % slower than the first whichever of the two had the
-monitor, which then read as monitor overhead.
+Every run is a fresh Python process. Run in one process, the second fit of a pair was slower
+than the first in 4 pairs out of 4 (by up to 5.7 %), whichever of the two had the monitor, and
+that read as monitor overhead: something a fit leaves behind (allocator state, objects the
+garbage collector walks, thread pools) seems to slow the next.
 
 A whole fit varies by a few percent between identical runs on a shared machine, more than the
 target itself, so the time spent inside the monitor's hooks is also measured directly in every
