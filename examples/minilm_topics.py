@@ -230,6 +230,8 @@ class TopicClassifier(L.LightningModule):
             r=rank, lora_alpha=lora_alpha, target_modules=["query", "value"], lora_dropout=0.0
         )
         self.model = get_peft_model(base, config)
+        # from_pretrained returns eval mode, which Lightning keeps: train mode makes --dropout act.
+        self.model.train()
         self.head = nn.Linear(base.config.hidden_size, num_topics)
         self._train_set: Optional[TopicChunks] = None
         self._val_set: Optional[TopicChunks] = None

@@ -128,3 +128,20 @@ def test_live_monitor_matches_the_saved_adapters_and_recommends(study):
     text = events.Tensors(f"{RECOMMENDATION_TAG}/text_summary")
     assert text[-1].step == STEPS
     assert recommendation.summary() in text[-1].tensor_proto.string_val[0].decode()
+
+
+def test_example_trains_without_dropout_unless_asked():
+    # MATHS.md's set-up has BERT's dropout off; --dropout must really act when given (the
+    # pretrained model comes in eval mode, which Lightning keeps).
+    from minilm_topics import TopicClassifier
+
+    batch = {"input_ids": torch.tensor([[101, 2023, 2003, 1037, 3231, 102]]),
+             "attention_mask": torch.ones(1, 6, dtype=torch.long)}
+    for dropout in (0.0, 0.1):
+        module = TopicClassifier(rank=2, dropout=dropout)
+        layers = [m for m in module.model.modules() if isinstance(m, torch.nn.Dropout)]
+        assert layers and all(m.p == dropout and m.training for m in layers)
+        assert module.model.base_model.model.config.attention_probs_dropout_prob == dropout
+        with torch.no_grad():
+            first, second = module(**batch), module(**batch)
+        assert torch.equal(first, second) == (dropout == 0.0)
