@@ -11,9 +11,10 @@ similarity φ(i, j) between the current adapter and a reference — the first sn
 (``--reference first``), the previous one (``previous``), or another run's saved adapter (a
 directory written by ``--save-adapter``).
 
-Measured on 2 CPU cores: ≈ 0.4–0.5 s a step when the cores are not shared (it prints its own wall
-and CPU seconds per step, validation excluded), validation accuracy ≈ 0.65 after 200 steps (0.641
-for rank 8, seed 0; the head alone reaches ≈ 0.50).
+Measured on 2 CPU cores: ≈ 0.5 s a step when the cores are not shared (it prints its own wall
+and CPU seconds per step, validation excluded), validation accuracy 0.60–0.65 after 200 steps
+(0.646 for rank 8, seed 0; the head alone reaches ≈ 0.50). BERT's dropout is off unless
+``--dropout`` is given (with 0.1, as pretrained: ≈ 0.57 after 200 steps).
 
 How to run (from the repository root; add ``--no-monitor`` to train without the callback)
 -----------------------------------------------------------------------------------------

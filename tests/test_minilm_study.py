@@ -1,17 +1,17 @@
 """The paper's rank-8-vs-rank-64 figure from a real pretrained model, checked on numbers.
 
 One module-scoped run of ``examples/rank_study.py`` (no second seed) in MATHS.md's set-up:
-all-MiniLM-L6-v2 with LoRA on query/value (α = r, AdamW lr 1e-3, batch 16), 20-way topic
+all-MiniLM-L6-v2 with LoRA on query/value (α = r, AdamW lr 1e-3, batch 16, no dropout), 20-way topic
 classification of 40-word chunks (64 tokens), rank 64 then rank 8 monitored live against it,
 200 steps each. What the paper reads in its Figure 3 must hold: the top direction of the rank-8
 update lies inside the rank-64 update far above the random-subspace level, and deep in the
 diagonal (i ≥ 5) the two updates share little, φ(i, i) < 0.5.
 
 Measured here (seeds fixed; same numbers as ``python examples/rank_study.py``): mean φ(1, 1) over
-the 12 modules 0.133 in A's basis, 51× chance (1/384), 0.001–0.342 by module — below the 0.2–0.4
-of MATHS.md — and no φ(i, i) above 0.5; validation accuracy 0.57 at rank 64, 0.59 at rank 8.
-Wall time: 249 s for both runs and the figure on 2 idle CPU cores (0.6 s a step), 708 s while
-another process shared the cores.
+the 12 modules 0.113 in A's basis, 44× chance (1/384), 0.003–0.368 by module — below the 0.2–0.4
+of MATHS.md, which seeds 1 and 2 (0.138, 0.180), BERT's dropout on (0.133) or 500 steps (0.124)
+do not reach either — and no φ(i, i) above 0.5; validation accuracy 0.60 at rank 64, 0.65 at
+rank 8. Wall time: 208 s for both runs and the figure on 2 idle CPU cores (0.5 s a step).
 """
 
 from __future__ import annotations
@@ -101,14 +101,14 @@ def test_top_direction_of_rank_8_lies_inside_rank_64_far_above_chance(study):
     top = float(phis[:, 0, 0].mean())
     print(f"\nmean φ(1, 1) over {len(phis)} modules: {top:.3f}, chance {chance:.4f} ({top / chance:.0f}×); "
           f"study wall time {study['wall']:.0f} s")
-    # Measured at 200 steps, 64 tokens: 0.133 (51× chance; 0.001–0.342 by module); room for
+    # Measured at 200 steps, 64 tokens: 0.113 (44× chance; 0.003–0.368 by module); room for
     # variation across machines (float reduction order differs with the CPU and thread count).
     assert top > 30 * chance
     # The whole rank-64 subspace holds more of rank 8's top direction than chance (64/n).
-    assert float(phis[:, 0, -1].mean()) > 1.8 * 64 / N  # measured 0.41, 2.4× chance
+    assert float(phis[:, 0, -1].mean()) > 1.5 * 64 / N  # measured 0.365, 2.2× chance
     # φ > 0.5 only for the dominant directions: deep in the diagonal the blocks share little.
     diagonal = torch.diagonal(phis, dim1=1, dim2=2)
-    assert float(diagonal[:, 4:].max()) < 0.5  # measured 0.23
+    assert float(diagonal[:, 4:].max()) < 0.5  # measured 0.21
     assert all(a.shared_directions >= 1 for a in comparison.analyses.values())
 
 
