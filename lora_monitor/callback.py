@@ -426,7 +426,7 @@ class LoRASubspaceMonitor(Callback):
         Reads only its arguments and what setup fixed, and writes only the cache of the
         reference's bases, which no other thread touches. Problems are collected, not reported.
         """
-        outcome = self._analysis(snapshot, reference, initial)
+        outcome = self._analyse_modules(snapshot, reference, initial)
         if logs:
             self._prepare_logs(outcome, snapshot, reference, reference_step)
         return outcome
@@ -444,7 +444,7 @@ class LoRASubspaceMonitor(Callback):
         same state, and in strict mode they all stop at once instead of waiting for each other."""
         keys = rank_share(snapshot.factors, trainer.global_rank, trainer.world_size)
         share = Snapshot(step=snapshot.step, factors={key: snapshot.factors[key] for key in keys})
-        shares: list[_Outcome] = all_gather_objects(self._analysis(share, reference, initial))
+        shares: list[_Outcome] = all_gather_objects(self._analyse_modules(share, reference, initial))
         outcome = _Outcome(snapshot.step, problems=[problem for s in shares for problem in s.problems])
         analysed = [s.analyses for s in shares if s.analyses is not None]
         if analysed:
@@ -453,7 +453,7 @@ class LoRASubspaceMonitor(Callback):
                 self._prepare_logs(outcome, snapshot, reference, reference_step)
         return outcome
 
-    def _analysis(
+    def _analyse_modules(
         self,
         snapshot: Snapshot,
         reference: Optional[dict[ModuleKey, LoRAFactors]],

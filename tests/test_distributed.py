@@ -28,11 +28,11 @@ class ShareRecorder(LoRASubspaceMonitor):
         super().__init__(**kwargs)
         self.record_dir = record_dir
 
-    def _analysis(self, snapshot, reference, initial):
+    def _analyse_modules(self, snapshot, reference, initial):
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         with open(self.record_dir / f"rank{rank}.jsonl", "a") as record:
             record.write(json.dumps([snapshot.step, sorted(snapshot.factors)]) + "\n")
-        return super()._analysis(snapshot, reference, initial)
+        return super()._analyse_modules(snapshot, reference, initial)
 
 
 def _run(root: Path, **trainer_kwargs) -> Path:
