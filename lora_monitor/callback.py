@@ -38,28 +38,7 @@ from lora_monitor.loggers import log_snapshot, log_text
 from lora_monitor.plots import comparison_symbols, phi_image
 from lora_monitor.recommend import RankRecommendation, recommend_rank
 from lora_monitor.snapshots import ModuleAnalysis, ReferenceBases, Snapshot, analyze
-
-TAG_PREFIX = "lora_monitor"
-IMAGE_TAG = f"{TAG_PREFIX}/phi_heatmaps"
-#: Scalars logged per monitored module, ``lora_monitor/<name>/layer_<L>.<projection>`` (those
-#: that need W₀, a reference or the initial factors only when the run has them).
-SCALAR_NAMES = (
-    "delta_w_norm",
-    "sigma_max",
-    "phi_top",
-    "phi_mean",
-    "shared_directions",
-    "energy_rank",
-    "effective_rank",
-    "stable_rank",
-    "amplification",
-    "delta_w_relative_norm",
-    "a_init_similarity",
-)
-#: Scalars logged only when asked for (``intruder_top_k``).
-OPTIONAL_SCALAR_NAMES = ("intruder_dimensions",)
-RECOMMENDATION_TAG = f"{TAG_PREFIX}/rank_recommendation"
-
+from lora_monitor.tags import IMAGE_TAG, RECOMMENDATION_TAG, snapshot_scalars
 
 class AnalysisWarning(UserWarning):
     """A snapshot of a module could not be analysed; training goes on (see ``strict``)."""
@@ -77,11 +56,6 @@ class _Outcome:
     image: Optional[np.ndarray] = None
     #: Warnings to give (errors with ``strict``), in the order they arose.
     problems: list[str] = field(default_factory=list)
-
-
-def scalar_tag(name: str, key: ModuleKey) -> str:
-    layer, projection = key
-    return f"{TAG_PREFIX}/{name}/layer_{layer:02d}.{projection}"
 
 
 def default_layers(layer_indices: Sequence[int], count: int = 4) -> list[int]:
@@ -493,11 +467,7 @@ class LoRASubspaceMonitor(Callback):
             return
         step = snapshot.step
         try:
-            outcome.scalars = {
-                scalar_tag(name, key): value
-                for key, analysis in sorted(outcome.analyses.items())
-                for name, value in analysis.scalars.items()
-            }
+            outcome.scalars = snapshot_scalars(outcome.analyses)
             grids = {
                 key: a.phi.numpy()
                 for key, a in outcome.analyses.items()

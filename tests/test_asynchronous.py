@@ -19,7 +19,7 @@ from lightning_setup import CausalLMModule, make_trainer, read_events
 import lora_monitor.callback
 from lora_monitor import AnalysisWarning, LoRAMonitorError, LoRASubspaceMonitor
 from lora_monitor.background import Background
-from lora_monitor.callback import IMAGE_TAG, RECOMMENDATION_TAG, scalar_tag
+from lora_monitor.tags import IMAGE_TAG, RECOMMENDATION_TAG, scalar_tag
 
 
 def monitored_run(root, accelerator: str = "cpu", max_steps: int = 6, callbacks=(), **monitor_kwargs):

@@ -19,7 +19,7 @@ from lightning_setup import CausalLMModule, make_trainer, read_events
 from peft.tuners.lora import LoraLayer
 
 from lora_monitor import AnalysisWarning, LoRAMonitorError, LoRASubspaceMonitor
-from lora_monitor.callback import IMAGE_TAG, SCALAR_NAMES, scalar_tag
+from lora_monitor.tags import IMAGE_TAG, SCALAR_NAMES, scalar_tag
 
 PROJECTIONS = {"q_proj": "q", "v_proj": "v"}
 

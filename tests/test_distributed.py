@@ -16,7 +16,7 @@ from conftest import tiny_llama_lora
 from lightning_setup import CausalLMModule, make_trainer, read_events
 
 from lora_monitor import LoRASubspaceMonitor
-from lora_monitor.callback import IMAGE_TAG
+from lora_monitor.tags import IMAGE_TAG
 
 STEPS, EVERY = 4, 2
 

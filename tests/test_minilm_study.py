@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import rank_study  # noqa: E402
 
 from lora_monitor import LoRASubspaceMonitor  # noqa: E402
-from lora_monitor.callback import RECOMMENDATION_TAG  # noqa: E402
+from lora_monitor.tags import RECOMMENDATION_TAG  # noqa: E402
 from lightning_setup import read_events  # noqa: E402
 
 STEPS = 200

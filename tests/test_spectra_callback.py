@@ -18,7 +18,7 @@ from test_callback import dense_basis, dense_phi, dense_updates, scalar_series
 
 from lora_monitor import LoRASubspaceMonitor
 from lora_monitor.adapters import find_lora_factors
-from lora_monitor.callback import OPTIONAL_SCALAR_NAMES, RECOMMENDATION_TAG, SCALAR_NAMES, scalar_tag
+from lora_monitor.tags import OPTIONAL_SCALAR_NAMES, RECOMMENDATION_TAG, SCALAR_NAMES, scalar_tag
 from lora_monitor.snapshots import Snapshot
 
 

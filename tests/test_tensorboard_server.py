@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_setup import CausalLMModule, make_trainer, read_events
 
 from lora_monitor import LoRASubspaceMonitor
-from lora_monitor.callback import IMAGE_TAG, SCALAR_NAMES, scalar_tag
+from lora_monitor.tags import IMAGE_TAG, SCALAR_NAMES, scalar_tag
 
 HOST = "127.0.0.1"
 RUN = "run/version_0"
