@@ -22,6 +22,7 @@ import torch
 
 from lora_monitor.adapters import ModuleKey
 from lora_monitor.functional import random_subspace_similarity, sample_random_subspace_similarity
+from lora_monitor.tags import IMAGE_TAG
 
 #: Matplotlib colour map of the heatmaps (dark = 0, light = 1, as in the paper) and the grey of
 #: masked cells.
@@ -397,3 +398,15 @@ def phi_image(
         title, strip = _title_overlay(frame.title, text, width, height)
     _composite(image[:strip], title)
     return np.rint(image * 255).astype(np.uint8)
+
+
+def snapshot_images(
+    grids: Mapping[ModuleKey, np.ndarray],
+    *,
+    layers: Sequence[int],
+    row_symbol: str,
+    column_symbol: str,
+) -> dict[str, np.ndarray]:
+    """Every image the monitor logs for one snapshot, by tag: the φ heatmap grid of the drawn
+    ``layers`` (grids oriented reference × current, see :func:`comparison_symbols`)."""
+    return {IMAGE_TAG: phi_image(grids, row_symbol=row_symbol, column_symbol=column_symbol, layers=list(layers))}
