@@ -3,8 +3,9 @@
 Data parallelism (DDP) keeps a full replica of every parameter on each rank: nothing to do.
 Sharded strategies split parameters across ranks, and a snapshot needs whole factors. Only the
 LoRA factors are gathered — O((d + k)·r) per module, never W₀ — with the strategy's own
-collective, which every rank must enter, outside forward and backward (the callback does it in
-``on_train_batch_end`` on every rank):
+collective, which every rank must enter, outside forward and backward (the front-ends give the
+engine a :class:`Process` whose ``gathered`` does it; the strategies' own gathers live with them,
+in ``lora_monitor.integrations``):
 
 - FSDP (``FSDPStrategy``): ``FullyShardedDataParallel.summon_full_params`` of the wrapped model;
 - FSDP2 (``ModelParallelStrategy``, ``fully_shard``): parameters are ``DTensor`` s, gathered by
@@ -22,9 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
@@ -57,35 +57,29 @@ def full_factors(factors: Mapping[ModuleKey, LoRAFactors]) -> dict[ModuleKey, Lo
     return gathered
 
 
-def _lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The LoRA factors' parameters of ``module`` (only those: W₀ is never gathered)."""
     return [p for name, p in module.named_parameters() if ".lora_A." in name or ".lora_B." in name]
 
 
 @contextlib.contextmanager
-def gathered_lora_parameters(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
-    """Inside this context the LoRA parameters of ``pl_module`` are whole on every rank.
+def fsdp_gathered(fsdp_model: torch.nn.Module) -> Iterator[None]:
+    """FSDP (1): every unit's parameters whole on every rank (a collective)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
-    Enter it on every rank (it is a collective under FSDP and DeepSpeed ZeRO-3), outside
-    forward/backward. Other strategies (single device, DDP, FSDP2 whose DTensors
-    :func:`full_factors` gathers) need nothing.
-    """
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+    # Summoning the root gathers every unit: peft's LoRA modules may sit in any of them.
+    # No writeback (the snapshot only reads) and a copy on every rank (all ranks capture).
+    with FullyShardedDataParallel.summon_full_params(fsdp_model, writeback=False, recurse=True):
+        yield
 
-    strategy = trainer.strategy
-    if isinstance(strategy, FSDPStrategy):
-        from torch.distributed.fsdp import FullyShardedDataParallel
 
-        # Summoning the root gathers every unit: peft's LoRA modules may sit in any of them.
-        # No writeback (the snapshot only reads) and a copy on every rank (all ranks capture).
-        with FullyShardedDataParallel.summon_full_params(strategy.model, writeback=False, recurse=True):
-            yield
-    elif isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
-        import deepspeed
+@contextlib.contextmanager
+def deepspeed_gathered(module: torch.nn.Module) -> Iterator[None]:
+    """DeepSpeed ZeRO-3: the LoRA parameters of ``module`` whole on every rank (a collective)."""
+    import deepspeed
 
-        # modifier_rank=None: read-only, every rank gets the whole parameters.
-        with deepspeed.zero.GatheredParameters(_lora_parameters(pl_module), modifier_rank=None):
-            yield
-    else:
+    # modifier_rank=None: read-only, every rank gets the whole parameters.
+    with deepspeed.zero.GatheredParameters(lora_parameters(module), modifier_rank=None):
         yield
 
 
@@ -96,14 +90,43 @@ def rank_share(keys: Iterable[ModuleKey], rank: int, world_size: int) -> list[Mo
     return sorted(keys)[rank::world_size]
 
 
-def analysis_is_spread(trainer: pl.Trainer) -> bool:
-    """Whether the ranks of ``trainer`` split the analysis (several ranks, one process group)."""
-    return (
-        trainer.world_size > 1
-        and torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-        and torch.distributed.get_world_size() == trainer.world_size
-    )
+@dataclasses.dataclass(frozen=True)
+class Process:
+    """Where the monitor runs, as its front-end knows it: this process's global rank, how many
+    processes train together, and how to make sharded LoRA parameters whole for a snapshot.
+
+    Attributes:
+        rank: the global rank (0 in a single process); only rank 0 writes.
+        world_size: the number of training processes.
+        gathered: a context manager factory inside which the LoRA factors are whole on every
+            rank (FSDP's ``summon_full_params``, DeepSpeed ZeRO-3's ``GatheredParameters``);
+            entered on every rank, outside forward and backward.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    gathered: Callable[[], ContextManager[Any]] = contextlib.nullcontext
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_torch_distributed(cls) -> "Process":
+        """The rank and world size of torch's default process group (one process without)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return cls(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size())
+        return cls()
+
+    @property
+    def spreads_analysis(self) -> bool:
+        """Whether the ranks split the analysis (several ranks, in one process group)."""
+        return (
+            self.world_size > 1
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() == self.world_size
+        )
 
 
 def all_gather_objects(value: Any) -> list[Any]:

@@ -19,7 +19,7 @@ from lightning_setup import CausalLMModule, make_trainer, read_events
 from peft.tuners.lora import LoraLayer
 
 from lora_monitor import AnalysisWarning, LoRAMonitorError, LoRASubspaceMonitor
-from lora_monitor.tags import IMAGE_TAG, SCALAR_NAMES, scalar_tag
+from lora_monitor.tags import IMAGE_TAG, SCALAR_NAMES, recommendation_scalars, scalar_tag
 
 PROJECTIONS = {"q_proj": "q", "v_proj": "v"}
 
@@ -79,7 +79,11 @@ def test_tensorboard_run_has_heatmaps_and_scalars(tmp_path):
     keys = [(layer, projection) for layer in range(4) for projection in ("q", "v")]
     expected = {scalar_tag(name, key) for name in SCALAR_NAMES for key in keys}
     logged = {tag for tag in tags["scalars"] if tag.startswith("lora_monitor/")}
-    assert logged == expected
+    # Besides the per-module series, the rank suggested at every snapshot.
+    suggested = set(recommendation_scalars(monitor.recommendation))
+    assert logged == expected | suggested
+    for tag in suggested:
+        assert sorted(scalar_series(events, tag)) == [2, 4, 6]
     assert all(tag.startswith("lora_monitor/") for tag in tags["images"])
     for key in keys:
         assert sorted(scalar_series(events, scalar_tag("delta_w_norm", key))) == [2, 4, 6]
@@ -223,12 +227,12 @@ def test_fused_c_attn_is_split_into_q_and_v(tmp_path):
 
 
 def test_a_figure_that_cannot_be_drawn_costs_only_the_image(tmp_path, monkeypatch):
-    import lora_monitor.callback
+    import lora_monitor.engine
 
     def broken_renderer(*args, **kwargs):
         raise RuntimeError("no fonts on this machine")
 
-    monkeypatch.setattr(lora_monitor.callback, "phi_image", broken_renderer)
+    monkeypatch.setattr(lora_monitor.engine, "snapshot_images", broken_renderer)
     monitor = LoRASubspaceMonitor(every_n_steps=2, reference="first")
     trainer = make_trainer(tmp_path, [monitor], max_steps=4)
     with pytest.warns(AnalysisWarning, match=r"step 4: drawing the heatmaps failed with RuntimeError"):

@@ -15,24 +15,32 @@ import torch
 from conftest import tiny_llama_lora
 from lightning_setup import CausalLMModule, make_trainer, read_events
 
-from lora_monitor import LoRASubspaceMonitor
+from lora_monitor import LoRAMonitor, LoRASubspaceMonitor
 from lora_monitor.tags import IMAGE_TAG
 
 STEPS, EVERY = 4, 2
 
 
-class ShareRecorder(LoRASubspaceMonitor):
-    """The monitor, writing which modules each rank analysed at each step to ``record_dir``."""
+class RecordingEngine(LoRAMonitor):
+    """The engine, writing which modules each rank analysed at each step to ``record_dir``."""
 
-    def __init__(self, record_dir: Path, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.record_dir = record_dir
+    record_dir: Path
 
     def _analyse_modules(self, snapshot, reference, initial):
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         with open(self.record_dir / f"rank{rank}.jsonl", "a") as record:
             record.write(json.dumps([snapshot.step, sorted(snapshot.factors)]) + "\n")
         return super()._analyse_modules(snapshot, reference, initial)
+
+
+class ShareRecorder(LoRASubspaceMonitor):
+    """The Lightning monitor over a :class:`RecordingEngine`."""
+
+    def __init__(self, record_dir: Path, **kwargs) -> None:
+        super().__init__(**kwargs)
+        engine = RecordingEngine(options=self.engine.options)
+        engine.info, engine.record_dir = self.engine.info, record_dir
+        self.engine = engine
 
 
 def _run(root: Path, **trainer_kwargs) -> Path:

@@ -1,12 +1,21 @@
-"""The callback's docstring example is runnable, as Lightning's own callbacks' examples are."""
+"""The front-ends' and the engine's docstring examples are runnable, as Lightning's own
+callbacks' examples are."""
 
 import doctest
+import importlib
 
-import lora_monitor.callback
+import pytest
 
 
-def test_callback_docstring_example_runs(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the example's TensorBoardLogger("runs") writes nothing before fit
-    result = doctest.testmod(lora_monitor.callback, optionflags=doctest.ELLIPSIS)
-    assert result.attempted >= 5
+@pytest.mark.parametrize(
+    "module, examples",
+    [
+        ("lora_monitor.integrations.lightning", 5),
+        ("lora_monitor.engine", 8),
+    ],
+)
+def test_docstring_examples_run(module, examples, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the examples write their runs under the working directory
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= examples
     assert result.failed == 0

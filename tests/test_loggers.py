@@ -20,7 +20,7 @@ from lightning_setup import CausalLMModule, make_trainer, read_events
 
 from lora_monitor import AnalysisWarning, LoRASubspaceMonitor
 from lora_monitor.tags import IMAGE_TAG, scalar_tag
-from lora_monitor.loggers import image_path
+from lora_monitor.integrations.lightning_loggers import image_path
 
 PHI_TOP = scalar_tag("phi_top", (0, "q"))
 

@@ -1,4 +1,4 @@
-"""Writing a snapshot's scalars and images to whatever loggers the ``Trainer`` has.
+"""Lightning's loggers as outputs of the monitor: whatever loggers the ``Trainer`` has.
 
 Every logger gets the scalars through ``log_metrics``; images go where each logger can show them:
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
@@ -60,49 +60,36 @@ def image_writer(logger: Logger) -> Optional[ImageWriter]:
     return None
 
 
-def log_snapshot(
-    loggers: Sequence[Logger],
-    scalars: Mapping[str, float],
-    images: Mapping[str, np.ndarray],
-    step: int,
-) -> list[str]:
-    """Give every logger what it can show: scalars to all, ``(H, W, 3)`` uint8 images to those
-    that display images (see the module docstring).
+class LoggerOutput:
+    """A Lightning logger as an :class:`~lora_monitor.outputs.Output`: scalars through
+    ``log_metrics``, images where the logger shows them (see the module docstring), Markdown
+    text and the custom-scalars layout on TensorBoard only."""
 
-    Returns:
-        One message per logger that failed (a full disk, a log directory that cannot be
-        written, a tracking server that went away), naming the logger and the error; the other
-        loggers still got everything.
-    """
-    failures = []
-    for logger in loggers:
-        writer = image_writer(logger)
-        try:
-            if scalars:
-                logger.log_metrics(dict(scalars), step=step)
-            if writer is not None:
-                for tag, image in images.items():
-                    writer(tag, image, step)
-        # Whatever a logger raises, the other loggers and the training run must go on: the
-        # caller turns each failure into a warning (or an error with strict=True).
-        except Exception as error:
-            failures.append(f"{type(logger).__name__}: {type(error).__name__}: {error}")
-    return failures
+    def __init__(self, logger: Logger) -> None:
+        self.logger = logger
+        self._image = image_writer(logger)
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None:
+        self.logger.log_metrics(dict(values), step=step)
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        if self._image is not None:
+            self._image(tag, image, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if isinstance(self.logger, TensorBoardLogger):
+            self.logger.experiment.add_text(tag, text, global_step=step)
+
+    def layout(self, layout: dict[str, Any]) -> None:
+        if isinstance(self.logger, TensorBoardLogger):
+            self.logger.experiment.add_custom_scalars(layout)
+
+    def flush(self) -> None:
+        pass  # Lightning flushes its loggers itself
+
+    def __repr__(self) -> str:
+        return type(self.logger).__name__
 
 
-def log_text(loggers: Sequence[Logger], tag: str, text: str, step: int) -> list[str]:
-    """Give a Markdown text to the loggers that show one: ``SummaryWriter.add_text`` for
-    TensorBoard (the *Text* tab renders Markdown tables); other loggers get nothing.
-
-    Returns:
-        One message per logger that failed, as :func:`log_snapshot`.
-    """
-    failures = []
-    for logger in loggers:
-        if not isinstance(logger, TensorBoardLogger):
-            continue
-        try:
-            logger.experiment.add_text(tag, text, global_step=step)
-        except Exception as error:  # as in log_snapshot: a logging fault never ends training
-            failures.append(f"{type(logger).__name__}: {type(error).__name__}: {error}")
-    return failures
+def logger_outputs(loggers: Sequence[Logger]) -> list[LoggerOutput]:
+    return [LoggerOutput(logger) for logger in loggers]

@@ -1,0 +1,167 @@
+"""The Lightning front-end: :class:`LoRASubspaceMonitor`, a ``Callback`` over the engine."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, ContextManager, Literal, Optional, Sequence, Union
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from lora_monitor.adapters import LoRAMonitorError, ModuleKey
+from lora_monitor.distributed import Process, deepspeed_gathered, fsdp_gathered
+from lora_monitor.engine import LoRAMonitor, MonitorOptions, options_summary
+from lora_monitor.functional import Basis
+from lora_monitor.integrations.lightning_loggers import logger_outputs
+from lora_monitor.recommend import RankRecommendation
+from lora_monitor.snapshots import ModuleAnalysis
+
+
+def _gathered(trainer: pl.Trainer, pl_module: pl.LightningModule) -> ContextManager[Any]:
+    """Inside it the LoRA parameters are whole on every rank: FSDP and DeepSpeed ZeRO-3 gather
+    them (a collective); single device, DDP and FSDP2 (whose DTensors the engine gathers) need
+    nothing."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, FSDPStrategy):
+        return fsdp_gathered(strategy.model)
+    if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+        return deepspeed_gathered(pl_module)
+    return contextlib.nullcontext()
+
+
+class LoRASubspaceMonitor(Callback):
+    r"""Watch the low-rank updates ΔW = s·B·A of a peft LoRA model while Lightning trains it.
+
+    Every ``every_n_steps`` optimizer steps (``trainer.global_step``), and once at the end of
+    fit, the monitor snapshots the LoRA factors of the monitored projections, computes the LoRA
+    paper's normalized subspace similarity
+
+    .. math:: \phi(X, Y, i, j) = \|U_X^{i\top} U_Y^{j}\|_F^2 / \min(i, j)
+
+    between a reference X and the current update Y, with spectra, amplification and a rank
+    suggestion, and logs them to every logger of the ``Trainer`` (TensorBoard, CSV, W&B,
+    MLflow; images where the logger shows them). The work is the engine's,
+    :class:`lora_monitor.LoRAMonitor`, whose docstring lists every tag logged and what it means.
+
+    Args:
+        every_n_steps, reference, target_modules, layers, basis, adapter_name, log_images,
+        strict, intruder_top_k, asynchronous: as :class:`lora_monitor.LoRAMonitor`.
+
+    Under several processes (DDP, FSDP, DeepSpeed), FSDP and ZeRO-3 gather only the LoRA
+    factors, a synchronous analysis is split across the ranks, and only global rank zero logs.
+    The monitor's state (its references) is saved in Lightning checkpoints, so a resumed fit
+    compares with what an uninterrupted one compares with.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> from lightning.pytorch.loggers import TensorBoardLogger
+        >>> from lora_monitor import LoRASubspaceMonitor
+        >>> monitor = LoRASubspaceMonitor(every_n_steps=50, reference="first")
+        >>> trainer = pl.Trainer(callbacks=[monitor], logger=TensorBoardLogger("runs"))
+        >>> # trainer.fit(module)  # module holds a peft LoRA model anywhere inside it
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        reference: Union[Literal["first", "previous"], str, os.PathLike] = "first",
+        target_modules: Sequence[str] = ("q", "v"),
+        layers: Optional[Sequence[int]] = None,
+        basis: Basis = "A",
+        adapter_name: Optional[str] = None,
+        log_images: bool = True,
+        strict: bool = False,
+        intruder_top_k: Optional[int] = None,
+        asynchronous: Optional[bool] = None,
+    ) -> None:
+        try:
+            options = MonitorOptions(
+                every_n_steps=every_n_steps,
+                reference=reference,
+                target_modules=target_modules,
+                layers=layers,
+                basis=basis,
+                adapter_name=adapter_name,
+                log_images=log_images,
+                strict=strict,
+                intruder_top_k=intruder_top_k,
+                asynchronous=asynchronous,
+                owner=type(self).__name__,
+            )
+        except ValueError as error:
+            raise MisconfigurationException(str(error)) from None
+        self.engine = LoRAMonitor(options=options)
+        self.engine.info = rank_zero_info
+
+    # The options, as Lightning users (and LightningCLI) read them back.
+    every_n_steps = property(lambda self: self.engine.options.every_n_steps)
+    reference = property(lambda self: self.engine.options.reference)
+    target_modules = property(lambda self: self.engine.options.target_modules)
+    layers = property(lambda self: self.engine.options.layers)
+    basis = property(lambda self: self.engine.options.basis)
+    adapter_name = property(lambda self: self.engine.options.adapter_name)
+    log_images = property(lambda self: self.engine.options.log_images)
+    strict = property(lambda self: self.engine.options.strict)
+    intruder_top_k = property(lambda self: self.engine.options.intruder_top_k)
+    asynchronous = property(lambda self: self.engine.options.asynchronous)
+
+    @property
+    def latest_analysis(self) -> dict[ModuleKey, ModuleAnalysis]:
+        """The analysis of the latest snapshot, ``(layer, projection) → ModuleAnalysis``."""
+        return self.engine.latest_analysis
+
+    @property
+    def recommendation(self) -> Optional[RankRecommendation]:
+        """The rank suggested at the end of fit from the latest analysis (None before)."""
+        return self.engine.recommendation
+
+    @property
+    def state_key(self) -> str:
+        # Two monitors in one Trainer (say one against "first", one against a directory) must
+        # not overwrite each other's state in the checkpoint.
+        return self._generate_state_key(**options_summary(self.engine.options))
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not trainer.loggers:
+            raise MisconfigurationException(
+                "Cannot use `LoRASubspaceMonitor` callback with `Trainer` that has no logger: "
+                "pass e.g. `logger=TensorBoardLogger('runs')`."
+            )
+        process = Process(
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            gathered=lambda: _gathered(trainer, pl_module),
+        )
+        self.engine.attach(pl_module, process=process, outputs=logger_outputs(trainer.loggers))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.engine.start(trainer.global_step)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.engine.on_step(trainer.global_step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.engine.finish(trainer.global_step)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning calls no teardown after an exception. What was analysed is still logged,
+        # but the error that stops fit must stay the one raised.
+        with contextlib.suppress(LoRAMonitorError):
+            self.engine.abort()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.engine.close_worker()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.engine.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state_dict)
