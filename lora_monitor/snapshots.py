@@ -7,6 +7,7 @@ QR/SVD calls on the model's own device, and moves the small results to the host 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from lora_monitor.functional import (
     stable_rank,
     subspace_similarity,
 )
+from lora_monitor.updates import dora_update, since_initial
 
 
 @dataclass
@@ -55,14 +57,15 @@ class Snapshot:
             for index, key in enumerate(keys):
                 A[key], B[key] = stacked_A[index], stacked_B[index]
         copies = {
-            key: LoRAFactors(
-                module_name=f.module_name,
-                layer=f.layer,
-                projection=f.projection,
+            key: dataclasses.replace(
+                f,
                 lora_A=A[key],
                 lora_B=B[key],
                 scaling=float(f.scaling),
                 base_weight=None if f.base_weight is None else f.base_weight.detach(),
+                # The variants' own small tensors change as the factors do: copied too.
+                magnitude=None if f.magnitude is None else f.magnitude.detach().clone(),
+                lora_E=None if f.lora_E is None else f.lora_E.detach().clone(),
             )
             for key, f in factors.items()
         }
@@ -87,6 +90,11 @@ class Snapshot:
                     "lora_A": f.lora_A.cpu(),
                     "lora_B": f.lora_B.cpu(),
                     "scaling": f.scaling,
+                    **{
+                        name: value.cpu() if isinstance(value, Tensor) else value
+                        for name in ("magnitude", "lora_E", "initial_in_base")
+                        if (value := getattr(f, name)) is not None
+                    },
                 }
                 for f in self.factors.values()
             ],
@@ -122,6 +130,14 @@ class ModuleAnalysis:
             unless asked for (``intruder_top_k``).
         init_similarity: φ(A₀, A, r, r), the share of A's row space still spanned by its
             initial value A₀ (1: unchanged; chance r/k); None without an initial snapshot.
+        delta_w_known: False when the update the model applies cannot be computed from what
+            the run has (a PiSSA-like initialization without its initial factors, DoRA without
+            W₀): then no ΔW number is logged, and ``notes`` says why.
+        notes: what was left out of this module's analysis and why (not errors: φ in the
+            factors' own bases is still right).
+        dora_magnitude_norm, dora_direction_norm, dora_scale_std: DoRA only, see
+            :data:`VARIANT_SCALAR_NAMES`.
+        adalora_kept_rank: AdaLoRA only: the number of singular values E it keeps (non-zero).
     """
 
     key: ModuleKey
@@ -135,6 +151,12 @@ class ModuleAnalysis:
     relative_norm: Optional[float] = None
     intruders: Optional[int] = None
     init_similarity: Optional[float] = None
+    delta_w_known: bool = True
+    notes: list[str] = field(default_factory=list)
+    dora_magnitude_norm: Optional[float] = None
+    dora_direction_norm: Optional[float] = None
+    dora_scale_std: Optional[float] = None
+    adalora_kept_rank: Optional[int] = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled as numpy arrays, each with its own bytes: torch pickles a tensor through
@@ -164,13 +186,15 @@ class ModuleAnalysis:
         s = self.singular_values
         if not torch.isfinite(s).all():
             return {}  # non-finite factors: log nothing rather than NaN that breaks plots
-        values = {
-            "delta_w_norm": float(frobenius_norm(s)),
-            "sigma_max": float(s[0]) if s.numel() else 0.0,
-            "energy_rank": float(energy_rank(s)),
-            "effective_rank": float(effective_rank(s)),
-            "stable_rank": float(stable_rank(s)),
-        }
+        values: dict[str, float] = {}
+        if self.delta_w_known:
+            values = {
+                "delta_w_norm": float(frobenius_norm(s)),
+                "sigma_max": float(s[0]) if s.numel() else 0.0,
+                "energy_rank": float(energy_rank(s)),
+                "effective_rank": float(effective_rank(s)),
+                "stable_rank": float(stable_rank(s)),
+            }
         if self.phi is not None:
             diagonal = torch.diagonal(self.phi)
             values["phi_top"] = float(self.phi[0, 0])
@@ -181,13 +205,38 @@ class ModuleAnalysis:
             "delta_w_relative_norm": self.relative_norm,
             "intruder_dimensions": self.intruders,
             "a_init_similarity": self.init_similarity,
+            **{name: getattr(self, name) for name in VARIANT_SCALAR_NAMES},
         }
         values.update({name: float(v) for name, v in optional.items() if v is not None})
         return {name: value for name, value in values.items() if math.isfinite(value)}
 
 
+#: Scalars logged for the modules of some peft variants only, next to those above:
+#:
+#: - ``dora_magnitude_norm``: ‖(D − I)·W₀‖_F, the part of DoRA's ΔW that rescales W₀'s rows
+#:   (D = diag(m / ‖row of W₀ + s·B·A‖));
+#: - ``dora_direction_norm``: ‖D·s·B·A‖_F, DoRA's low-rank directional term (the one φ reads);
+#: - ``dora_scale_std``: the standard deviation over rows of m / ‖row of W₀ + s·B·A‖ (0 when
+#:   every row is rescaled alike);
+#: - ``adalora_kept_rank``: the number of triplets AdaLoRA keeps (non-zero E).
+VARIANT_SCALAR_NAMES = ("dora_magnitude_norm", "dora_direction_norm", "dora_scale_std", "adalora_kept_rank")
+#: The scalars that read ΔW: not logged for a module whose ΔW cannot be known.
+DELTA_W_SCALAR_NAMES = (
+    "delta_w_norm",
+    "sigma_max",
+    "energy_rank",
+    "effective_rank",
+    "stable_rank",
+    "amplification",
+    "delta_w_relative_norm",
+    "intruder_dimensions",
+)
+
+
 def _group_by_shape(
-    current: Mapping[ModuleKey, LoRAFactors], reference: Optional[Mapping[ModuleKey, LoRAFactors]]
+    current: Mapping[ModuleKey, LoRAFactors],
+    reference: Optional[Mapping[ModuleKey, LoRAFactors]],
+    updates: Optional[Mapping[ModuleKey, _Update]] = None,
 ) -> dict[tuple, list[ModuleKey]]:
     groups: dict[tuple, list[ModuleKey]] = defaultdict(list)
     for key, f in current.items():
@@ -195,6 +244,10 @@ def _group_by_shape(
         if reference is not None:
             r = reference[key]
             shape += (tuple(r.lora_A.shape), tuple(r.lora_B.shape))
+        if updates is not None:
+            # A variant's update factors (rank 2r since the initial ones) batch apart.
+            u = updates[key]
+            shape += (u.is_plain(f), tuple(u.A.shape), tuple(u.B.shape))
         groups[shape].append(key)
     return groups
 
@@ -223,13 +276,77 @@ def _stack(factors: list[LoRAFactors], device: torch.device) -> tuple[Tensor, Te
     return B, A, scaling
 
 
+@dataclass
+class _Update:
+    """How one module's update enters the batched analysis: factors ``(B, A)`` whose s·B·A is
+    the update the model applies (DoRA: its directional term D·s·B·A, the magnitude part added
+    module by module), or the plain factors where that update cannot be known (``known``)."""
+
+    B: Tensor
+    A: Tensor
+    known: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    def is_plain(self, f: LoRAFactors) -> bool:
+        return self.B is f.lora_B and self.A is f.lora_A
+
+
+def _update_of(f: LoRAFactors, initial: Optional[LoRAFactors], basis: Basis) -> _Update:
+    """The factors of the update ``f`` applies (see :mod:`lora_monitor.updates`)."""
+    update = _Update(f.lora_B, f.lora_A)
+    if f.initial_in_base is not None:
+        if f.magnitude is not None:
+            update.known = False
+            update.notes.append(
+                f"DoRA with a {f.initial_in_base} initialization: lora_monitor does not compute "
+                f"this update; no ΔW numbers"
+            )
+            return update
+        if initial is None:
+            update.known = False
+            update.notes.append(
+                f"its {f.initial_in_base} initialization moved s·B₀·A₀ out of the base weight and "
+                f"the initial factors B₀, A₀ are not known (the monitor was attached after the "
+                f"first step, or the adapter was read from disk): ΔW = s·(B·A − B₀·A₀) cannot be "
+                f"computed, so no ΔW numbers are logged"
+            )
+            return update
+        update.B, update.A = since_initial(f.lora_B, f.lora_A, initial.lora_B, initial.lora_A)
+    if f.magnitude is not None:
+        if not f.has_base_weight:
+            update.known = False
+            update.notes.append(
+                "DoRA rescales the rows of W₀ + s·B·A, and W₀ is not known here (a saved "
+                "adapter, or quantized storage that cannot be read): no ΔW numbers"
+            )
+        elif basis.startswith("delta_w"):
+            # φ in ΔW's bases reads the directional term D·s·B·A; D needs W₀ (read and dropped).
+            update.B = dora_update(f.lora_B, f.lora_A, f.scaling, f.magnitude, f.read_base_weight()).direction_B
+    return update
+
+
 def _reference_group(
-    reference: Mapping[ModuleKey, LoRAFactors], keys: list[ModuleKey], device: torch.device, basis: Basis
+    reference: Mapping[ModuleKey, LoRAFactors],
+    keys: list[ModuleKey],
+    device: torch.device,
+    basis: Basis,
+    initial: Optional[Mapping[ModuleKey, LoRAFactors]] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A batch of reference modules: ``(basis (n, r_ref, stacked), ΔW's singular values, the
     singular values ordering the basis)``, the basis multiplied out since it is reused."""
-    S, Q, W, basis_S = factored_basis(*_stack([reference[k] for k in keys], device), basis)
+    factors = [reference[k] for k in keys]
+    B, A, scaling = _stack(factors, device)
+    if basis.startswith("delta_w") and any(_needs_update(f) for f in factors):
+        updates = [_update_of(f, (initial or {}).get(k), basis) for k, f in zip(keys, factors)]
+        B = torch.stack([u.B.to(device) for u in updates])
+        A = torch.stack([u.A.to(device) for u in updates])
+    S, Q, W, basis_S = factored_basis(B, A, scaling, basis)
     return Q @ W, S, basis_S
+
+
+def _needs_update(f: LoRAFactors) -> bool:
+    """Whether ``f``'s update is anything but s·B·A."""
+    return f.initial_in_base is not None or f.magnitude is not None
 
 
 @dataclass
@@ -251,12 +368,17 @@ class ReferenceBases:
         reference: Mapping[ModuleKey, LoRAFactors],
         current: Mapping[ModuleKey, LoRAFactors],
         basis: Basis,
+        initial: Optional[Mapping[ModuleKey, LoRAFactors]] = None,
     ) -> ReferenceBases:
         """The bases of ``reference``, on the devices of the ``current`` factors it will be
-        compared with."""
+        compared with (``initial``: the run's initial factors, for a PiSSA-like reference)."""
         groups = {
-            tuple(keys): _reference_group(reference, keys, device, basis)
+            tuple(keys): _reference_group(reference, keys, device, basis, initial)
             for (_, _, device, *_), keys in _group_by_shape(current, reference).items()
+            # A variant's ΔW bases may need the initial factors: analyze() computes those.
+            if initial is not None
+            or not basis.startswith("delta_w")
+            or not any(_needs_update(reference[k]) for k in keys)
         }
         return cls(basis=basis, groups=groups)
 
@@ -279,12 +401,21 @@ def analyze(
     reference's factors are moved there. A module whose factors are not finite, or whose ΔW is
     zero while the basis is one of ΔW's, gets no φ and a note in ``problems`` instead.
 
-    Where a module's factors carry W₀ (``base_weight``, live models), its amplification and
-    ‖ΔW‖_F/‖W₀‖_F are computed from two thin products, one module at a time (W₀ is never
-    stacked, copied nor decomposed); with ``intruder_top_k`` also its intruder dimensions,
-    which cost two dense SVDs per module. ``initial`` (the factors before the first optimizer
-    step) gives φ(A₀, A, r, r). ``reference_bases`` (:meth:`ReferenceBases.compute` of
-    ``reference`` in the same basis) saves decomposing a reference that does not change.
+    ΔW is the update the model applies, whatever the variant (:mod:`lora_monitor.updates`):
+    s·B·A; s·(B·A − B₀·A₀) from ``initial`` for a PiSSA-like initialization (factored, rank
+    ≤ 2r); B·(E ⊙ A)·s/(ranknum + ε) for AdaLoRA (folded in by the adapters layer); for DoRA
+    (D − I)·W₀ + D·s·B·A, formed and decomposed densely one module at a time (it is full rank),
+    while φ in ΔW's bases reads the directional term D·s·B·A. The bases ``"A"`` and ``"B"`` are
+    always those of ``lora_A`` and ``lora_B`` themselves. Where the update cannot be known,
+    ``delta_w_known`` is False and ``notes`` says why.
+
+    Where a module's factors carry W₀ (``base_weight``, or ``base_reader`` for quantized or
+    per-head storage, read one module at a time and dropped), its amplification and
+    ‖ΔW‖_F/‖W₀‖_F are computed from two thin products (W₀ is never stacked, kept nor
+    decomposed); with ``intruder_top_k`` also its intruder dimensions, which cost two dense
+    SVDs per module. ``initial`` (the factors before the first optimizer step) gives
+    φ(A₀, A, r, r). ``reference_bases`` (:meth:`ReferenceBases.compute` of ``reference`` in
+    the same basis) saves decomposing a reference that does not change.
 
     Cost per batch: one QR of each factor, Q formed for the factor the basis lives on only, and
     r×r SVDs; the current basis stays factored (``Q @ W``, see
@@ -293,42 +424,59 @@ def analyze(
     """
     if reference_bases is not None and reference_bases.basis != basis:
         raise ValueError(f"analyze: reference_bases are in basis {reference_bases.basis!r}, not {basis!r}")
+    factors = current.factors
+    updates = {key: _update_of(f, (initial or {}).get(key), basis) for key, f in factors.items()}
     device_results: dict[ModuleKey, dict[str, Tensor]] = {}
     dimensions: dict[ModuleKey, int] = {}
-    for (_, _, device, *_), keys in _group_by_shape(current.factors, reference).items():
-        B, A, scaling = _stack([current.factors[k] for k in keys], device)
-        S, Q, W, basis_spectrum = factored_basis(B, A, scaling, basis)
+    for (_, _, device, *_), keys in _group_by_shape(factors, reference, updates).items():
+        B, A, scaling = _stack([factors[k] for k in keys], device)
+        plain = all(updates[k].is_plain(factors[k]) for k in keys)
+        if not plain:
+            update_B = torch.stack([updates[k].B.to(device) for k in keys])
+            update_A = torch.stack([updates[k].A.to(device) for k in keys])
+        on_factors = plain or basis in ("A", "B")
+        S, Q, W, basis_spectrum = factored_basis(*((B, A) if on_factors else (update_B, update_A)), scaling, basis)
+        raw_B, raw_A = B, A
+        if not plain:
+            B, A = update_B, update_A  # ΔW from here on: its spectrum, its vectors
+        # ΔW's vectors on both sides are needed only for the amplification against W₀.
+        if not plain or any(factors[k].has_base_weight for k in keys):
+            U, S_update, Vh = factored_svd(B, A, scaling)
+            S = S_update if on_factors and not plain else S
         batch: dict[str, Tensor] = {"singular_values": S, "basis_singular_values": basis_spectrum}
         if reference is not None:
             cached = reference_bases.batch(keys) if reference_bases is not None else None
-            reference_basis, reference_S, reference_spectrum = cached or _reference_group(reference, keys, device, basis)
+            reference_basis, reference_S, reference_spectrum = cached or _reference_group(
+                reference, keys, device, basis, initial
+            )
             batch["reference_singular_values"] = reference_S
             batch["reference_basis_singular_values"] = reference_spectrum
             batch["phi"] = subspace_similarity(reference_basis, Q, W)
         if initial is not None and all(k in initial for k in keys):
             initial_A = torch.stack([initial[k].lora_A.to(device) for k in keys])
-            start = singular_basis(B, initial_A, basis="A")
-            now = (Q, W) if basis == "A" else (singular_basis(B, A, basis="A"), None)
+            start = singular_basis(raw_B, initial_A, basis="A")
+            now = (Q, W) if basis == "A" else (singular_basis(raw_B, raw_A, basis="A"), None)
             batch["init_similarity"] = subspace_similarity(start, *now)[..., -1, -1]
-        # ΔW's vectors on both sides are needed only for the amplification against W₀.
-        if any(current.factors[k].base_weight is not None for k in keys):
-            U, _, Vh = factored_svd(B, A, scaling)
         for index, key in enumerate(keys):
             device_results[key] = {name: value[index] for name, value in batch.items()}
             dimensions[key] = Q.shape[-2]
-            W0 = current.factors[key].base_weight
-            if W0 is not None:
-                svd = (U[index], S[index], Vh[index])
-                device_results[key]["amplification"] = amplification_factor(*svd, W0)
-                w0_norm = torch.linalg.vector_norm(W0, dtype=S.dtype)
-                device_results[key]["relative_norm"] = frobenius_norm(S[index]) / w0_norm
-                if intruder_top_k is not None:
-                    device_results[key]["intruders"] = intruder_dimensions(W0, *svd, top_k=intruder_top_k)
+            f = factors[key]
+            if f.lora_E is not None:
+                device_results[key]["kept_rank"] = (f.lora_E != 0).sum()
+            if not updates[key].known or not f.has_base_weight:
+                continue
+            W0 = f.read_base_weight()  # a fresh tensor for quantized or per-head W₀: dropped below
+            if f.magnitude is not None:
+                device_results[key].update(_dora_results(f, W0.to(device), intruder_top_k))
+                continue
+            svd = (U[index], S[index], Vh[index])
+            device_results[key].update(_base_results(svd, W0, intruder_top_k))
 
     host_results = _to_host(device_results)
     analyses = {}
     for key, values in host_results.items():
         scalar = {name: values[name].item() for name in _SCALAR_RESULTS if name in values}
+        update = updates[key]
         analysis = ModuleAnalysis(
             key=key,
             singular_values=values["singular_values"],
@@ -340,6 +488,12 @@ def analyze(
             relative_norm=scalar.get("relative_norm"),
             intruders=int(scalar["intruders"]) if scalar.get("intruders", -1) >= 0 else None,
             init_similarity=scalar.get("init_similarity"),
+            delta_w_known=update.known,
+            notes=list(update.notes),
+            dora_magnitude_norm=scalar.get("dora_magnitude_norm"),
+            dora_direction_norm=scalar.get("dora_direction_norm"),
+            dora_scale_std=scalar.get("dora_scale_std"),
+            adalora_kept_rank=int(scalar["kept_rank"]) if "kept_rank" in scalar else None,
         )
         roles = (
             ("", values["singular_values"], values["basis_singular_values"]),
@@ -355,10 +509,46 @@ def analyze(
                 analysis.problems.append(
                     f"{role}{_BASIS_MATRIX[basis]} is exactly zero, so its singular vectors are undefined"
                 )
+        if not update.known and basis.startswith("delta_w"):
+            analysis.problems.append(f"φ in basis {basis!r} needs ΔW, which is not known ({update.notes[0]})")
         if analysis.problems:
             analysis.phi = None
         analyses[key] = analysis
     return analyses
+
+
+def _base_results(svd: tuple[Tensor, Tensor, Tensor], W0: Tensor, intruder_top_k: Optional[int]) -> dict[str, Tensor]:
+    """Amplification, ‖ΔW‖_F/‖W₀‖_F and (asked for) intruder dimensions of one module, from
+    ΔW's thin SVD ``svd`` and its base weight."""
+    U, S, Vh = svd
+    W0 = W0.to(U.device)
+    results = {
+        "amplification": amplification_factor(U, S, Vh, W0),
+        "relative_norm": frobenius_norm(S) / torch.linalg.vector_norm(W0, dtype=S.dtype),
+    }
+    if intruder_top_k is not None:
+        results["intruders"] = intruder_dimensions(W0, U, S, Vh, top_k=intruder_top_k)
+    return results
+
+
+def _dora_results(f: LoRAFactors, W0: Tensor, intruder_top_k: Optional[int]) -> dict[str, Tensor]:
+    """DoRA's ΔW = (D − I)·W₀ + D·s·B·A, formed for this module alone and decomposed densely:
+    its true spectrum (full length), amplification against its top-r directions, the norms of
+    its two parts and the spread of D."""
+    dora = dora_update(f.lora_B, f.lora_A, f.scaling, f.magnitude, W0)
+    U, S, Vh = torch.linalg.svd(dora.delta, full_matrices=False)
+    r = f.rank
+    results = {
+        "singular_values": S,
+        "amplification": amplification_factor(U[:, :r], S, Vh[:r], W0),
+        "relative_norm": frobenius_norm(S) / torch.linalg.vector_norm(W0, dtype=S.dtype),
+        "dora_magnitude_norm": dora.magnitude_norm,
+        "dora_direction_norm": dora.direction_norm,
+        "dora_scale_std": dora.scale.std(correction=0),
+    }
+    if intruder_top_k is not None:
+        results["intruders"] = intruder_dimensions(W0, U, S, Vh, top_k=intruder_top_k)
+    return results
 
 
 def _to_host(results: dict[ModuleKey, dict[str, Tensor]]) -> dict[ModuleKey, dict[str, Tensor]]:
@@ -381,4 +571,11 @@ def _to_host(results: dict[ModuleKey, dict[str, Tensor]]) -> dict[ModuleKey, dic
 _BASIS_MATRIX = {"A": "lora_A", "B": "lora_B", "delta_w_left": "ΔW", "delta_w_right": "ΔW"}
 
 #: Per-module results that come back as Python numbers.
-_SCALAR_RESULTS = ("amplification", "relative_norm", "intruders", "init_similarity")
+_SCALAR_RESULTS = (
+    "amplification",
+    "relative_norm",
+    "intruders",
+    "init_similarity",
+    "kept_rank",
+    *VARIANT_SCALAR_NAMES[:3],
+)
