@@ -19,7 +19,7 @@ from lightning_setup import CausalLMModule, make_trainer, read_events
 import lora_monitor.engine
 from lora_monitor import AnalysisWarning, LoRAMonitorError, LoRASubspaceMonitor
 from lora_monitor.background import Background
-from lora_monitor.tags import IMAGE_TAG, RECOMMENDATION_TAG, scalar_tag
+from lora_monitor.tags import IMAGE_TAG, RECOMMENDATION_TAG, is_monitor_tag, scalar_tag
 
 
 def monitored_run(root, accelerator: str = "cpu", max_steps: int = 6, callbacks=(), **monitor_kwargs):
@@ -37,7 +37,7 @@ def logged(trainer) -> tuple[dict[str, dict[int, float]], list[int], list[int]]:
     scalars = {
         tag: {e.step: e.value for e in events.Scalars(tag)}
         for tag in tags["scalars"]
-        if tag.startswith("lora_monitor/")
+        if is_monitor_tag(tag)
     }
     images = [image.step for image in events.Images(IMAGE_TAG)] if IMAGE_TAG in tags["images"] else []
     texts = [t.step for t in events.Tensors(f"{RECOMMENDATION_TAG}/text_summary")]

@@ -19,7 +19,15 @@ from lightning_setup import CausalLMModule, make_trainer, read_events
 from peft.tuners.lora import LoraLayer
 
 from lora_monitor import AnalysisWarning, LoRAMonitorError, LoRASubspaceMonitor
-from lora_monitor.tags import IMAGE_TAG, SCALAR_NAMES, recommendation_scalars, scalar_tag
+from lora_monitor.tags import (
+    IMAGE_TAG,
+    SCALAR_NAMES,
+    is_monitor_tag,
+    recommendation_scalars,
+    scalar_tag,
+    summary_metrics,
+    summary_tag,
+)
 
 PROJECTIONS = {"q_proj": "q", "v_proj": "v"}
 
@@ -78,13 +86,15 @@ def test_tensorboard_run_has_heatmaps_and_scalars(tmp_path):
 
     keys = [(layer, projection) for layer in range(4) for projection in ("q", "v")]
     expected = {scalar_tag(name, key) for name in SCALAR_NAMES for key in keys}
-    logged = {tag for tag in tags["scalars"] if tag.startswith("lora_monitor/")}
-    # Besides the per-module series, the rank suggested at every snapshot.
+    logged = {tag for tag in tags["scalars"] if is_monitor_tag(tag)}
+    # Besides the per-module series, the rank suggested at every snapshot and the medians over
+    # layers of the summary metrics, per projection.
     suggested = set(recommendation_scalars(monitor.recommendation))
-    assert logged == expected | suggested
+    medians = {summary_tag(name, p) for name in summary_metrics(2) for p in ("q", "v")}
+    assert logged == expected | suggested | medians
     for tag in suggested:
         assert sorted(scalar_series(events, tag)) == [2, 4, 6]
-    assert all(tag.startswith("lora_monitor/") for tag in tags["images"])
+    assert all(is_monitor_tag(tag) for tag in tags["images"])
     for key in keys:
         assert sorted(scalar_series(events, scalar_tag("delta_w_norm", key))) == [2, 4, 6]
         assert sorted(scalar_series(events, scalar_tag("phi_top", key))) == [4, 6]

@@ -16,7 +16,7 @@ from conftest import tiny_llama_lora
 from lightning_setup import CausalLMModule, make_trainer, read_events
 
 from lora_monitor import LoRAMonitor, LoRASubspaceMonitor
-from lora_monitor.tags import IMAGE_TAG
+from lora_monitor.tags import IMAGE_TAG, is_monitor_tag
 
 STEPS, EVERY = 4, 2
 
@@ -63,7 +63,7 @@ def _logged(log_dir: Path) -> dict[str, dict[int, float]]:
     return {
         tag: {event.step: event.value for event in events.Scalars(tag)}
         for tag in events.Tags()["scalars"]
-        if tag.startswith("lora_monitor/")
+        if is_monitor_tag(tag)
     }
 
 

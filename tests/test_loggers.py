@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning_setup import CausalLMModule, make_trainer, read_events
 
 from lora_monitor import AnalysisWarning, LoRASubspaceMonitor
-from lora_monitor.tags import IMAGE_TAG, scalar_tag
+from lora_monitor.tags import IMAGE_TAG, is_monitor_tag, scalar_tag
 from lora_monitor.integrations.lightning_loggers import image_path
 
 PHI_TOP = scalar_tag("phi_top", (0, "q"))
@@ -41,7 +41,7 @@ class RecordingLogger(Logger):
         return 0
 
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
-        monitored = {tag: value for tag, value in metrics.items() if tag.startswith("lora_monitor/")}
+        monitored = {tag: value for tag, value in metrics.items() if is_monitor_tag(tag)}
         if monitored:
             self.metrics.setdefault(step, {}).update(monitored)
 
@@ -96,7 +96,7 @@ def test_logger_without_images_gets_the_scalars(several):
     events, _, _, recording, _ = several
     assert sorted(recording.metrics) == [2, 4]
     assert recording.metrics[4][PHI_TOP] == pytest.approx(events.Scalars(PHI_TOP)[0].value)
-    logged = {tag for tag in events.Tags()["scalars"] if tag.startswith("lora_monitor/")}
+    logged = {tag for tag in events.Tags()["scalars"] if is_monitor_tag(tag)}
     assert set(recording.metrics[4]) == logged
 
 

@@ -86,7 +86,7 @@ def runs(tmp_path_factory):
 def test_resumed_run_logs_the_same_numbers(runs):
     (trainer_a, _, _), (trainer_b, _, _), _ = runs
     events_a, events_b = read_events(trainer_a.logger.log_dir), read_events(trainer_b.logger.log_dir)
-    tags = [t for t in events_a.Tags()["scalars"] if t.startswith("lora_monitor/phi")]
+    tags = [t for t in events_a.Tags()["scalars"] if t.startswith("lora_monitor.phi")]
     assert tags
     for tag in tags:
         # Three monitors write each tag; their order within a step is the callbacks' order.
