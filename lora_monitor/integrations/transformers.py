@@ -1,0 +1,217 @@
+"""The transformers front-end: :class:`LoRASubspaceCallback`, a ``TrainerCallback`` over the
+engine, for ``Trainer`` and TRL's ``SFTTrainer`` (also under ``torchrun`` / ``accelerate``)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, ContextManager, Literal, Optional, Sequence, Union
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from lora_monitor.adapters import ModuleKey
+from lora_monitor.distributed import Process, deepspeed_gathered, fsdp_gathered
+from lora_monitor.engine import AnalysisWarning, LoRAMonitor, MonitorOptions, options_summary
+from lora_monitor.functional import Basis
+from lora_monitor.outputs import MLflowOutput, Output, SummaryWriterOutput, WandbOutput
+from lora_monitor.recommend import RankRecommendation
+from lora_monitor.snapshots import ModuleAnalysis
+
+#: The checkpoint file of a monitor's state, inside each ``checkpoint-N`` directory.
+STATE_FILE = "lora_monitor_state-{key}.pt"
+
+
+def _gathered(model: torch.nn.Module) -> ContextManager[Any]:
+    """Inside it the LoRA factors are whole on every rank: FSDP (the Trainer's model is then the
+    wrapped root) and DeepSpeed ZeRO-3 gather them; DDP and FSDP2 (DTensors, gathered by the
+    engine) need nothing."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(model, FullyShardedDataParallel):
+        return fsdp_gathered(model)
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return deepspeed_gathered(model)
+    return contextlib.nullcontext()
+
+
+def tensorboard_run_dir(args: TrainingArguments, since: float) -> Path:
+    """The directory transformers' ``TensorBoardCallback`` writes ``train/loss`` into:
+    ``TENSORBOARD_LOGGING_DIR``, else the ``<output_dir>/runs/<date>_<host>`` it opened at this
+    run's ``on_train_begin`` (the newest one made after ``since``), else a new one named so."""
+    configured = os.getenv("TENSORBOARD_LOGGING_DIR")
+    if configured:
+        return Path(os.path.expanduser(configured))
+    runs = Path(args.output_dir) / "runs"
+    # TensorBoardCallback names its directory by the second it started; it has just made it.
+    fresh = [p for p in runs.glob("*") if p.is_dir() and p.stat().st_mtime >= since - 1]
+    if fresh:
+        return max(fresh, key=lambda p: p.stat().st_mtime)
+    from transformers.integrations.integration_utils import default_logdir
+
+    return Path(args.output_dir) / default_logdir()
+
+
+def _report_to_outputs(args: TrainingArguments) -> list[Output]:
+    """The other ``report_to`` integrations that have a run open: W&B and MLflow."""
+    report_to = args.report_to if isinstance(args.report_to, (list, tuple)) else [args.report_to]
+    outputs: list[Output] = []
+    if "wandb" in report_to:
+        import wandb
+
+        if wandb.run is not None:
+            outputs.append(WandbOutput(wandb.run))
+    if "mlflow" in report_to:
+        import mlflow
+
+        if mlflow.active_run() is not None:
+            outputs.append(MLflowOutput(mlflow))
+    return outputs
+
+
+class LoRASubspaceCallback(TrainerCallback):
+    r"""Watch the low-rank updates ΔW of a peft LoRA model while a transformers ``Trainer`` (or
+    TRL's ``SFTTrainer``, which wraps the model with peft itself) trains it.
+
+    Every ``every_n_steps`` optimizer steps (``state.global_step``), and once when training
+    ends, the callback snapshots the LoRA factors, computes the LoRA paper's subspace
+    similarity φ against its reference, spectra, amplification and a rank suggestion, and
+    writes them into the same TensorBoard run as the Trainer's own ``train/loss`` (where
+    ``TensorBoardCallback`` writes: ``TENSORBOARD_LOGGING_DIR`` or
+    ``<output_dir>/runs/<date>_<host>``), and to the W&B and MLflow runs of ``report_to`` when
+    they are open. The work is the engine's, :class:`lora_monitor.LoRAMonitor`, whose docstring
+    lists every tag written and what it means.
+
+    Args:
+        every_n_steps, reference, target_modules, layers, basis, adapter_name, log_images,
+        strict, intruder_top_k, asynchronous: as :class:`lora_monitor.LoRAMonitor`.
+        log_dir: write the TensorBoard run there instead.
+
+    Only the main process writes. Under ``torchrun`` / ``accelerate`` every process snapshots
+    at the same steps, the analysis is split across them, and FSDP and DeepSpeed ZeRO-3
+    gather only the LoRA factors. The callback's state is saved in every ``checkpoint-N``
+    directory (``lora_monitor_state-<key>.pt``): ``trainer.train(resume_from_checkpoint=...)``
+    compares with the reference an uninterrupted run compares with.
+
+    Example::
+
+        >>> from transformers import Trainer, TrainingArguments
+        >>> from lora_monitor import LoRASubspaceCallback
+        >>> callback = LoRASubspaceCallback(every_n_steps=50, reference="first")
+        >>> args = TrainingArguments(output_dir="out", report_to=["tensorboard"])
+        >>> # Trainer(model=peft_model, args=args, train_dataset=..., callbacks=[callback]).train()
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        reference: Union[Literal["first", "previous"], str, os.PathLike] = "first",
+        target_modules: Sequence[str] = ("q", "v"),
+        layers: Optional[Sequence[int]] = None,
+        basis: Basis = "A",
+        adapter_name: Optional[str] = None,
+        log_images: bool = True,
+        strict: bool = False,
+        intruder_top_k: Optional[int] = None,
+        asynchronous: Optional[bool] = None,
+        log_dir: Optional[Union[str, os.PathLike]] = None,
+    ) -> None:
+        options = MonitorOptions(
+            every_n_steps=every_n_steps,
+            reference=reference,
+            target_modules=target_modules,
+            layers=layers,
+            basis=basis,
+            adapter_name=adapter_name,
+            log_images=log_images,
+            strict=strict,
+            intruder_top_k=intruder_top_k,
+            asynchronous=asynchronous,
+            owner=type(self).__name__,
+        )
+        self.engine = LoRAMonitor(options=options)
+        self.log_dir = None if log_dir is None else Path(log_dir)
+        self._created = time.time()
+        self._tensorboard: Optional[SummaryWriterOutput] = None
+
+    @property
+    def latest_analysis(self) -> dict[ModuleKey, ModuleAnalysis]:
+        """The analysis of the latest snapshot, ``(layer, projection) → ModuleAnalysis``."""
+        return self.engine.latest_analysis
+
+    @property
+    def recommendation(self) -> Optional[RankRecommendation]:
+        """The rank suggested when training ended (None before)."""
+        return self.engine.recommendation
+
+    @property
+    def state_file(self) -> str:
+        """This callback's file in a checkpoint directory (several monitors keep apart)."""
+        summary = json.dumps(options_summary(self.engine.options), sort_keys=True, default=str)
+        return STATE_FILE.format(key=hashlib.sha1(summary.encode()).hexdigest()[:10])
+
+    # ------------------------------------------------------------------------------ events
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
+    ) -> None:
+        if model is None:
+            raise ValueError("LoRASubspaceCallback: the Trainer passed no model to on_train_begin")
+        process = Process(
+            rank=args.process_index, world_size=args.world_size, gathered=lambda: _gathered(model)
+        )
+        outputs: list[Output] = []
+        if state.is_world_process_zero:
+            directory = self.log_dir or tensorboard_run_dir(args, self._created)
+            self._tensorboard = SummaryWriterOutput(log_dir=directory)
+            outputs = [self._tensorboard, *_report_to_outputs(args)]
+        self.engine.attach(model, process=process, outputs=outputs)
+        if state.global_step > 0:
+            self._resume(args, state)
+        self.engine.start(state.global_step)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        self.engine.on_step(state.global_step)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        if not state.is_world_process_zero:
+            return
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if checkpoint.is_dir():
+            torch.save(self.engine.state_dict(), checkpoint / self.state_file)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        try:
+            self.engine.finish(state.global_step)
+        finally:
+            self.engine.close_worker()
+            if self._tensorboard is not None:
+                self._tensorboard.close()
+                self._tensorboard = None
+
+    def _resume(self, args: TrainingArguments, state: TrainerState) -> None:
+        """Load the state saved in the checkpoint training resumes from (found by its step)."""
+        candidates = [Path(args.output_dir) / f"checkpoint-{state.global_step}"]
+        if isinstance(args.resume_from_checkpoint, str):
+            candidates.insert(0, Path(args.resume_from_checkpoint))
+        for directory in candidates:
+            file = directory / self.state_file
+            if file.is_file():
+                self.engine.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+                return
+        if state.is_world_process_zero:
+            warnings.warn(
+                f"LoRASubspaceCallback: training resumes at step {state.global_step} but no "
+                f"{self.state_file} was found in {', '.join(map(str, candidates))}: the "
+                f"reference {str(self.engine.options.reference)!r} starts again from this run's "
+                f"next snapshot, and a_init_similarity is not logged (the factors before step 1 "
+                f"are unknown)",
+                AnalysisWarning,
+                stacklevel=2,
+            )
