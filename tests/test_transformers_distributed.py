@@ -1,0 +1,52 @@
+"""``torchrun --nproc_per_node 2`` on CPU (gloo) with a transformers ``Trainer``: the run
+finishes (no rank waits on a collective the other skips), the analysis is split across the two
+processes, and only the main one writes, each point once."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hf_setup import read_run, run_dirs, scalar_values
+
+from lora_monitor.tags import scalar_tag
+
+TESTS = Path(__file__).parent
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_write_each_point_once(tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed next to this Python")
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    environment.pop("TENSORBOARD_LOGGING_DIR", None)
+    result = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", "29517", str(TESTS / "torchrun_trainer.py"), str(tmp_path)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    (run,) = run_dirs(tmp_path)  # the main process's run only
+    values = scalar_values(read_run(run))  # asserts that no step is written twice
+    keys = [(layer, p) for layer in range(2) for p in ("q", "v")]
+    for key in keys:
+        assert sorted(values[scalar_tag("delta_w_norm", key)]) == [2, 4]
+        assert sorted(values[scalar_tag("phi_top", key)]) == [4]
+    # Each process analysed every other module: disjoint halves that cover all.
+    shares = [
+        {step: {tuple(k) for k in keys_} for step, keys_ in map(json.loads, (tmp_path / f"rank{r}.jsonl").read_text().splitlines())}
+        for r in (0, 1)
+    ]
+    for step in (2, 4):
+        assert shares[0][step] and shares[1][step]
+        assert not shares[0][step] & shares[1][step]
+        assert shares[0][step] | shares[1][step] == set(keys)
