@@ -8,6 +8,11 @@ The directories are what peft's ``save_pretrained`` writes (``adapter_config.jso
 (amplification, intruder dimensions, ‖ΔW‖/‖W₀‖) come from the training callback instead.
 Errors in the input (a missing directory, one that holds no LoRA adapter, adapters of two
 different base models) end with exit status 2 and a one-line message on stderr.
+
+Start-up is kept to argparse: torch, safetensors and the analysis are imported by the commands
+that use them (``--help`` and a usage error never load torch), matplotlib only when a figure is
+drawn. An adapter is read and analysed a part of a shape group at a time
+(:class:`SavedFactors`, :func:`analyze_saved`), so that memory holds one part, not the adapter.
 """
 
 from __future__ import annotations
@@ -15,24 +20,26 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, TextIO
+from typing import TYPE_CHECKING, Optional, Sequence, TextIO
 
-from matplotlib.figure import Figure
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-from lora_monitor.adapters import (
-    LoRAFactors,
-    LoRAMonitorError,
-    ModuleKey,
-    check_reference_compatible,
-    load_adapter,
-    select_factors,
-)
-from lora_monitor.functional import BASES, random_subspace_similarity
-from lora_monitor.plots import comparison_figure
-from lora_monitor.recommend import RankRecommendation, markdown_table, recommend_rank
-from lora_monitor.snapshots import ModuleAnalysis, Snapshot, analyze
+    from lora_monitor.adapters import LoRAFactors, ModuleKey
+    from lora_monitor.recommend import RankRecommendation
+    from lora_monitor.snapshots import ModuleAnalysis
+
+#: :data:`lora_monitor.functional.BASES`, spelled out so that building the parser imports no
+#: torch (a test keeps the two equal).
+BASES = ("A", "B", "delta_w_left", "delta_w_right")
+
+#: Bytes of LoRA factors (the adapter's and its reference's) read and analysed at once. Big
+#: enough that a part of a 7B-shaped adapter's shape group is several modules (the analysis
+#: batches them), small against the torch runtime's own resident memory.
+CHUNK_BYTES = 16 * 2**20
 
 #: Figure formats written by extension.
 FIGURE_FORMATS = (".png", ".svg")
@@ -62,8 +69,91 @@ class _Progress:
         self.stream.flush()
 
 
-def _selected(path: Path, projections: Optional[Sequence[str]], layers: Optional[Sequence[int]]) -> dict[ModuleKey, LoRAFactors]:
-    return select_factors(load_adapter(path).factors, projections, layers)
+@dataclass
+class SavedFactors:
+    """The selected modules of an adapter directory, whose factors are read part by part.
+
+    ``factors`` holds every selected module with meta tensors (shapes and ranks, no data) from
+    the safetensors header; :meth:`read` gives some of them with their values. An
+    ``adapter_model.bin`` cannot be read in parts: its factors are all read at once.
+    """
+
+    path: Path
+    factors: dict[ModuleKey, LoRAFactors]
+
+    @classmethod
+    def open(
+        cls, directory: str | Path, projections: Optional[Sequence[str]] = None, layers: Optional[Sequence[int]] = None
+    ) -> SavedFactors:
+        """Read the adapter's config and header only.
+
+        Raises:
+            LoRAMonitorError: as :func:`lora_monitor.adapters.load_adapter` and
+                :func:`lora_monitor.adapters.select_factors`.
+        """
+        from lora_monitor.adapters import load_adapter, select_factors
+
+        path = Path(directory)
+        return cls(path, select_factors(load_adapter(path, modules=()).factors, projections, layers))
+
+    def read(self, keys: Iterable[ModuleKey]) -> dict[ModuleKey, LoRAFactors]:
+        """The factors of ``keys`` with their values (only their modules' tensors are read)."""
+        keys = list(keys)
+        if not any(self.factors[k].lora_A.is_meta for k in keys):
+            return {k: self.factors[k] for k in keys}
+        from lora_monitor.adapters import load_adapter
+
+        read = load_adapter(self.path, modules={self.factors[k].module_name for k in keys}).factors
+        return {k: read[k] for k in keys}
+
+
+def _parts(adapters: Sequence[dict[ModuleKey, LoRAFactors]], chunk_bytes: int) -> list[list[ModuleKey]]:
+    """The keys of ``adapters[0]`` grouped as :func:`~lora_monitor.snapshots.analyze` batches
+    them (same shapes in every adapter), each group cut into parts of at most ``chunk_bytes``
+    of factors (at least one module a part)."""
+    groups: dict[tuple, list[ModuleKey]] = {}
+    for key in adapters[0]:
+        shape = tuple(s for factors in adapters for s in (factors[key].lora_A.shape, factors[key].lora_B.shape))
+        groups.setdefault(shape, []).append(key)
+    parts: list[list[ModuleKey]] = []
+    for keys in groups.values():
+        part: list[ModuleKey] = []
+        size = 0
+        for key in keys:
+            nbytes = sum(t.numel() * t.element_size() for f in adapters for t in (f[key].lora_A, f[key].lora_B))
+            if part and size + nbytes > chunk_bytes:
+                parts.append(part)
+                part, size = [], 0
+            part.append(key)
+            size += nbytes
+        parts.append(part)
+    return parts
+
+
+def analyze_saved(
+    current: SavedFactors,
+    reference: Optional[SavedFactors] = None,
+    basis: str = "A",
+    *,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> dict[ModuleKey, ModuleAnalysis]:
+    """:func:`~lora_monitor.snapshots.analyze` of a saved adapter (against a saved reference),
+    reading and analysing ``chunk_bytes`` of factors at a time: every module's analysis is its
+    own, so the results are those of the whole adapter analysed at once, while peak memory
+    is one part's factors and temporaries. A module absent from ``reference`` is an error of
+    :func:`~lora_monitor.adapters.check_reference_compatible`, checked before anything is read.
+    """
+    from lora_monitor.adapters import check_reference_compatible
+    from lora_monitor.snapshots import Snapshot, analyze
+
+    if reference is not None:
+        check_reference_compatible(current.factors, reference.factors, basis)
+    adapters = [current.factors] if reference is None else [current.factors, reference.factors]
+    analyses: dict[ModuleKey, ModuleAnalysis] = {}
+    for keys in _parts(adapters, chunk_bytes):
+        snapshot = Snapshot(step=0, factors=current.read(keys))
+        analyses.update(analyze(snapshot, reference.read(keys) if reference is not None else None, basis))
+    return analyses
 
 
 @dataclass
@@ -107,23 +197,28 @@ def compare_adapters(
             share the selected modules or were trained on different base models, the output
             extension is not .png/.svg.
     """
+    from lora_monitor.adapters import LoRAMonitorError, check_reference_compatible
+    from lora_monitor.recommend import recommend_rank
+
     figure_format = _figure_format(output)
     bar = _Progress(4 if output is not None else 3, progress)
-    reference = _selected(Path(reference_dir), projections, layers)
-    current = _selected(Path(directory), projections, layers)
-    check_reference_compatible(current, reference, basis)
-    bar.step("adapters loaded")
-    analyses = analyze(Snapshot(step=0, factors=current), reference, basis)
+    reference = SavedFactors.open(reference_dir, projections, layers)
+    current = SavedFactors.open(directory, projections, layers)
+    check_reference_compatible(current.factors, reference.factors, basis)  # before any bar
+    bar.step("adapters opened")
+    analyses = analyze_saved(current, reference, basis)
     if all(a.phi is None for a in analyses.values()):
         problems = "; ".join(sorted({p for a in analyses.values() for p in a.problems}))
         raise LoRAMonitorError(f"no module of {directory} could be compared with {reference_dir}: {problems}")
     bar.step("φ grids computed")
     recommendation = recommend_rank(analyses, basis)
     bar.step("rank suggested")
-    key = next(iter(current))
-    reference_rank, rank = reference[key].rank, current[key].rank
+    key = next(iter(current.factors))
+    reference_rank, rank = reference.factors[key].rank, current.factors[key].rank
     figure = figure_path = None
     if output is not None:
+        from lora_monitor.plots import comparison_figure
+
         grids = {k: a.phi.numpy() for k, a in analyses.items() if a.phi is not None}
         dimension = next(a.dimension for a in analyses.values() if a.phi is not None)
         figure = comparison_figure(
@@ -146,6 +241,8 @@ def _figure_format(output: Optional[str | Path]) -> Optional[str]:
         return None
     suffix = Path(output).suffix.lower()
     if suffix not in FIGURE_FORMATS:
+        from lora_monitor.adapters import LoRAMonitorError
+
         raise LoRAMonitorError(
             f"cannot write a figure to {output}: the extension must be one of "
             f"{', '.join(FIGURE_FORMATS)} (PNG or SVG)"
@@ -155,6 +252,8 @@ def _figure_format(output: Optional[str | Path]) -> Optional[str]:
 
 def spectral_table(analyses: dict[ModuleKey, ModuleAnalysis]) -> str:
     """One row per module: rank, ‖ΔW‖_F, σ₁, σ₁/σ₂ and the three spectral ranks, as Markdown."""
+    from lora_monitor.recommend import markdown_table
+
     rows = []
     for (layer, projection), analysis in sorted(analyses.items()):
         s = analysis.singular_values
@@ -183,8 +282,9 @@ def inspect_adapter(
     layers: Optional[Sequence[int]] = None,
 ) -> tuple[str, RankRecommendation]:
     """The spectral table of one saved adapter and the rank its spectra alone suggest."""
-    factors = _selected(Path(directory), projections, layers)
-    analyses = analyze(Snapshot(step=0, factors=factors))
+    from lora_monitor.recommend import recommend_rank
+
+    analyses = analyze_saved(SavedFactors.open(directory, projections, layers))
     return spectral_table(analyses), recommend_rank(analyses, "A")
 
 
@@ -260,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status (0, or 2 for a bad input)."""
     args = build_parser().parse_args(argv)
+    from lora_monitor.adapters import LoRAMonitorError  # after parsing: --help loads no torch
+
     try:
         if args.command == "compare":
             result = compare_adapters(
@@ -289,6 +391,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _comparison_header(args: argparse.Namespace, result: Comparison) -> str:
+    from lora_monitor.functional import random_subspace_similarity
+
     phi = [a.phi for a in result.analyses.values() if a.phi is not None]
     dimension = next(a.dimension for a in result.analyses.values() if a.phi is not None)
     chance = float(random_subspace_similarity(dimension, 1, 1)[0, 0])

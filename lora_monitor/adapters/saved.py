@@ -7,7 +7,7 @@ import math
 import os
 import re
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -56,7 +56,34 @@ def _pattern_value(patterns: Mapping[str, Any], module_name: str, default: Any) 
     return default
 
 
-def _read_tensors(file: Path) -> dict[str, Tensor]:
+#: safetensors' names of floating dtypes, for the meta tensors of modules left unread.
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _saved_module(key: str) -> Optional[str]:
+    """The module path a saved tensor belongs to (its factor or DoRA magnitude), else None."""
+    match = _SAVED_KEY.match(key) or _MAGNITUDE_KEY.match(key)
+    return match["module"] if match is not None else None
+
+
+def _read_safetensors(file: Path, modules: Optional[Collection[str]]) -> dict[str, Tensor]:
+    """The file's tensors; with ``modules``, the other modules' tensors are meta tensors of
+    their shape, from the file's header alone (no data is read for them)."""
+    from safetensors import safe_open
+
+    tensors: dict[str, Tensor] = {}
+    with safe_open(str(file), framework="pt") as f:
+        for key in f.keys():
+            if modules is None or _saved_module(key) in modules:
+                tensors[key] = f.get_tensor(key)
+            else:
+                header = f.get_slice(key)
+                dtype = _SAFETENSORS_DTYPES.get(header.get_dtype(), torch.float32)
+                tensors[key] = torch.empty(header.get_shape(), dtype=dtype, device="meta")
+    return tensors
+
+
+def _read_tensors(file: Path, modules: Optional[Collection[str]] = None) -> dict[str, Tensor]:
     if file.stat().st_size == 0:
         raise LoRAMonitorError(
             f"adapter weights file {file} is empty (an interrupted save?); save the adapter "
@@ -64,10 +91,8 @@ def _read_tensors(file: Path) -> dict[str, Tensor]:
         )
     try:
         if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            tensors = load_file(str(file))
-        else:
+            tensors = _read_safetensors(file, modules)
+        else:  # a pickle cannot be read in parts: always whole
             tensors = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise LoRAMonitorError(
@@ -108,7 +133,10 @@ def _base_config(
 
 
 def load_adapter(
-    path: str | os.PathLike, base_config: Union[None, Mapping[str, Any], str, os.PathLike] = None
+    path: str | os.PathLike,
+    base_config: Union[None, Mapping[str, Any], str, os.PathLike] = None,
+    *,
+    modules: Optional[Collection[str]] = None,
 ) -> SavedAdapter:
     """Read the LoRA factors of an adapter saved by peft's ``save_pretrained``.
 
@@ -131,6 +159,11 @@ def load_adapter(
         base_config: the base model's transformers config (a mapping, or the path of its
             ``config.json`` or of its directory), to split fused q|k|v modules; default a
             ``config.json`` beside the adapter or in ``base_model_name_or_path``.
+        modules: the module paths (:attr:`LoRAFactors.module_name`) whose tensors are read;
+            the other modules' factors are meta tensors of their shapes, from the safetensors
+            header alone, so that keys, ranks and shapes are those of the whole adapter while
+            only part of it is in memory (the CLI streams an adapter this way). None: all. An
+            ``adapter_model.bin`` is always read whole.
 
     Raises:
         LoRAMonitorError: missing directory, not a peft adapter directory, not a LoRA adapter,
@@ -183,7 +216,7 @@ def load_adapter(
             f"{path} has adapter_config.json but no adapter_model.safetensors nor "
             f"adapter_model.bin; save the adapter again with model.save_pretrained(...)"
         )
-    tensors = _read_tensors(weights_file)
+    tensors = _read_tensors(weights_file, modules)
 
     pairs: dict[str, dict[str, Tensor]] = defaultdict(dict)
     magnitudes: dict[str, Tensor] = {}
