@@ -466,6 +466,10 @@ def analyze(
             if not updates[key].known or not f.has_base_weight:
                 continue
             W0 = f.read_base_weight()  # a fresh tensor for quantized or per-head W₀: dropped below
+            if f.initial_in_base is not None:
+                # The pretrained weight: the base layer holds W − s·B₀·A₀ (formed for this module).
+                start = initial[key]
+                W0 = W0.to(device) + f.scaling * (start.lora_B.to(device) @ start.lora_A.to(device)).to(W0.dtype)
             if f.magnitude is not None:
                 device_results[key].update(_dora_results(f, W0.to(device), intruder_top_k))
                 continue

@@ -76,6 +76,12 @@ TAG_METRICS = {
     "delta_w_relative_norm": "delta_w_relative_norm",
     "a_init_similarity": "a_init_similarity",
     "intruder_dimensions": "intruder_dimensions",
+    # Of some peft variants' modules only: snapshots.VARIANT_SCALAR_NAMES (DoRA's magnitude
+    # part (D − I)·W₀ and directional term, the spread of D; AdaLoRA's kept rank).
+    "dora_magnitude_norm": "dora_magnitude_norm",
+    "dora_direction_norm": "dora_direction_norm",
+    "dora_scale_std": "dora_scale_std",
+    "adalora_kept_rank": "adalora_kept_rank",
 }
 #: Per-projection medians in ``LoRA_summary``, most telling first: as many as fit the budget.
 SUMMARY_METRICS = ("shared_directions", "energy_rank", "phi_top", "delta_w_relative_norm", "a_init_similarity")

@@ -176,3 +176,40 @@ def probe_fused_rows(arch: Architecture, base: torch.nn.Module) -> dict[str, lis
         handle.remove()
     q, k, v = captured[0]
     return {name: rows(t[0, :, 0], 0) for name, t in zip("qkv", (q, k, v))}
+
+
+#: Architectures whose q and v are separate modules (they worked before issue 9).
+SEPARATE = {
+    "llama": Architecture(
+        "llama",
+        _causal(
+            "LlamaConfig", "LlamaForCausalLM", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        ),
+        ("q_proj", "v_proj"),
+    ),
+    "mistral": Architecture(
+        "mistral",
+        _causal(
+            "MistralConfig", "MistralForCausalLM", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        ),
+        ("q_proj", "v_proj"),
+    ),
+    "qwen2": Architecture(
+        "qwen2",
+        _causal(
+            "Qwen2Config", "Qwen2ForCausalLM", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        ),
+        ("q_proj", "v_proj"),
+    ),
+    "opt": Architecture(
+        "opt",
+        _causal(
+            "OPTConfig", "OPTForCausalLM", hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=32, word_embed_proj_dim=32,
+        ),
+        ("q_proj", "v_proj"),
+    ),
+}

@@ -1,0 +1,166 @@
+"""Every logged ΔW number is of the update the model applies, for each peft variant and each
+architecture: real peft models trained by a real Lightning ``Trainer`` with
+``LoRASubspaceMonitor()`` at its defaults, the TensorBoard scalars read back and compared with
+merged minus pretrained weights (a deep copy, ``merge_and_unload``), fused modules cut by the
+rows their architecture's attention uses (found by probing it, ``tiny_models``)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning_setup import make_trainer, read_events
+from tiny_models import FUSED, SEPARATE, VOCAB, Architecture, base_model, peft_model, probe_fused_rows
+from torch.utils.data import DataLoader, TensorDataset
+
+from lora_monitor import LoRASubspaceMonitor
+from lora_monitor.tags import scalar_tag
+
+STEPS = 4
+PROJECTIONS = {"q_proj": "q", "v_proj": "v"}
+
+
+class TokensModule(pl.LightningModule):
+    """Next-token training of a peft causal LM on random tokens (AdaLoRA: with its rank
+    allocation after every optimizer step, as its users call it)."""
+
+    def __init__(self, model: torch.nn.Module, adalora: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.adalora = adalora
+
+    def training_step(self, batch, batch_idx):
+        (tokens,) = batch
+        return self.model(input_ids=tokens, labels=tokens).loss
+
+    def on_before_zero_grad(self, optimizer) -> None:
+        if self.adalora:
+            self.model.base_model.update_and_allocate(self.global_step)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=2e-2)
+
+    def train_dataloader(self) -> DataLoader:
+        tokens = torch.randint(0, VOCAB, (16, 8), generator=torch.Generator().manual_seed(0))
+        return DataLoader(TensorDataset(tokens), batch_size=4)
+
+
+def _weight(module: torch.nn.Module) -> torch.Tensor:
+    weight = module.weight.detach()
+    return weight.T if type(module).__name__ == "Conv1D" else weight
+
+
+def true_updates(arch: Architecture, pretrained: torch.nn.Module, trained) -> dict[tuple[int, str], torch.Tensor]:
+    """``(layer, projection) → merged − pretrained`` for q and v, by peft's merge_and_unload on
+    a deep copy; a fused module's rows as its attention code takes them."""
+    merged = dict(copy.deepcopy(trained).merge_and_unload().named_modules())
+    rows = probe_fused_rows(arch, pretrained) if arch.fused else None
+    updates = {}
+    for name, module in pretrained.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if last not in arch.target_modules:
+            continue
+        layer = next(int(part) for part in name.split(".") if part.isdigit())
+        delta = (_weight(merged[name]) - _weight(module)).double()
+        if rows is None:
+            updates[layer, PROJECTIONS[last]] = delta
+        else:
+            for projection in ("q", "v"):
+                updates[layer, projection] = delta[torch.tensor(rows[projection])]
+    return updates
+
+
+def train(tmp_path, model, adalora: bool = False):
+    monitor = LoRASubspaceMonitor()
+    trainer = make_trainer(tmp_path, [monitor], max_steps=STEPS)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        trainer.fit(TokensModule(model, adalora=adalora))
+    return monitor, read_events(trainer.logger.log_dir)
+
+
+def logged(events, name: str, key: tuple[int, str]) -> float:
+    (event,) = [e for e in events.Scalars(scalar_tag(name, key)) if e.step == STEPS]
+    return event.value
+
+
+def check_delta_w_norms(events, updates) -> None:
+    for key, delta in updates.items():
+        expected = torch.linalg.matrix_norm(delta).item()
+        assert expected > 1e-4, key  # the run really moved the weights
+        assert logged(events, "delta_w_norm", key) == pytest.approx(expected, rel=2e-4), key
+
+
+@pytest.mark.parametrize("name", sorted(FUSED) + sorted(SEPARATE))
+def test_plain_lora_delta_w_of_every_architecture(tmp_path, name):
+    arch = {**FUSED, **SEPARATE}[name]
+    pretrained = base_model(arch)
+    model = peft_model(arch, pretrained)
+    _, events = train(tmp_path, model)
+    check_delta_w_norms(events, true_updates(arch, pretrained, model))
+
+
+VARIANTS = {
+    "rslora": {"use_rslora": True},
+    "dora": {"use_dora": True},
+    "pissa": {"init_lora_weights": "pissa"},
+    "olora": {"init_lora_weights": "olora"},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variant_delta_w_is_merged_minus_pretrained(tmp_path, variant):
+    arch = SEPARATE["llama"]
+    pretrained = base_model(arch)
+    model = peft_model(arch, pretrained, **VARIANTS[variant])
+    monitor, events = train(tmp_path, model)
+    updates = true_updates(arch, pretrained, model)
+    check_delta_w_norms(events, updates)
+    for key, delta in updates.items():
+        W0 = _weight(dict(pretrained.named_modules())[_module_path(pretrained, key)]).double()
+        assert logged(events, "delta_w_relative_norm", key) == pytest.approx(
+            (torch.linalg.matrix_norm(delta) / torch.linalg.matrix_norm(W0)).item(), rel=2e-4
+        )
+        # Amplification against ΔW's top directions: r of them, 2r since PiSSA's initial factors.
+        r = 8 if variant in ("pissa", "olora") else 4
+        U, S, Vh = torch.linalg.svd(delta)
+        dense = torch.linalg.matrix_norm(delta) / torch.linalg.matrix_norm(U[:, :r].T @ W0 @ Vh[:r].T)
+        assert logged(events, "amplification", key) == pytest.approx(dense.item(), rel=1e-3)
+        spectrum = monitor.latest_analysis[key].singular_values.double()
+        # The whole spectrum: r (2r) values where ΔW is factored, the full one for DoRA.
+        n = spectrum.numel()
+        assert n == (S.numel() if variant == "dora" else r)
+        torch.testing.assert_close(spectrum, S[:n], rtol=1e-3, atol=1e-6)
+        assert (S[n:] < 1e-5 * S[0]).all()
+
+
+def test_dora_magnitude_scalars(tmp_path):
+    arch = SEPARATE["llama"]
+    pretrained = base_model(arch)
+    model = peft_model(arch, pretrained, use_dora=True)
+    _, events = train(tmp_path, model)
+    for key in ((0, "q"), (1, "v")):
+        layer = dict(model.named_modules())["base_model.model." + _module_path(pretrained, key)]
+        W0 = layer.get_base_layer().weight.detach().double()
+        low_rank = layer.get_delta_weight("default").detach().double()  # peft: s·B·A for DoRA too
+        m = layer.lora_magnitude_vector["default"].weight.detach().double()
+        D = m / torch.linalg.vector_norm(W0 + low_rank, dim=1)
+        assert logged(events, "dora_magnitude_norm", key) == pytest.approx(
+            torch.linalg.matrix_norm((D - 1)[:, None] * W0).item(), rel=1e-3
+        )
+        assert logged(events, "dora_direction_norm", key) == pytest.approx(
+            torch.linalg.matrix_norm(D[:, None] * low_rank).item(), rel=1e-3
+        )
+        assert logged(events, "dora_scale_std", key) == pytest.approx(D.std(correction=0).item(), rel=1e-3, abs=1e-7)
+
+
+def _module_path(base: torch.nn.Module, key: tuple[int, str]) -> str:
+    layer, projection = key
+    for name, _ in base.named_modules():
+        parts = name.split(".")
+        if str(layer) in parts and PROJECTIONS.get(parts[-1]) == projection:
+            return name
+    raise KeyError(key)
