@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning_setup import make_trainer, read_events
-from tiny_models import FUSED, SEPARATE, VOCAB, Architecture, base_model, peft_model, probe_fused_rows
+from tiny_models import FUSED, SEPARATE, VOCAB, Architecture, causal_lm, base_model, peft_model, probe_fused_rows
 from torch.utils.data import DataLoader, TensorDataset
 
 from lora_monitor import LoRASubspaceMonitor
@@ -36,7 +36,8 @@ class TokensModule(pl.LightningModule):
         (tokens,) = batch
         return self.model(input_ids=tokens, labels=tokens).loss
 
-    def on_before_zero_grad(self, optimizer) -> None:
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # After the optimizer step, before the next zero_grad: the gradients AdaLoRA scores.
         if self.adalora:
             self.model.base_model.update_and_allocate(self.global_step)
 
@@ -164,3 +165,60 @@ def _module_path(base: torch.nn.Module, key: tuple[int, str]) -> str:
         if str(layer) in parts and PROJECTIONS.get(parts[-1]) == projection:
             return name
     raise KeyError(key)
+
+
+def test_adalora_delta_w_and_kept_rank(tmp_path):
+    from peft import AdaLoraConfig
+
+    arch = SEPARATE["llama"]
+    pretrained = base_model(arch)
+    # Rank allocation from step 1 to 3 of 4: triplets are pruned from 6 down to a budget of 2.
+    model = peft_model(
+        arch, pretrained, config_class=AdaLoraConfig, init_r=6, target_r=2, tinit=1, tfinal=1,
+        deltaT=1, total_step=STEPS, r=6,
+    )
+    monitor, events = train(tmp_path, model, adalora=True)
+    check_delta_w_norms(events, true_updates(arch, pretrained, model))
+    for key in ((0, "q"), (1, "v")):
+        layer = dict(model.named_modules())["base_model.model." + _module_path(pretrained, key)]
+        kept = int((layer.lora_E["default"] != 0).sum())
+        assert logged(events, "adalora_kept_rank", key) == kept
+    assert any(logged(events, "adalora_kept_rank", key) < 6 for key in monitor.latest_analysis)
+
+
+def _quantized_llama(tmp_path, bits: int):
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    # bitsandbytes' CPU 4-bit kernels quantize blocks of 64 inputs: hidden size 64.
+    arch = Architecture(
+        "llama64",
+        causal_lm("LlamaConfig", "LlamaForCausalLM", hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32),
+        ("q_proj", "v_proj"),
+    )
+    base_model(arch).save_pretrained(str(tmp_path / "base"))
+    quantization = BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = LlamaForCausalLM.from_pretrained(str(tmp_path / "base"), quantization_config=quantization, device_map="cpu")
+    return arch, quantized
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_reads_w0_through_dequantization(tmp_path, bits):
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.integrations import dequantize_module_weight
+
+    arch, quantized = _quantized_llama(tmp_path, bits)
+    model = get_peft_model(quantized, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    _, events = train(tmp_path, model)
+    for key in ((0, "q"), (1, "v")):
+        layer = dict(model.named_modules())["base_model.model." + _module_path(quantized, key)]
+        W0 = dequantize_module_weight(layer.get_base_layer()).detach().double()
+        delta = layer.get_delta_weight("default").detach().double()
+        U, S, Vh = torch.linalg.svd(delta)
+        norm = torch.linalg.matrix_norm(delta)
+        assert logged(events, "delta_w_norm", key) == pytest.approx(norm.item(), rel=2e-4)
+        assert logged(events, "delta_w_relative_norm", key) == pytest.approx((norm / torch.linalg.matrix_norm(W0)).item(), rel=1e-3)
+        dense = norm / torch.linalg.matrix_norm(U[:, :4].T @ W0 @ Vh[:4].T)
+        assert logged(events, "amplification", key) == pytest.approx(dense.item(), rel=1e-3)

@@ -27,7 +27,7 @@ class Architecture:
     lora_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-def _causal(config_class: str, model_class: str, **config: Any) -> Callable[[], torch.nn.Module]:
+def causal_lm(config_class: str, model_class: str, **config: Any) -> Callable[[], torch.nn.Module]:
     def build() -> torch.nn.Module:
         import transformers
 
@@ -41,26 +41,26 @@ def _causal(config_class: str, model_class: str, **config: Any) -> Callable[[], 
 FUSED = {
     "gpt2": Architecture(
         "gpt2",
-        _causal("GPT2Config", "GPT2LMHeadModel", n_embd=32, n_layer=2, n_head=4, n_positions=32),
+        causal_lm("GPT2Config", "GPT2LMHeadModel", n_embd=32, n_layer=2, n_head=4, n_positions=32),
         ("c_attn",),
         fused="transformer.h.0.attn.c_attn",
         lora_kwargs={"fan_in_fan_out": True},
     ),
     "gpt_bigcode_mq": Architecture(
         "gpt_bigcode_mq",
-        _causal("GPTBigCodeConfig", "GPTBigCodeForCausalLM", n_embd=32, n_layer=2, n_head=4, n_positions=32, multi_query=True),
+        causal_lm("GPTBigCodeConfig", "GPTBigCodeForCausalLM", n_embd=32, n_layer=2, n_head=4, n_positions=32, multi_query=True),
         ("c_attn",),
         fused="transformer.h.0.attn.c_attn",
     ),
     "gpt_bigcode_mha": Architecture(
         "gpt_bigcode_mha",
-        _causal("GPTBigCodeConfig", "GPTBigCodeForCausalLM", n_embd=32, n_layer=2, n_head=4, n_positions=32, multi_query=False),
+        causal_lm("GPTBigCodeConfig", "GPTBigCodeForCausalLM", n_embd=32, n_layer=2, n_head=4, n_positions=32, multi_query=False),
         ("c_attn",),
         fused="transformer.h.0.attn.c_attn",
     ),
     "phi3": Architecture(
         "phi3",
-        _causal(
+        causal_lm(
             "Phi3Config", "Phi3ForCausalLM", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0,
         ),
@@ -69,7 +69,7 @@ FUSED = {
     ),
     "falcon_mha": Architecture(
         "falcon_mha",
-        _causal(
+        causal_lm(
             "FalconConfig", "FalconForCausalLM", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             multi_query=False, new_decoder_architecture=False,
         ),
@@ -78,7 +78,7 @@ FUSED = {
     ),
     "falcon_mq": Architecture(
         "falcon_mq",
-        _causal(
+        causal_lm(
             "FalconConfig", "FalconForCausalLM", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             multi_query=True, new_decoder_architecture=False,
         ),
@@ -87,7 +87,7 @@ FUSED = {
     ),
     "falcon_grouped": Architecture(
         "falcon_grouped",
-        _causal(
+        causal_lm(
             "FalconConfig", "FalconForCausalLM", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             num_kv_heads=2, new_decoder_architecture=True,
         ),
@@ -96,7 +96,7 @@ FUSED = {
     ),
     "gpt_neox": Architecture(
         "gpt_neox",
-        _causal(
+        causal_lm(
             "GPTNeoXConfig", "GPTNeoXForCausalLM", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=64, max_position_embeddings=32,
         ),
@@ -105,7 +105,7 @@ FUSED = {
     ),
     "bloom": Architecture(
         "bloom",
-        _causal("BloomConfig", "BloomForCausalLM", hidden_size=32, n_layer=2, n_head=4),
+        causal_lm("BloomConfig", "BloomForCausalLM", hidden_size=32, n_layer=2, n_head=4),
         ("query_key_value",),
         fused="transformer.h.0.self_attention.query_key_value",
     ),
@@ -182,7 +182,7 @@ def probe_fused_rows(arch: Architecture, base: torch.nn.Module) -> dict[str, lis
 SEPARATE = {
     "llama": Architecture(
         "llama",
-        _causal(
+        causal_lm(
             "LlamaConfig", "LlamaForCausalLM", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
         ),
@@ -190,7 +190,7 @@ SEPARATE = {
     ),
     "mistral": Architecture(
         "mistral",
-        _causal(
+        causal_lm(
             "MistralConfig", "MistralForCausalLM", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
         ),
@@ -198,7 +198,7 @@ SEPARATE = {
     ),
     "qwen2": Architecture(
         "qwen2",
-        _causal(
+        causal_lm(
             "Qwen2Config", "Qwen2ForCausalLM", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
         ),
@@ -206,7 +206,7 @@ SEPARATE = {
     ),
     "opt": Architecture(
         "opt",
-        _causal(
+        causal_lm(
             "OPTConfig", "OPTForCausalLM", hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=32, word_embed_proj_dim=32,
         ),
