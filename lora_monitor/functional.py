@@ -47,8 +47,8 @@ def _max_abs(X: Tensor) -> Tensor:
 def _normalized_qr(
     X: Tensor, max_abs: Tensor, finite: Tensor, with_q: bool
 ) -> tuple[Optional[Tensor], Tensor, Tensor]:
-    """Thin QR of ``X: (..., n, r)`` brought to magnitude ~1 by an exact power of two and zeroed
-    where ``finite`` is False (LAPACK raises on NaN/Inf): ``(Q or None, R, 2^e)``.
+    """Thin Householder QR of ``X: (..., n, r)`` brought to magnitude ~1 by an exact power of two
+    and zeroed where ``finite`` is False (LAPACK raises on NaN/Inf): ``(Q or None, R, 2^e)``.
 
     The scaling keeps the r×r core product of two such factors from overflowing or
     underflowing. On the CPU, when every matrix is finite and of moderate magnitude (the usual
@@ -70,12 +70,126 @@ def _normalized_qr(
     return Q, R, power
 
 
+#: The Gram path takes a factor X only where every eigenvalue of XᵀX lies within this factor of
+#: their mean, so that κ(X)² ≤ 4 (see :func:`_gram_cholesky`).
+_GRAM_SPREAD = 2.0
+
+
+def _exact_matmul(device: torch.device) -> bool:
+    """Whether float32 matrix products on ``device`` are computed in float32, not in TF32 or
+    bfloat16 (which ``torch.set_float32_matmul_precision`` or a backend's ``fp32_precision``
+    allow): the Gram path's accuracy rests on it. Any doubt reads as no."""
+    try:
+        backend = torch.backends.cuda.matmul if device.type == "cuda" else torch.backends.mkldnn.matmul
+        precision = backend.fp32_precision
+        if precision == "none":  # not set for this backend: the global setting applies
+            precision = torch.backends.fp32_precision
+        return precision in ("none", "ieee")
+    except (AttributeError, RuntimeError):  # a torch without the per-backend settings
+        try:
+            return torch.get_float32_matmul_precision() == "highest"
+        except RuntimeError:
+            return False
+
+
+def _gram_cholesky(X: Tensor) -> tuple[Optional[Tensor], Tensor]:
+    """``(R, exact)`` for ``X: (N, n, r)``: R upper-triangular with ``RᵀR = XᵀX`` (Cholesky of the
+    Gram matrix, one GEMM), and ``exact: (N,)`` where ``Q = X R⁻¹`` and R are as accurate as a
+    Householder QR's, so that they may replace it. R is None where no matrix can take the Gram
+    path: an empty batch, r = 0, r > n (XᵀX is singular), or matrix products rounded below the
+    dtype's precision (:func:`_exact_matmul`).
+
+    A Gram matrix squares the condition number: ``Q = X R⁻¹`` loses orthogonality by about
+    ``ε_G·κ(X)²``, ε_G the relative rounding error of the product XᵀX (a few units of roundoff:
+    measured 4–7 u for n = 64…16384), and forming it with R⁻¹ loses about ``u·κ(X)·√r`` more; R
+    carries the same relative error. ``exact`` is certified per matrix, from the Gram matrix
+    itself, at matrix-multiply cost: the mean squared column norm t (the mean eigenvalue) lies
+    well inside the dtype's range (its squares can neither overflow nor underflow), and
+    ``XᵀX − (t/2)·I`` and ``2t·I − XᵀX`` both have Cholesky factors, i.e. every eigenvalue lies in
+    [t/2, 2t] and κ(X)² ≤ 4: the Gram path then errs by at most four Gram roundings (measured
+    4·10⁻⁷ in ‖QᵀQ − I‖ at 4096 × 64, Householder 8·10⁻⁷). Zero, rank-deficient, badly
+    conditioned, non-finite and extreme factors fail the test, and go to Householder QR.
+    """
+    count, n, r = X.shape
+    if not (count and 0 < r <= n and (X.dtype == torch.float64 or _exact_matmul(X.device))):
+        return None, torch.zeros(count, dtype=torch.bool, device=X.device)
+    G = X.mT @ X
+    mean = G.diagonal(dim1=-2, dim2=-1).mean(-1)
+    limit = 2.0 ** (math.frexp(torch.finfo(G.dtype).max)[1] // 2 - 4)  # float32: 2^60
+    in_range = (mean >= 1 / limit) & (mean <= limit)  # False for NaN and Inf
+    eye = torch.eye(r, dtype=G.dtype, device=G.device)
+    # LAPACK gets the identity instead of a matrix that failed already (NaN, Inf, zero).
+    G = torch.where(in_range[:, None, None], G, eye)
+    shift = torch.where(in_range, mean, 1.0)[:, None, None] * eye
+    R, info = torch.linalg.cholesky_ex(G, upper=True)
+    _, above = torch.linalg.cholesky_ex(G - shift / _GRAM_SPREAD)
+    _, below = torch.linalg.cholesky_ex(shift * _GRAM_SPREAD - G)
+    return R, in_range & (info == 0) & (above == 0) & (below == 0)
+
+
+def _orthogonal_factor(
+    X: Tensor, with_q: bool
+) -> tuple[Optional[Tensor], Optional[Tensor], Tensor, Tensor, Tensor]:
+    """Thin QR of ``X: (..., n, r)`` (in the compute dtype), by whichever path is exact for each
+    matrix of the batch: ``(P, T, R, 2^e, finite)`` with ``X = 2^e·Q R`` and ``Q = P T⁻¹``
+    orthonormal.
+
+    Where the Gram path is exact (:func:`_gram_cholesky`), P is X itself and T = R: Q is never
+    formed, so that a caller multiplies X by ``T⁻¹ W`` (r×r) once, or not at all (φ against a
+    reference needs ``Uᵀ X``, which is cheaper still). Elsewhere it is a Householder QR
+    (:func:`_normalized_qr`, with its power-of-two scaling and zeroing of non-finite matrices),
+    P its Q and T the identity. T is None when every matrix took the Householder path, P is None
+    without ``with_q``. ``finite`` is False where X holds NaN or Inf.
+
+    Deciding costs one host round trip (which matrices go to LAPACK); the Householder path runs
+    on those matrices only.
+    """
+    batch, (n, r) = X.shape[:-2], X.shape[-2:]
+    flat = X.reshape(-1, n, r)
+    count = flat.shape[0]
+    R, exact = _gram_cholesky(flat)
+    householder = (~exact).nonzero().squeeze(-1)
+    if len(householder) == count:
+        max_abs = _max_abs(flat)
+        finite = torch.isfinite(max_abs)
+        P, R, power = _normalized_qr(flat, max_abs, finite, with_q)
+        T = None
+    else:
+        P, T = (flat if with_q else None), R
+        power = torch.ones(count, dtype=X.dtype, device=X.device)
+        finite = torch.ones(count, dtype=torch.bool, device=X.device)
+        if len(householder):
+            rest = flat[householder]
+            max_abs = _max_abs(rest)
+            rest_finite = torch.isfinite(max_abs)
+            rest_q, rest_r, rest_power = _normalized_qr(rest, max_abs, rest_finite, with_q)
+            eye = torch.eye(r, dtype=X.dtype, device=X.device).expand(len(householder), r, r)
+            R = R.index_copy(0, householder, rest_r)
+            T = T.index_copy(0, householder, eye)
+            power = power.index_copy(0, householder, rest_power)
+            finite = finite.index_copy(0, householder, rest_finite)
+            if with_q:
+                P = flat.index_copy(0, householder, rest_q)
+
+    def unflatten(t: Optional[Tensor]) -> Optional[Tensor]:
+        return None if t is None else t.reshape(*batch, *t.shape[1:])
+
+    return unflatten(P), unflatten(T), unflatten(R), power.reshape(batch), finite.reshape(batch)
+
+
+def _solve(T: Optional[Tensor], W: Tensor) -> Tensor:
+    """``T⁻¹ W`` for the T of :func:`_orthogonal_factor` (upper-triangular; None: the identity)."""
+    return W if T is None else torch.linalg.solve_triangular(T, W, upper=True)
+
+
 def factored_svd(B: Tensor, A: Tensor, scaling: Scaling = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD of ``scaling · B @ A`` computed from its factors, never forming the product.
 
     B = Q_B R_B and Aᵀ = Q_A R_A (thin QR), then the small SVD R_B R_Aᵀ = U_c Σ V_cᵀ gives
     ΔW = Q_B U_c (s·Σ) (Q_A V_c)ᵀ. Cost O((d + k)·r²) and memory O((d + k)·r) instead of
-    O(d·k·min(d, k)) and d·k.
+    O(d·k·min(d, k)) and d·k. Each QR comes from the factor's Gram matrix where that is exact
+    (well-conditioned factors, the usual case: two GEMMs per factor in all, ``U = B (R_B⁻¹ U_c)``),
+    else from Householder QR (see :func:`_gram_cholesky`).
 
     Args:
         B: ``(..., d, r)``.
@@ -99,20 +213,21 @@ def factored_svd(B: Tensor, A: Tensor, scaling: Scaling = 1.0) -> tuple[Tensor, 
     B = B.to(dtype)
     A = A.to(dtype)
     scaling = torch.as_tensor(scaling, dtype=dtype, device=B.device)
-    # LAPACK's SVD raises on non-finite input; those matrices are zeroed, their spectrum NaN.
-    max_b, max_a = _max_abs(B), _max_abs(A)
-    finite = torch.isfinite(max_b) & torch.isfinite(max_a) & torch.isfinite(scaling)
-    # Each factor is brought to magnitude ~1 by an exact power of two, so that the r×r core
-    # product neither overflows (NaN spectrum for finite factors) nor underflows (zero spectrum
-    # and arbitrary vectors for a nonzero ΔW); the powers are put back on the singular values.
-    q_b, r_b, exp_b = _normalized_qr(B, max_b, finite, with_q=True)
-    q_a, r_a, exp_a = _normalized_qr(A.mT, max_a, finite, with_q=True)
+    # Each factor is brought to magnitude ~1 (by an exact power of two, where it is not already
+    # well inside the dtype's range), so that the r×r core product neither overflows (NaN
+    # spectrum for finite factors) nor underflows (zero spectrum and arbitrary vectors for a
+    # nonzero ΔW); the powers are put back on the singular values. LAPACK's SVD raises on
+    # non-finite input: those matrices are zeroed, their spectrum NaN.
+    p_b, t_b, r_b, exp_b, finite_b = _orthogonal_factor(B, with_q=True)
+    p_a, t_a, r_a, exp_a, finite_a = _orthogonal_factor(A.mT, with_q=True)
+    finite = finite_b & finite_a & torch.isfinite(scaling)
     u_core, s_core, vh_core = torch.linalg.svd(r_b @ r_a.mT, full_matrices=False)
-    U = q_b @ u_core
-    Vh = vh_core @ q_a.mT
-    # A negative scaling flips the left vectors so that singular values stay non-negative.
+    # A negative scaling flips the left vectors so that singular values stay non-negative; the
+    # sign and R⁻¹ go on the r×r factors, so that each side costs one product with its factor.
+    sign = torch.where(scaling < 0, -1.0, 1.0).to(dtype)[..., None, None]
+    U = p_b @ _solve(t_b, u_core * sign)
+    Vh = _solve(t_a, vh_core.mT).mT @ p_a.mT
     S = s_core * scaling.abs()[..., None] * exp_b[..., None] * exp_a[..., None]
-    U = U * torch.where(scaling < 0, -1.0, 1.0).to(dtype)[..., None, None]
     nan = torch.full((), float("nan"), dtype=dtype, device=S.device)
     S = torch.where(finite[..., None], S, nan)
     return U, S, Vh
@@ -127,10 +242,8 @@ def singular_basis(B: Tensor, A: Tensor, scaling: Scaling = 1.0, basis: Basis = 
     if basis in ("A", "B"):
         # One factor alone: its own QR, no identity partner (whose QR would be wasted work).
         factor = A.mT if basis == "A" else B
-        factor = factor.to(compute_dtype(factor))
-        max_abs = _max_abs(factor)
-        Q, R, _ = _normalized_qr(factor, max_abs, torch.isfinite(max_abs), with_q=True)
-        return Q @ _factor_rotation(R)[0]
+        P, T, R, _, _ = _orthogonal_factor(factor.to(compute_dtype(factor)), with_q=True)
+        return P @ _solve(T, _factor_rotation(R)[0])
     _, Q, W, _ = factored_basis(B, A, scaling, basis)
     return Q @ W
 
@@ -148,16 +261,19 @@ def factored_basis(
     """ΔW's singular values and one singular basis kept factored, from one QR per factor.
 
     The analysis of a snapshot needs the spectrum of ΔW and the basis φ is computed in, never
-    ΔW's vectors on both sides: only the factor the basis lives on (B for ``"B"`` and
-    ``"delta_w_left"``, A for ``"A"`` and ``"delta_w_right"``) gets its Q formed; the other one
-    is reduced to its R (no orgqr), and the basis is returned as ``Q @ W`` without multiplying
-    it out: :func:`subspace_similarity` takes ``W`` as ``rotation``, so that φ against a
-    reference basis costs ``(Uᵀ Q) W``, O(n·r·p), instead of forming the n×r basis.
+    ΔW's vectors on both sides. Only the factor the basis lives on (B for ``"B"`` and
+    ``"delta_w_left"``, A for ``"A"`` and ``"delta_w_right"``) keeps an n×r matrix; the other one
+    is reduced to its r×r triangle R. The basis is returned as ``Q @ W`` without multiplying it
+    out: :func:`subspace_similarity` takes ``W`` as ``rotation``, so that φ against a reference
+    basis costs ``(Uᵀ Q) W``, O(n·r·p), instead of forming the n×r basis. Where the factor is
+    well-conditioned (:func:`_gram_cholesky`), nothing n×r is formed at all: Q is the factor
+    itself and W carries R⁻¹, so the whole analysis costs two Gram matrices and r×r work.
 
     Returns:
         ``(S, Q, W, basis_S)``: ``S (..., m)`` ΔW's singular values as :func:`factored_svd`
-        gives them; ``Q (..., n, r)`` orthonormal and ``W (..., r, m)`` with
-        ``Q @ W == singular_basis(B, A, scaling, basis)`` (up to the sign of each column);
+        gives them; ``Q (..., n, r)`` (the factor's Householder Q, or for a matrix on the Gram
+        path the factor itself, in the compute dtype) and ``W (..., r, m)`` with ``Q @ W ==
+        singular_basis(B, A, scaling, basis)`` (up to the sign of each column), orthonormal;
         ``basis_S (..., m)`` the singular values that order the basis (of A, of B, or S itself
         for ΔW's bases). All NaN where a factor or the scaling is not finite.
     """
@@ -171,12 +287,11 @@ def factored_basis(
     dtype = compute_dtype(B, A)
     B, A = B.to(dtype), A.to(dtype)
     scaling = torch.as_tensor(scaling, dtype=dtype, device=B.device)
-    max_b, max_a = _max_abs(B), _max_abs(A)
-    finite = torch.isfinite(max_b) & torch.isfinite(max_a) & torch.isfinite(scaling)
     on_b = basis in ("B", "delta_w_left")
-    q_b, r_b, exp_b = _normalized_qr(B, max_b, finite, with_q=on_b)
-    q_a, r_a, exp_a = _normalized_qr(A.mT, max_a, finite, with_q=not on_b)
-    Q = q_b if on_b else q_a
+    p_b, t_b, r_b, exp_b, finite_b = _orthogonal_factor(B, with_q=on_b)
+    p_a, t_a, r_a, exp_a, finite_a = _orthogonal_factor(A.mT, with_q=not on_b)
+    finite = finite_b & finite_a & torch.isfinite(scaling)
+    Q, T = (p_b, t_b) if on_b else (p_a, t_a)
     core = r_b @ r_a.mT
     magnitude = scaling.abs()[..., None] * exp_b[..., None] * exp_a[..., None]
     if basis.startswith("delta_w"):
@@ -191,7 +306,8 @@ def factored_basis(
         W, sigma = _factor_rotation(r_b if on_b else r_a)
         basis_S = sigma * (exp_b if on_b else exp_a)[..., None]
     nan = torch.full((), float("nan"), dtype=dtype, device=S.device)
-    return torch.where(finite[..., None], S, nan), Q, W, torch.where(finite[..., None], basis_S, nan)
+    S, basis_S = torch.where(finite[..., None], S, nan), torch.where(finite[..., None], basis_S, nan)
+    return S, Q, _solve(T, W), basis_S
 
 
 def subspace_similarity(U: Tensor, V: Tensor, rotation: Optional[Tensor] = None) -> Tensor:

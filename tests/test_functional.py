@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from lora_monitor import functional
 from lora_monitor.functional import (
     BASES,
     amplification_factor,
@@ -499,7 +500,8 @@ def test_intruder_dimensions_non_finite_gives_minus_one():
 # ----------------------------------------------------------------------------- hypothesis fuzz
 
 FUZZ_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-DEGENERACIES = ["none", "zero_B", "zero_A", "rank1", "repeated_columns", "zero_row_block"]
+# "well_conditioned": singular values within 1…1.2, the Gram path's territory (where d, k ≥ r).
+DEGENERACIES = ["none", "well_conditioned", "zero_B", "zero_A", "rank1", "repeated_columns", "zero_row_block"]
 
 
 def _tolerance(dtype):
@@ -521,7 +523,9 @@ def lora_cases(draw):
     g = gen(seed)
     B = torch.randn(*batch, d, r, generator=g, dtype=F64) * b_scale
     A = torch.randn(*batch, r, k, generator=g, dtype=F64) * a_scale
-    if degeneracy == "zero_B":
+    if degeneracy == "well_conditioned":
+        B, A = _well_conditioned(B, g), _well_conditioned(A.mT, g).mT
+    elif degeneracy == "zero_B":
         B = torch.zeros_like(B)
     elif degeneracy == "zero_A":
         A = torch.zeros_like(A)
@@ -535,11 +539,56 @@ def lora_cases(draw):
     return B.to(dtype), A.to(dtype), scaling
 
 
+def _well_conditioned(X, g):
+    """X's singular vectors and magnitude with singular values spread over 1…1.2 only."""
+    U, _, Vh = torch.linalg.svd(X, full_matrices=False)
+    spread = 1 + 0.2 * torch.rand(U.shape[-1], generator=g, dtype=F64)
+    return (U * spread) @ Vh * X.abs().amax((-2, -1), keepdim=True)
+
+
+def _expected_path(X):
+    """Per matrix of ``X: (..., n, r)``, from float64 eigenvalues of its Gram matrix: True where
+    the Gram path must be taken (every eigenvalue well within [t/2, 2t], t their mean), False
+    where it must not (r > n, zero, rank-deficient or κ² > 4 with a margin), None in between."""
+    n, r = X.shape[-2:]
+    X = X.to(functional.compute_dtype(X)).to(F64).reshape(-1, n, r)
+    if r == 0 or r > n:
+        return [False] * X.shape[0]
+    eigenvalues = torch.linalg.eigvalsh(X.mT @ X)
+    t = eigenvalues.mean(-1)
+    moderate = (t > 1e-15) & (t < 1e15)  # well inside the range of the Gram path's squares
+    inside = moderate & (eigenvalues[:, 0] >= 0.55 * t) & (eigenvalues[:, -1] <= 1.8 * t)
+    outside = (t == 0) | (eigenvalues[:, 0] <= 0.45 * t) | (eigenvalues[:, -1] >= 2.2 * t)
+    return [True if i else False if o else None for i, o in zip(inside.tolist(), outside.tolist())]
+
+
+def _fuzz_example(kinds, dtype=torch.float32):
+    """A fixed case of the fuzz: a batch of (6, 3) × (3, 5) factors, one matrix per kind."""
+    g = gen(99)
+    B = torch.randn(len(kinds), 6, 3, generator=g, dtype=F64)
+    A = torch.randn(len(kinds), 3, 5, generator=g, dtype=F64)
+    for index, kind in enumerate(kinds):
+        if kind == "well_conditioned":
+            B[index], A[index] = _well_conditioned(B[index], g), _well_conditioned(A[index].T, g).T
+        elif kind == "zero_B":
+            B[index] = 0.0
+    return B.to(dtype), A.to(dtype), -0.5
+
+
+# Both paths, every run: one batch all on the Gram path, one all on Householder QR, one mixed.
+@example(case=_fuzz_example(["well_conditioned"] * 2))
+@example(case=_fuzz_example(["zero_B"]))
+@example(case=_fuzz_example(["well_conditioned", "zero_B", "well_conditioned"], torch.bfloat16))
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(lora_cases())
 def test_fuzz_functional_layer(case):
     B, A, scaling = case
     assert torch.isfinite(B).all() and torch.isfinite(A).all()
+    # The path each factor takes, where float64 says which one it must be.
+    for factor in (B, A.mT):
+        taken = functional._gram_cholesky(factor.to(functional.compute_dtype(factor)).reshape(-1, *factor.shape[-2:]))[1]
+        for took, expected in zip(taken.tolist(), _expected_path(factor)):
+            assert expected is None or took == expected
     d, r, k = B.shape[-2], B.shape[-1], A.shape[-1]
     m = min(d, r, k)
     out_dtype = F64 if B.dtype == F64 else torch.float32
