@@ -17,12 +17,14 @@ from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 import matplotlib
+import matplotlib.ticker
 
 import torch
 
 from lora_monitor.adapters import ModuleKey
 from lora_monitor.functional import random_subspace_similarity, sample_random_subspace_similarity
-from lora_monitor.tags import IMAGE_TAG
+from lora_monitor.recommend import RankRecommendation
+from lora_monitor.tags import OVERVIEW_TAG, heatmap_tag
 
 #: Matplotlib colour map of the heatmaps (dark = 0, light = 1, as in the paper) and the grey of
 #: masked cells.
@@ -47,7 +49,9 @@ def _ticks(n: int, most: int) -> np.ndarray:
     return np.unique(np.linspace(1, n, min(n, most)).round().astype(int))
 
 
-def _draw_panel(ax, phi: np.ndarray, cmap: Colormap, masked_upper: bool, x_ticks: bool, y_ticks: bool):
+def _draw_panel(
+    ax, phi: np.ndarray, cmap: Colormap, masked_upper: bool, x_ticks: bool, y_ticks: bool, labelsize: float = 7
+):
     p, q = phi.shape
     if masked_upper:
         i, j = np.indices(phi.shape)
@@ -63,9 +67,11 @@ def _draw_panel(ax, phi: np.ndarray, cmap: Colormap, masked_upper: bool, x_ticks
     )
     # Panels of a column share j, panels of a row share i: ticks on the outer panels only, as
     # with shared axes (tick objects are most of the time it takes to draw the figure).
-    ax.set_xticks(_ticks(q, 11) if x_ticks else [])
-    ax.set_yticks(_ticks(p, 8) if y_ticks else [])
-    ax.tick_params(labelsize=7, length=2)
+    # Larger labels (a card's) get fewer ticks, and a zoom panel, a third of the width, fewer still.
+    most_x = 11 if labelsize < 9 else (3 if masked_upper else 5)
+    ax.set_xticks(_ticks(q, most_x) if x_ticks else [])
+    ax.set_yticks(_ticks(p, 8 if labelsize < 9 else 4) if y_ticks else [])
+    ax.tick_params(labelsize=labelsize, length=2)
     return image
 
 
@@ -78,6 +84,8 @@ def phi_figure(
     layers: Optional[Sequence[int]] = None,
     projections: Optional[Sequence[str]] = None,
     extra_rows: Optional[Mapping[str, np.ndarray]] = None,
+    card: bool = False,
+    title_prefix: str = "",
 ) -> Figure:
     """One grid figure of φ heatmaps: a row per layer, a column per projection.
 
@@ -92,11 +100,16 @@ def phi_figure(
         extra_rows: ``label → (p, q) grid`` drawn as further rows below the layers, the same grid
             in every column (e.g. the φ of random subspaces: what "nothing shared" looks like).
 
+        card: the layout of a TensorBoard card instead (:func:`_card_figure`): one layer,
+            :data:`CARD_WIDTH` pixels wide, larger labels; ``title_prefix`` starts its title.
+
     Returns:
         A matplotlib ``Figure`` (no pyplot state), 0..1 colour scale with one colour bar.
     """
     if not grids:
         raise ValueError("phi_figure: no φ grids to draw")
+    if card:
+        return _card_figure(grids, row_symbol, column_symbol, zoom, projections, title_prefix)
     layers = list(layers) if layers is not None else sorted({layer for layer, _ in grids})
     if projections is None:
         projections = list(dict.fromkeys(projection for _, projection in grids))
@@ -152,6 +165,77 @@ def phi_figure(
     figure.suptitle(rf"$\phi({row_symbol}, {column_symbol}, i, j)$", fontsize=12, y=1 - 0.08 / height)
     if image is not None:
         figure.colorbar(image, cax=figure.add_subplot(grid[:, -1]), label=r"$\phi$")
+    return figure
+
+
+#: Width in pixels of the images logged to TensorBoard: the widest its default card shows
+#: without shrinking them (about 455 px at 1600 px, measured with docs/screenshot.py).
+CARD_WIDTH = 450
+#: Font size of the card figures' labels (points = pixels at :data:`DPI`).
+CARD_FONT = 11
+
+
+def _card_figure(
+    grids: Mapping[ModuleKey, np.ndarray],
+    row_symbol: str,
+    column_symbol: str,
+    zoom: Optional[bool],
+    projections: Optional[Sequence[str]],
+    title_prefix: str,
+) -> Figure:
+    """The φ heatmaps of one layer sized for a TensorBoard card (:data:`CARD_WIDTH` wide).
+
+    With a zoom (the reference's rank smaller), a row per projection: the whole p × q grid and
+    its masked p × p zoom. Without one, the square grids two to a row. The layer appears only in
+    ``title_prefix``, so that every layer can share one cached frame (:func:`phi_image`).
+    """
+    if projections is None:
+        projections = list(dict.fromkeys(projection for _, projection in grids))
+    by_projection = {projection: phi for (_, projection), phi in grids.items()}
+    p, q = next(iter(grids.values())).shape
+    if zoom is None:
+        zoom = p < q
+    if zoom:
+        cells = [[(projection, False), (projection, True)] for projection in projections]
+        width_ratios, panel_height = [3.0, 1.0], 1.15
+    else:
+        pairs = [list(projections[i : i + 2]) for i in range(0, len(projections), 2)]
+        cells = [[(projection, False) for projection in pair] for pair in pairs]
+        width_ratios, panel_height = [1.0] * min(2, len(projections)), 1.6
+    width = CARD_WIDTH / DPI
+    height = panel_height * len(cells) + 0.95
+    figure = Figure(figsize=(width, height), dpi=DPI)
+    grid = figure.add_gridspec(
+        len(cells),
+        len(width_ratios) + 1,
+        width_ratios=width_ratios + [0.08],
+        left=0.62 / width,
+        right=1 - 0.45 / width,
+        bottom=0.45 / height,
+        top=1 - 0.5 / height,
+        wspace=0.2 if zoom else 0.35,
+        hspace=0.45,
+    )
+    cmap = phi_colormap()
+    image = None
+    for row, cells_of_row in enumerate(cells):
+        for column, (projection, zoomed) in enumerate(cells_of_row):
+            ax = figure.add_subplot(grid[row, column])
+            phi = np.asarray(by_projection[projection], dtype=np.float32)
+            if zoomed:
+                side = min(phi.shape)
+                phi = phi[:side, :side]
+            image = _draw_panel(ax, phi, cmap, zoomed, x_ticks=True, y_ticks=column == 0 or zoomed, labelsize=CARD_FONT - 2)
+            label = projection_label(projection) + (r"$,\ i, j \leq$" + f"{min(p, q)}" if zoomed else "")
+            ax.set_title(label, fontsize=CARD_FONT, pad=3)
+            if column == 0:
+                ax.set_ylabel("i", fontsize=CARD_FONT)
+            if row == len(cells) - 1:
+                ax.set_xlabel("j", fontsize=CARD_FONT, labelpad=1)
+    figure.suptitle(
+        title_prefix + rf"$\phi({row_symbol}, {column_symbol}, i, j)$", fontsize=CARD_FONT + 1, y=1 - 0.06 / height
+    )
+    figure.colorbar(image, cax=figure.add_subplot(grid[:, -1])).ax.tick_params(labelsize=CARD_FONT - 2)
     return figure
 
 
@@ -268,7 +352,7 @@ _FRAMES: OrderedDict[Hashable, _Frame] = OrderedDict()
 #: asynchronous monitor draws in its worker thread while another monitor may draw elsewhere.
 _DRAWING = threading.Lock()
 _FRAME_CACHE_SIZE = 8
-_ROW_PLACEHOLDER, _COLUMN_PLACEHOLDER = "ROWSYMBOL", "COLUMNSYMBOL"
+_ROW_PLACEHOLDER, _COLUMN_PLACEHOLDER, _PREFIX_PLACEHOLDER = "ROWSYMBOL", "COLUMNSYMBOL", "TITLEPREFIX"
 
 
 def _pixel_indices(start: float, stop: float, cells: int) -> tuple[slice, np.ndarray]:
@@ -294,6 +378,8 @@ def _build_frame(
     extra = {key: ids[grids_keys + n] for n, (key, _) in enumerate(inputs[grids_keys:])}
     if extra:
         layout = {**layout, "extra_rows": extra}
+    if layout.get("card"):
+        layout = {**layout, "title_prefix": _PREFIX_PLACEHOLDER}
     figure = phi_figure(grids, row_symbol=_ROW_PLACEHOLDER, column_symbol=_COLUMN_PLACEHOLDER, **layout)
     figure.patch.set_visible(False)
     # The suptitle: the only figure-level text that holds the placeholders.
@@ -357,7 +443,8 @@ def phi_image(
     Drawing tick labels and titles is what costs time in a matplotlib figure (a second or more
     for a 4-layer grid), and they do not change between snapshots of a run. So the figure is
     drawn once per layout (the keys and shapes of ``grids``, and ``layout``: ``zoom``,
-    ``layers``, ``projections``, ``extra_rows``) without its heatmaps and title; later calls
+    ``layers``, ``projections``, ``extra_rows``, ``card``; a card's ``title_prefix`` is not
+    part of it) without its heatmaps and title; later calls
     colour-map the grids with numpy into the panels' pixels, as ``imshow`` with nearest
     interpolation does, and lay the cached frame and the title over them.
 
@@ -367,9 +454,14 @@ def phi_image(
     if not grids:
         raise ValueError("phi_image: no φ grids to draw")
     extra_rows = dict(layout.pop("extra_rows", None) or {})
+    title_prefix = layout.pop("title_prefix", "")
     arrays = [np.asarray(grid, dtype=np.float32) for grid in grids.values()]
     arrays += [np.asarray(grid, dtype=np.float32) for grid in extra_rows.values()]
-    inputs = [(key, a.shape) for key, a in zip([*grids, *extra_rows], arrays)]
+    keys = list(grids)
+    if layout.get("card"):
+        # A card names its layer in the title only: every layer of a run shares one frame.
+        keys = [(0, projection) for _, projection in keys]
+    inputs = [(key, a.shape) for key, a in zip([*keys, *extra_rows], arrays)]
     cache_key = (
         tuple(inputs),
         len(grids),
@@ -394,10 +486,82 @@ def phi_image(
         image[panel.rows, panel.columns] = colours[panel.source]
     _composite(image, frame.overlay)
     text = frame.title.get_text().replace(_ROW_PLACEHOLDER, row_symbol).replace(_COLUMN_PLACEHOLDER, column_symbol)
+    text = text.replace(_PREFIX_PLACEHOLDER, title_prefix)
     with _DRAWING:
         title, strip = _title_overlay(frame.title, text, width, height)
     _composite(image[:strip], title)
     return np.rint(image * 255).astype(np.uint8)
+
+
+def _rank_ticks(top: int) -> list[int]:
+    """Powers of two from 1, at most five, and ``top`` itself: a log₂ axis of ranks."""
+    powers = [2**k for k in range(int(np.log2(max(top, 1))) + 1)]
+    ticks = powers[:: -(-len(powers) // 5)]
+    return sorted(set(ticks) | {top})
+
+
+def overview_figure(recommendation: RankRecommendation) -> Figure:
+    """Every layer at once: per projection, the rank each layer supports against the LoRA rank
+    r, and the suggested rank; sized for a TensorBoard card and readable for 80 layers.
+
+    Bars: the rank each module supports (what the suggestion is the largest of): directions
+    shared with the reference run, by their top-k blocks, or without one the 90 %-energy rank of
+    ΔW; dots, beside a reference, ΔW's 90 %-energy rank. Solid line: the suggested rank of the
+    projection; dashed: r. The y axis is logarithmic (1 to r), so 2 against 64 stays visible.
+    """
+    by_projection: dict[str, list] = {}
+    for module in recommendation.modules:
+        by_projection.setdefault(module.key[1], []).append(module)
+    projections = list(recommendation.projections)
+    width, panel = CARD_WIDTH / DPI, 1.25
+    height = panel * max(len(projections), 1) + 1.4
+    figure = Figure(figsize=(width, height), dpi=DPI)
+    top_rank = max((m.rank for m in recommendation.modules), default=1)
+    grid = figure.add_gridspec(
+        max(len(projections), 1), 1, left=0.55 / width, right=1 - 0.12 / width,
+        bottom=0.45 / height, top=1 - 0.95 / height, hspace=0.55,
+    )
+    source = "shared with the reference run" if recommendation.compared else "ΔW's 90 %-energy rank"
+    for row, projection in enumerate(projections):
+        ax = figure.add_subplot(grid[row, 0])
+        modules = by_projection.get(projection, [])
+        layers = np.array([m.key[0] for m in modules])
+        supported = np.array([m.suggested for m in modules], dtype=float)
+        ranks = np.array([m.rank for m in modules], dtype=float)
+        ax.bar(layers, supported, width=0.8, color="#4c72b0")
+        if recommendation.compared:
+            ax.plot(layers, [m.energy_rank for m in modules], "o", ms=2.5, color="#dd8452")
+        ax.plot(layers, ranks, ls="--", lw=1, color="#555555", drawstyle="steps-mid")
+        suggested = recommendation.projections[projection]
+        if suggested:
+            ax.axhline(suggested, color="#c44e52", lw=1.5)
+        ax.set_yscale("log", base=2)
+        ax.set_ylim(0.7, top_rank * 1.5)
+        ax.set_yticks(_rank_ticks(top_rank))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        if layers.size:
+            ax.set_xlim(layers.min() - 0.6, layers.max() + 0.6)
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(8, integer=True))
+        ax.tick_params(labelsize=CARD_FONT - 2, length=2)
+        rank_text = "none" if not suggested else str(suggested)
+        r_text = "/".join(str(r) for r in sorted({m.rank for m in modules}))
+        ax.set_title(
+            f"{projection_label(projection)}: suggested {rank_text}, r = {r_text}", fontsize=CARD_FONT, loc="left", pad=3
+        )
+        if row == len(projections) - 1:
+            ax.set_xlabel("layer", fontsize=CARD_FONT - 1, labelpad=1)
+    head = "no rank supported" if recommendation.rank is None else f"suggested LoRA rank {recommendation.rank}"
+    strength = "weak evidence" if recommendation.weak else "evidence consistent"
+    figure.text(0.5, 1 - 0.08 / height, f"{head} ({strength})", ha="center", va="top", fontsize=CARD_FONT + 1, weight="bold")
+    legend = f"bars: rank each layer supports ({source})"
+    if recommendation.compared:
+        legend += "\ndots: ΔW's 90 %-energy rank; "
+    else:
+        legend += "\n"
+    legend += "red: suggestion; dashed: r"
+    figure.text(0.5, 1 - 0.32 / height, legend, ha="center", va="top", fontsize=CARD_FONT - 2, color="#333333")
+    return figure
 
 
 def snapshot_images(
@@ -406,7 +570,20 @@ def snapshot_images(
     layers: Sequence[int],
     row_symbol: str,
     column_symbol: str,
+    recommendation: Optional[RankRecommendation] = None,
 ) -> dict[str, np.ndarray]:
-    """Every image the monitor logs for one snapshot, by tag: the φ heatmap grid of the drawn
-    ``layers`` (grids oriented reference × current, see :func:`comparison_symbols`)."""
-    return {IMAGE_TAG: phi_image(grids, row_symbol=row_symbol, column_symbol=column_symbol, layers=list(layers))}
+    """Every image the monitor logs for one snapshot, by tag: the φ heatmaps of each drawn layer
+    (``grids`` oriented reference × current, see :func:`comparison_symbols`), one image per
+    layer sized for TensorBoard's card (:func:`heatmap_tag`), and with ``recommendation`` the
+    overview of every layer (:data:`OVERVIEW_TAG`, :func:`overview_figure`)."""
+    images = {}
+    for layer in layers:
+        layer_grids = {key: grid for key, grid in grids.items() if key[0] == layer}
+        if layer_grids:
+            images[heatmap_tag(layer)] = phi_image(
+                layer_grids, row_symbol=row_symbol, column_symbol=column_symbol, card=True, title_prefix=f"Layer {layer}: "
+            )
+    if recommendation is not None and recommendation.modules:
+        with _DRAWING:
+            images[OVERVIEW_TAG] = figure_to_rgb(overview_figure(recommendation))
+    return images

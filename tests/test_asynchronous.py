@@ -19,7 +19,7 @@ from lightning_setup import CausalLMModule, make_trainer, read_events
 import lora_monitor.engine
 from lora_monitor import AnalysisWarning, LoRAMonitorError, LoRASubspaceMonitor
 from lora_monitor.background import Background
-from lora_monitor.tags import IMAGE_TAG, RECOMMENDATION_TAG, is_monitor_tag, scalar_tag
+from lora_monitor.tags import RECOMMENDATION_TAG, heatmap_tag, is_monitor_tag, scalar_tag
 
 
 def monitored_run(root, accelerator: str = "cpu", max_steps: int = 6, callbacks=(), **monitor_kwargs):
@@ -39,7 +39,7 @@ def logged(trainer) -> tuple[dict[str, dict[int, float]], list[int], list[int]]:
         for tag in tags["scalars"]
         if is_monitor_tag(tag)
     }
-    images = [image.step for image in events.Images(IMAGE_TAG)] if IMAGE_TAG in tags["images"] else []
+    images = [image.step for image in events.Images(heatmap_tag(0))] if heatmap_tag(0) in tags["images"] else []
     texts = [t.step for t in events.Tensors(f"{RECOMMENDATION_TAG}/text_summary")]
     return scalars, images, texts
 

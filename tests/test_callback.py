@@ -9,7 +9,10 @@ from __future__ import annotations
 import io
 import itertools
 
+import matplotlib.colors
 import matplotlib.image
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from conftest import tiny_gpt2_lora, tiny_llama_lora
@@ -19,9 +22,10 @@ from lightning_setup import CausalLMModule, make_trainer, read_events
 from peft.tuners.lora import LoraLayer
 
 from lora_monitor import AnalysisWarning, LoRAMonitorError, LoRASubspaceMonitor
+from lora_monitor.plots import CARD_WIDTH, MASK_COLOR
 from lora_monitor.tags import (
-    IMAGE_TAG,
     SCALAR_NAMES,
+    heatmap_tag,
     is_monitor_tag,
     recommendation_scalars,
     scalar_tag,
@@ -75,14 +79,16 @@ def test_tensorboard_run_has_heatmaps_and_scalars(tmp_path):
     events = read_events(trainer.logger.log_dir)
     tags = events.Tags()
     # The first snapshot (step 2) is the reference: no φ yet, so no image and no phi scalars.
-    assert tags["images"] == [IMAGE_TAG]
-    images = events.Images(IMAGE_TAG)
-    assert [image.step for image in images] == [4, 6]
-    for image in images:
-        pixels = matplotlib.image.imread(io.BytesIO(image.encoded_image_string), format="png")
-        assert pixels.shape[:2] == (image.height, image.width)
-        # 4 layers drawn (all of them) × (ΔW_q, ΔW_v), no zoom at equal ranks: 7.6 × 6.9 in at 100 dpi.
-        assert (image.width, image.height) == (760, 690)
+    # One image per drawn layer (all 4 of them), sized for TensorBoard's card.
+    assert tags["images"] == [heatmap_tag(layer) for layer in range(4)]
+    for layer in range(4):
+        images = events.Images(heatmap_tag(layer))
+        assert [image.step for image in images] == [4, 6]
+        for image in images:
+            pixels = matplotlib.image.imread(io.BytesIO(image.encoded_image_string), format="png")
+            assert pixels.shape[:2] == (image.height, image.width)
+            # (ΔW_q, ΔW_v) side by side, no zoom at equal ranks: 4.5 × 2.55 in at 100 dpi.
+            assert (image.width, image.height) == (CARD_WIDTH, 255)
 
     keys = [(layer, projection) for layer in range(4) for projection in ("q", "v")]
     expected = {scalar_tag(name, key) for name in SCALAR_NAMES for key in keys}
@@ -143,10 +149,16 @@ def test_rank8_reference_against_running_rank64(tmp_path):
         expected = dense_phi(dense_basis(*reference[key], "A"), dense_basis(*current[key], "A"))
         torch.testing.assert_close(analysis.phi.double(), expected, atol=1e-5, rtol=0)
     events = read_events(trainer.logger.log_dir)
-    images = events.Images(IMAGE_TAG)
-    assert [image.step for image in images] == [2, 4]
-    # With the smaller rank as reference the figure adds the zoomed, masked i, j ≤ 8 panels.
-    assert images[0].width == 1080
+    for layer in range(2):
+        images = events.Images(heatmap_tag(layer))
+        assert [image.step for image in images] == [2, 4]
+        # With the smaller rank as reference each projection's row adds the zoomed i, j ≤ 8
+        # panel, its cells j > i masked grey: two rows of panels, 4.5 × 3.25 in at 100 dpi.
+        assert (images[0].width, images[0].height) == (CARD_WIDTH, 325)
+        pixels = np.asarray(PIL.Image.open(io.BytesIO(images[0].encoded_image_string)).convert("RGB"))
+        grey = np.all(pixels == np.array(matplotlib.colors.to_rgb(MASK_COLOR)) * 255, axis=-1)
+        # 2 zoom panels × 28 masked cells of 8 × 8: a few thousand grey pixels, no more.
+        assert 1000 < grey.sum() < 20000
 
 
 def test_previous_reference_compares_consecutive_snapshots(tmp_path):

@@ -16,7 +16,7 @@ from conftest import tiny_llama_lora
 from lightning_setup import CausalLMModule, make_trainer, read_events
 
 from lora_monitor import LoRAMonitor, LoRASubspaceMonitor
-from lora_monitor.tags import IMAGE_TAG, is_monitor_tag
+from lora_monitor.tags import heatmap_tag, is_monitor_tag
 
 STEPS, EVERY = 4, 2
 
@@ -84,8 +84,8 @@ def test_ddp_spawn_logs_what_a_single_process_logs(tmp_path):
             assert got[tag][step] == pytest.approx(value, rel=1e-4, abs=1e-5), (tag, step)
     # Written once: one event file (rank zero's), with the images of a single-process run.
     assert len(list(ddp.glob("events.out.tfevents.*"))) == 1
-    assert [i.step for i in read_events(ddp).Images(IMAGE_TAG)] == [
-        i.step for i in read_events(single).Images(IMAGE_TAG)
+    assert [i.step for i in read_events(ddp).Images(heatmap_tag(0))] == [
+        i.step for i in read_events(single).Images(heatmap_tag(0))
     ]
     # The work was split: each rank analysed half of the modules at every snapshot, never the
     # same module twice, and together all of them.

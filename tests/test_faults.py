@@ -22,7 +22,7 @@ from peft import LoraConfig, PeftModel
 from test_callback import dense_basis, dense_phi, dense_updates
 
 from lora_monitor import AnalysisWarning, LoRAMonitorError, LoRASubspaceMonitor
-from lora_monitor.tags import IMAGE_TAG, scalar_tag
+from lora_monitor.tags import heatmap_tag, scalar_tag
 
 
 def lora_module(model: PeftModel, layer: int, projection: str):
@@ -118,7 +118,9 @@ def test_the_rest_is_still_logged_after_a_fault(faulty):
     assert zero[2] == 0.0
     # NaN factors log no scalar at all rather than a NaN that breaks plots.
     assert logged_steps(events, scalar_tag("delta_w_norm", (0, "q"))) == {1}
-    assert [image.step for image in events.Images(IMAGE_TAG)] == [2]
+    # Layer 0 has no healthy module left at step 2 (q NaN, v zero): no heatmap; layer 1 has one.
+    assert heatmap_tag(0) not in events.Tags()["images"]
+    assert [image.step for image in events.Images(heatmap_tag(1))] == [2]
 
 
 def test_strict_turns_the_warning_into_an_error(tmp_path):

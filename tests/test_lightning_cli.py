@@ -10,7 +10,7 @@ import yaml
 from lightning_setup import read_events
 
 from lora_monitor import LoRASubspaceMonitor
-from lora_monitor.tags import IMAGE_TAG, scalar_tag
+from lora_monitor.tags import heatmap_tag, scalar_tag
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CONFIG = EXAMPLES / "lightning_cli.yaml"
@@ -47,7 +47,7 @@ def test_monitor_from_the_example_yaml(tmp_path, monkeypatch):
 
     events = read_events(cli.trainer.logger.log_dir)
     assert Path(cli.trainer.logger.log_dir).is_relative_to(tmp_path)
-    assert [image.step for image in events.Images(IMAGE_TAG)] == [4]
+    assert [image.step for image in events.Images(heatmap_tag(0))] == [4]
     assert {e.step for e in events.Scalars(scalar_tag("phi_top", (1, "v")))} == {4}
     assert {e.step for e in events.Scalars(scalar_tag("delta_w_norm", (0, "q")))} == {2, 4}
 

@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning_setup import CausalLMModule, make_trainer, read_events
 
 from lora_monitor import AnalysisWarning, LoRASubspaceMonitor
-from lora_monitor.tags import IMAGE_TAG, is_monitor_tag, scalar_tag
+from lora_monitor.tags import heatmap_tag, is_monitor_tag, scalar_tag
 from lora_monitor.integrations.lightning_loggers import image_path
 
 PHI_TOP = scalar_tag("phi_top", (0, "q"))
@@ -84,10 +84,10 @@ def csv_column(logger: CSVLogger, column: str) -> dict[int, float]:
 def test_csv_logger_gets_scalars_and_png_files(several):
     events, csv_logger, _, _, _ = several
     assert csv_column(csv_logger, PHI_TOP) == pytest.approx({e.step: e.value for e in events.Scalars(PHI_TOP)})
-    path = image_path(csv_logger.log_dir, IMAGE_TAG, 4)
-    assert path == Path(csv_logger.log_dir) / "images" / "lora_monitor" / "phi_heatmaps" / "step_000004.png"
+    path = image_path(csv_logger.log_dir, heatmap_tag(0), 4)
+    assert path == Path(csv_logger.log_dir) / "images" / "lora_monitor.phi_heatmaps" / "layer_00" / "step_000004.png"
     assert sorted(path.parent.iterdir()) == [path]  # step 2 is the reference: no image
-    (tensorboard_image,) = events.Images(IMAGE_TAG)
+    (tensorboard_image,) = events.Images(heatmap_tag(0))
     # The same pixels as the TensorBoard image.
     np.testing.assert_array_equal(decode_png(path.read_bytes()), decode_png(tensorboard_image.encoded_image_string))
 
@@ -107,7 +107,7 @@ def test_a_logger_that_cannot_write_warns_and_the_others_still_log(several):
     assert os.path.join(blocked.log_dir, "images") in messages[0]
     # Its scalars went through before the image failed; the TensorBoard run is complete.
     assert 4 in csv_column(blocked, PHI_TOP)
-    assert [image.step for image in events.Images(IMAGE_TAG)] == [4]
+    assert [image.step for image in events.Images(heatmap_tag(0))] == [4]
 
 
 def test_tensorboard_log_dir_that_cannot_be_created_fails_before_training(tmp_path):
@@ -134,10 +134,12 @@ def test_wandb_logger_gets_images(tmp_path, monkeypatch):
     finally:
         logger.experiment.finish()
     run_dir = Path(logger.experiment.dir).parent
-    # One image (step 4; step 2 is the reference), named by wandb's own step counter.
-    images = sorted((run_dir / "files" / "media" / "images" / "lora_monitor").glob("phi_heatmaps_*.png"))
-    assert len(images) == 1
-    assert decode_png(images[0].read_bytes()).shape[-1] in (3, 4)
+    # One image per drawn layer (step 4; step 2 is the reference), named by wandb's own step counter.
+    media = run_dir / "files" / "media" / "images" / "lora_monitor.phi_heatmaps"
+    for layer in (0, 1):
+        images = sorted(media.glob(f"layer_{layer:02d}_*.png"))
+        assert len(images) == 1
+        assert decode_png(images[0].read_bytes()).shape[-1] in (3, 4)
 
 
 def test_mlflow_logger_gets_images(tmp_path, monkeypatch):
@@ -153,5 +155,6 @@ def test_mlflow_logger_gets_images(tmp_path, monkeypatch):
     assert [m.step for m in history] == [4]
     artifacts = [a.path for a in client.list_artifacts(logger.run_id, "images")]
     # MLflow names an image series' files <key with / as ~>+step+<step>+timestamp+...
-    pngs = [path for path in artifacts if path.endswith(".png") and "phi_heatmaps+step+4+" in path]
-    assert len(pngs) == 1, artifacts
+    for layer in (0, 1):
+        pngs = [path for path in artifacts if path.endswith(".png") and f"phi_heatmaps~layer_{layer:02d}+step+4+" in path]
+        assert len(pngs) == 1, artifacts

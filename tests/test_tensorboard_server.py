@@ -23,7 +23,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_setup import CausalLMModule, make_trainer, read_events
 
 from lora_monitor import LoRASubspaceMonitor
-from lora_monitor.tags import IMAGE_TAG, SCALAR_NAMES, scalar_tag
+from lora_monitor.plots import CARD_WIDTH
+from lora_monitor.tags import SCALAR_NAMES, heatmap_tag, scalar_tag
 
 HOST = "127.0.0.1"
 RUN = "run/version_0"
@@ -83,7 +84,7 @@ def server(logdir: Path) -> Iterator[str]:
             if process.poll() is not None:
                 pytest.fail(f"tensorboard exited with {process.returncode}: {stderr.read_text()[-2000:]}")
             try:
-                if IMAGE_TAG in get_json(base, "/data/plugin/images/tags").get(RUN, {}):
+                if heatmap_tag(1) in get_json(base, "/data/plugin/images/tags").get(RUN, {}):
                     break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass  # not listening yet
@@ -104,7 +105,7 @@ def test_server_lists_the_monitor_tags(server):
     scalar_tags = get_json(server, "/data/plugin/scalars/tags")[RUN]
     keys = [(layer, projection) for layer in range(2) for projection in ("q", "v")]
     assert {scalar_tag(name, key) for name in SCALAR_NAMES for key in keys} <= set(scalar_tags)
-    assert list(get_json(server, "/data/plugin/images/tags")[RUN]) == [IMAGE_TAG]
+    assert sorted(get_json(server, "/data/plugin/images/tags")[RUN]) == [heatmap_tag(0), heatmap_tag(1)]
 
 
 def test_server_serves_the_scalar_values(server, logdir):
@@ -116,11 +117,11 @@ def test_server_serves_the_scalar_values(server, logdir):
 
 
 def test_server_serves_the_heatmap_as_png(server, logdir):
-    (listed,) = get_json(server, "/data/plugin/images/images", run=RUN, tag=IMAGE_TAG)
+    (listed,) = get_json(server, "/data/plugin/images/images", run=RUN, tag=heatmap_tag(1))
     assert listed["step"] == 4  # step 2 is the reference
     data = get(server, f"/data/plugin/images/individualImage?{listed['query']}")
-    (written,) = read_events(logdir / RUN).Images(IMAGE_TAG)
+    (written,) = read_events(logdir / RUN).Images(heatmap_tag(1))
     assert png_size(data) == (written.width, written.height)
-    # 2 layers × (ΔW_q, ΔW_v) at equal ranks: 7.6 × 3.9 in at 100 dpi.
-    assert (written.width, written.height) == (760, 390)
+    # Layer 1's (ΔW_q, ΔW_v) at equal ranks, sized for the card: 4.5 × 2.55 in at 100 dpi.
+    assert (written.width, written.height) == (CARD_WIDTH, 255)
     assert data == written.encoded_image_string
