@@ -36,7 +36,15 @@ from lora_monitor.functional import BASES, Basis
 from lora_monitor.outputs import Output, SummaryWriterOutput, write_layout, write_snapshot, write_text
 from lora_monitor.plots import comparison_symbols, snapshot_images
 from lora_monitor.recommend import RankRecommendation, recommend_rank
-from lora_monitor.snapshots import ModuleAnalysis, ReferenceBases, Snapshot, analyze
+from lora_monitor.snapshots import (
+    ModuleAnalysis,
+    ReferenceBases,
+    Snapshot,
+    analyze,
+    missing_initial_note,
+    new_notes,
+    shares_lora_A,
+)
 from lora_monitor.tags import (
     RECOMMENDATION_TAG,
     custom_scalars_layout,
@@ -314,6 +322,8 @@ class LoRAMonitor:
         self._seen_step: Optional[int] = None
         # The factors before the first optimizer step: is A still its random initialization?
         self._initial: Optional[Snapshot] = None
+        #: The variants' notes (what an analysis leaves out, and why) already reported: once each.
+        self._notes_given: set[str] = set()
         #: The worker of an asynchronous monitor, from its first snapshot to the end of training.
         self._background: Optional[Background[_Outcome]] = None
         self._layout_written = False
@@ -398,10 +408,11 @@ class LoRAMonitor:
                 )
             self._reference_factors = {key: saved.factors[key] for key in monitored}
             self._check_reference_analysable()
-        if options.basis == "A" and any(f.module_name.endswith("c_attn") for f in monitored.values()):
+        if options.basis == "A" and shares_lora_A(monitored):
             self._warn(
-                "q, k and v of a fused c_attn share one lora_A, so basis='A' cannot tell them "
-                "apart; use basis='delta_w_left' or 'delta_w_right'."
+                "q, k and v of a fused q|k|v module (c_attn, qkv_proj, query_key_value) share one "
+                "lora_A, so basis='A' cannot tell them apart; use basis='delta_w_left' or "
+                "'delta_w_right'."
             )
         if self.process.is_main and not self._layout_written:
             self._layout_written = True
@@ -413,6 +424,10 @@ class LoRAMonitor:
         first optimizer step (``a_init_similarity``)."""
         if step == 0 and self._initial is None:
             self._initial = Snapshot.capture(self._monitored_factors(), 0)
+        elif self._initial is None:
+            note = missing_initial_note(self._monitored_factors(), step)
+            if note is not None:
+                self._warn(note)
 
     def on_step(self, step: int) -> None:
         """An optimizer step ended, ``step`` steps taken: write what the worker finished, and
@@ -510,7 +525,7 @@ class LoRAMonitor:
             tensor
             for factors in (snapshot.factors, reference or {}, initial or {})
             for f in factors.values()
-            for tensor in (f.lora_A, f.lora_B, f.base_weight)
+            for tensor in (f.lora_A, f.lora_B, f.base_weight, f.magnitude, f.lora_E)
             if tensor is not None
         ]
         self._background.submit(work, tensors)
@@ -581,6 +596,7 @@ class LoRAMonitor:
             for problem in analysis.problems:
                 layer, projection = analysis.key
                 outcome.problems.append(f"step {step}, layer {layer} projection {projection!r}: {problem}; skipped")
+        outcome.problems.extend(f"step {step}, {note}" for note in new_notes(outcome.analyses, self._notes_given))
         return outcome
 
     def _prepare_writes(
@@ -647,7 +663,8 @@ class LoRAMonitor:
         if reference is None or self.options.reference == "previous":
             return None
         if self._reference_bases is None or self._reference_bases[0] is not reference:
-            bases = ReferenceBases.compute(reference, snapshot.factors, self.options.basis)
+            initial = self._initial.factors if self._initial is not None else None
+            bases = ReferenceBases.compute(reference, snapshot.factors, self.options.basis, initial)
             self._reference_bases = (reference, bases)
         return self._reference_bases[1]
 

@@ -583,3 +583,36 @@ _SCALAR_RESULTS = (
     "kept_rank",
     *VARIANT_SCALAR_NAMES[:3],
 )
+
+
+def new_notes(analyses: Mapping[ModuleKey, ModuleAnalysis], given: set[str]) -> list[str]:
+    """The notes of ``analyses`` (what was left out, and why) not yet in ``given``, one message
+    per distinct note naming its modules; ``given`` is updated, so that a run hears each once."""
+    modules: dict[str, list[str]] = defaultdict(list)
+    for (layer, projection), analysis in sorted(analyses.items()):
+        for note in analysis.notes:
+            if note not in given:
+                modules[note].append(f"layer {layer} {projection!r}")
+    given.update(modules)
+    return [f"{', '.join(names)}: {note}" for note, names in modules.items()]
+
+
+def missing_initial_note(factors: Mapping[ModuleKey, LoRAFactors], step: int) -> Optional[str]:
+    """What a run started at ``step`` > 0 without its initial factors cannot tell, or None: an
+    initialization that moved s·B₀·A₀ out of the base weight (PiSSA, ...) needs B₀, A₀ for ΔW."""
+    inits = sorted({f.initial_in_base for f in factors.values() if f.initial_in_base is not None})
+    if not inits:
+        return None
+    return (
+        f"the adapter was initialized by {', '.join(inits)}, which moved s·B₀·A₀ out of the base "
+        f"weight, and training starts at step {step} without the initial factors B₀, A₀ (the "
+        f"monitor was attached after the first step, and no checkpoint of it holds them): ΔW = "
+        f"s·(B·A − B₀·A₀) cannot be computed, so no ΔW numbers are logged. Attach the monitor "
+        f"before the first optimizer step, or resume from a checkpoint the monitor saved"
+    )
+
+
+def shares_lora_A(factors: Mapping[ModuleKey, LoRAFactors]) -> bool:
+    """Whether some monitored projections are rows of one fused module, sharing its lora_A
+    (then an A-based φ cannot tell q from v)."""
+    return len({f.module_name for f in factors.values()}) < len(factors)
