@@ -107,3 +107,26 @@ def test_step_before_the_model_is_known_is_a_clear_error():
 def test_log_dir_and_writer_together_are_refused(tmp_path):
     with pytest.raises(ValueError, match="log_dir= or writer=, not both"):
         LoRAMonitor(log_dir=tmp_path, writer=object())
+
+
+@pytest.mark.parametrize(
+    "statement",
+    ["import lora_monitor", "from lora_monitor import LoRAMonitor", "import lora_monitor.engine, lora_monitor.outputs"],
+)
+def test_the_engine_imports_no_framework(statement):
+    script = f"{statement}\nimport sys\nprint(sorted(m for m in ('lightning', 'transformers', 'peft', 'trl') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_front_ends_load_on_first_use():
+    script = (
+        "import sys, lora_monitor\n"
+        "before = 'lightning' in sys.modules\n"
+        "lora_monitor.LoRASubspaceMonitor\n"
+        "print(before, 'lightning' in sys.modules, lora_monitor.LoRASubspaceCallback.__module__)"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True", "lora_monitor.integrations.transformers"]
