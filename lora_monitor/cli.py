@@ -251,28 +251,11 @@ def _figure_format(output: Optional[str | Path]) -> Optional[str]:
 
 
 def spectral_table(analyses: dict[ModuleKey, ModuleAnalysis]) -> str:
-    """One row per module: rank, ‖ΔW‖_F, σ₁, σ₁/σ₂ and the three spectral ranks, as Markdown."""
-    from lora_monitor.recommend import markdown_table
+    """One row per module: r, ‖ΔW‖_F, ΔW's σ₁ and σ₁/σ₂ and its three spectral ranks, as
+    Markdown: the columns of the same names in the monitor's report (TensorBoard → Text)."""
+    from lora_monitor.recommend import ModuleEvidence, spectral_table as table
 
-    rows = []
-    for (layer, projection), analysis in sorted(analyses.items()):
-        s = analysis.singular_values
-        values = analysis.scalars
-        gap = float(s[0] / s[1]) if s.numel() > 1 and float(s[1]) > 0 else float("inf")
-        rows.append(
-            [
-                f"layer_{layer:02d}.{projection}",
-                str(s.numel()),
-                f"{values['delta_w_norm']:.4g}",
-                f"{values['sigma_max']:.4g}",
-                f"{gap:.3f}",
-                f"{values['energy_rank']:g}",
-                f"{values['effective_rank']:.2f}",
-                f"{values['stable_rank']:.2f}",
-            ]
-        )
-    headers = ["module", "r", "‖ΔW‖_F", "σ₁", "σ₁/σ₂", "energy rank (90 %)", "effective rank", "stable rank"]
-    return markdown_table(headers, rows)
+    return table([ModuleEvidence.from_analysis(a, use_phi=False) for _, a in sorted(analyses.items())])
 
 
 def inspect_adapter(
@@ -382,7 +365,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"\nfigure: {result.figure_path}")
         else:
             table, recommendation = inspect_adapter(args.directory, projections=args.projections, layers=args.layers)
-            print(f"# {args.directory}\n\n{table}\n\n{recommendation.summary()}")
+            cautions = "".join(f"\n- {caution}" for caution in recommendation.cautions)
+            print(f"# {args.directory}\n\n{table}\n\n{recommendation.summary('the cautions below')}{cautions}")
     except LoRAMonitorError as error:
         message = " ".join(str(error).split())
         print(f"lora-monitor: error: {message}", file=sys.stderr)

@@ -32,8 +32,9 @@ import torch
 from torch import Tensor
 
 from lora_monitor.adapters import ModuleKey
-from lora_monitor.functional import energy_rank, effective_rank, stable_rank
+from lora_monitor.functional import energy_rank, effective_rank, frobenius_norm, stable_rank
 from lora_monitor.snapshots import ModuleAnalysis
+from lora_monitor.tags import RECOMMENDATION_PLACE
 
 #: σ_k / σ_{k+1} below this (a gap under 10 %): directions k and k+1 are too close to be
 #: ordered, so a cut between them, or φ(1, 1) when k = 1, is not meaningful.
@@ -102,9 +103,13 @@ class ModuleEvidence:
         block_overlap: φ(k, k) at the suggested k: how much of the top-k blocks is shared
             (None when nothing is shared); chance is k/n.
         phi_top: φ(1, 1), chance 1/n (``chance_top``).
+        delta_w_norm, sigma_max: ‖ΔW‖_F and ΔW's σ₁.
         energy_rank, effective_rank, stable_rank: of ΔW's spectrum.
-        top_gap: σ₁/σ₂ of the basis spectra (the smaller of the two runs').
-        cut_gap: σ_k/σ_{k+1} at the suggested k (the smaller of the two runs').
+        delta_w_top_gap: σ₁/σ₂ of ΔW (None with a single singular value; inf after a zero).
+        top_gap: with a reference, σ₁/σ₂ of the spectra of the basis matrix (A, B or ΔW), the
+            smaller of the two runs' (the top directions of either can swap); else None.
+        cut_gap: σ_k/σ_{k+1} at the suggested k of the matrix the cut is made in: the basis
+            matrix, smaller of the two runs', with a reference; ΔW without one.
         relative_norm, init_similarity: ‖ΔW‖_F/‖W₀‖_F and φ(A₀, A, r, r), None when unknown.
         suggested: the rank this module supports: with a reference, the smallest k whose top-k
             blocks hold 90 % of the overlap beyond chance within the ``shared`` directions; else
@@ -118,9 +123,12 @@ class ModuleEvidence:
     block_overlap: Optional[float]
     phi_top: Optional[float]
     chance_top: Optional[float]
+    delta_w_norm: float
+    sigma_max: float
     energy_rank: int
     effective_rank: float
     stable_rank: float
+    delta_w_top_gap: Optional[float]
     top_gap: Optional[float]
     cut_gap: Optional[float]
     relative_norm: Optional[float]
@@ -142,11 +150,16 @@ class ModuleEvidence:
             block_overlap=float(phi[suggested - 1, suggested - 1]) if phi is not None and suggested else None,
             phi_top=None if phi is None else float(phi[0, 0]),
             chance_top=None if phi is None or analysis.dimension is None else 1.0 / analysis.dimension,
+            delta_w_norm=float(frobenius_norm(spectrum)),
+            sigma_max=float(spectrum[0]) if spectrum.numel() else 0.0,
             energy_rank=energy,
             effective_rank=float(effective_rank(spectrum)),
             stable_rank=float(stable_rank(spectrum)),
-            top_gap=_smallest_gap(analysis, 1),
-            cut_gap=_smallest_gap(analysis, suggested) if suggested else None,
+            delta_w_top_gap=_gap(spectrum, 1),
+            top_gap=_smallest_gap(analysis, 1) if phi is not None else None,
+            cut_gap=None if not suggested else (
+                _smallest_gap(analysis, suggested) if phi is not None else _gap(spectrum, suggested)
+            ),
             relative_norm=analysis.relative_norm,
             init_similarity=analysis.init_similarity,
             suggested=suggested,
@@ -179,8 +192,8 @@ class RankRecommendation:
     def weak(self) -> bool:
         return bool(self.cautions) or not self.compared
 
-    def summary(self) -> str:
-        """One line for the console."""
+    def summary(self, details: str = RECOMMENDATION_PLACE) -> str:
+        """One line for the console; ``details`` says where the full report is."""
         source = "directions shared with the reference above chance" if self.compared else (
             "the 90 %-energy rank of ΔW (spectrum only)"
         )
@@ -191,12 +204,12 @@ class RankRecommendation:
             head = "no LoRA rank is supported by the evidence"
         else:
             head = f"suggested LoRA rank {self.rank}"
-        strength = "weak evidence, see the rank_recommendation text" if self.weak else "evidence consistent"
+        strength = f"weak evidence: see the cautions in {details}" if self.weak else "evidence consistent"
         return f"{head} ({per_projection}; from {source}, {len(self.modules)} modules; {strength})"
 
-    def to_markdown(self) -> str:
+    def to_markdown(self, details: str = "the cautions below") -> str:
         """A Markdown report: the suggestion, the cautions, a table per projection and per module."""
-        lines = [f"**{self.summary()}**", ""]
+        lines = [f"**{self.summary(details)}**", ""]
         if self.rank is None and self.compared:
             lines += [
                 "No module shares a direction with the reference clearly above the level of "
@@ -225,54 +238,82 @@ class RankRecommendation:
             )
         lines += [
             markdown_table(
-                ["projection", "suggested rank", evidence, "median energy rank (90 %)", "median stable rank"],
+                ["projection", "suggested rank", evidence, "median ΔW energy rank (90 %)", "median ΔW stable rank"],
                 rows,
             ),
             "",
-            f"Per module (basis {self.basis!r}; k = the suggested rank; chance of φ(i, i) is i/n):",
+            f"Per module (φ in basis {self.basis!r}, the singular vectors of {BASIS_MATRIX[self.basis]}; "
+            f"k = the suggested rank; chance of φ(i, i) is i/n):",
             "",
-            markdown_table(_MODULE_HEADERS, [_module_row(m) for m in self.modules]),
+            evidence_table(self.modules, self.basis, compared=self.compared),
         ]
         if self.skipped:
             lines += ["", "Skipped: " + "; ".join(self.skipped)]
         return "\n".join(lines)
 
 
-_MODULE_HEADERS = [
-    "module",
-    "r (ref → cur)",
-    "shared dirs",
-    "φ(k, k)",
-    "φ(1, 1) / chance",
-    "energy rank",
-    "effective rank",
-    "stable rank",
-    "σ₁/σ₂",
-    "σ_k/σ_k+1",
-    "‖ΔW‖/‖W₀‖",
-]
+#: The matrix whose singular vectors each basis takes, as table headers name it.
+BASIS_MATRIX = {"A": "A", "B": "B", "delta_w_left": "ΔW", "delta_w_right": "ΔW"}
 
 
 def _number(value: Optional[float], spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def _module_row(m: ModuleEvidence) -> list[str]:
-    ranks = str(m.rank) if m.reference_rank is None else f"{m.reference_rank} → {m.rank}"
-    top = "–" if m.phi_top is None else f"{m.phi_top:.3f} / {m.chance_top:.4f}"
-    return [
-        _layer_name(m.key),
-        ranks,
-        "–" if m.shared is None else str(m.shared),
-        _number(m.block_overlap, ".3f"),
-        top,
-        str(m.energy_rank),
-        f"{m.effective_rank:.2f}",
-        f"{m.stable_rank:.2f}",
-        _number(m.top_gap, ".3f"),
-        _number(m.cut_gap, ".3f"),
-        _number(m.relative_norm, ".2e"),
-    ]
+def _ranks(m: ModuleEvidence) -> str:
+    return str(m.rank) if m.reference_rank is None else f"{m.reference_rank} → {m.rank}"
+
+
+def _top(m: ModuleEvidence) -> str:
+    return "–" if m.phi_top is None else f"{m.phi_top:.3f} / {m.chance_top:.4f}"
+
+
+#: Every column a table of modules can have: header → cell. A header names the matrix it
+#: describes, and the same header is the same quantity, formatted the same, in every table
+#: (the report in TensorBoard's Text tab, ``lora-monitor compare`` and ``inspect``).
+COLUMNS = {
+    "module": lambda m: _layer_name(m.key),
+    "r": lambda m: str(m.rank),
+    "r (ref → cur)": _ranks,
+    "shared directions": lambda m: "–" if m.shared is None else str(m.shared),
+    "φ(k, k)": lambda m: _number(m.block_overlap, ".3f"),
+    "φ(1, 1) / chance": _top,
+    "‖ΔW‖_F": lambda m: f"{m.delta_w_norm:.4g}",
+    "ΔW σ₁": lambda m: f"{m.sigma_max:.4g}",
+    "ΔW σ₁/σ₂": lambda m: _number(m.delta_w_top_gap, ".3f"),
+    "ΔW energy rank (90 %)": lambda m: str(m.energy_rank),
+    "ΔW effective rank": lambda m: f"{m.effective_rank:.2f}",
+    "ΔW stable rank": lambda m: f"{m.stable_rank:.2f}",
+    "‖ΔW‖_F/‖W₀‖_F": lambda m: _number(m.relative_norm, ".2e"),
+}
+#: The columns of ``lora-monitor inspect``: ΔW's spectrum alone.
+SPECTRAL_COLUMNS = (
+    "module", "r", "‖ΔW‖_F", "ΔW σ₁", "ΔW σ₁/σ₂", "ΔW energy rank (90 %)", "ΔW effective rank", "ΔW stable rank",
+)
+
+
+def evidence_table(modules: Sequence[ModuleEvidence], basis: str, *, compared: bool) -> str:
+    """The per-module table of the report: ΔW's spectrum, and with a reference φ and the gaps
+    of the basis matrix's spectra (the smaller of the two runs')."""
+    matrix = BASIS_MATRIX[basis]
+    columns = {name: COLUMNS[name] for name in SPECTRAL_COLUMNS[:1]}
+    columns["r (ref → cur)"] = COLUMNS["r (ref → cur)"]
+    if compared:
+        columns |= {name: COLUMNS[name] for name in ("shared directions", "φ(k, k)", "φ(1, 1) / chance")}
+    columns |= {name: COLUMNS[name] for name in SPECTRAL_COLUMNS[2:]}
+    if compared:
+        columns[f"{matrix} σ₁/σ₂ (min of ref, cur)"] = lambda m: _number(m.top_gap, ".3f")
+        columns[f"{matrix} σ_k/σ_k+1 (min of ref, cur)"] = lambda m: _number(m.cut_gap, ".3f")
+    else:
+        columns["ΔW σ_k/σ_k+1"] = lambda m: _number(m.cut_gap, ".3f")
+    if any(m.relative_norm is not None for m in modules):  # saved adapters have no W₀
+        columns["‖ΔW‖_F/‖W₀‖_F"] = COLUMNS["‖ΔW‖_F/‖W₀‖_F"]
+    return markdown_table(list(columns), [[cell(m) for cell in columns.values()] for m in modules])
+
+
+def spectral_table(modules: Sequence[ModuleEvidence]) -> str:
+    """``lora-monitor inspect``'s table: :data:`SPECTRAL_COLUMNS`, a row per module."""
+    return markdown_table(list(SPECTRAL_COLUMNS), [[COLUMNS[name](m) for name in SPECTRAL_COLUMNS] for m in modules])
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -307,15 +348,17 @@ def _cautions(modules: list[ModuleEvidence], basis: str, compared: bool) -> list
         )
     ties = [m for m in modules if m.top_gap is not None and m.top_gap < GAP_RATIO]
     if ties:
-        listed = _few(ties, lambda m: f"{_layer_name(m.key)} (σ₁/σ₂ = {m.top_gap:.3f})")
+        matrix = BASIS_MATRIX[basis]
+        listed = _few(ties, lambda m: f"{_layer_name(m.key)} ({matrix} σ₁/σ₂ = {m.top_gap:.3f})")
         cautions.append(
-            f"σ₁ ≈ σ₂ (gap under {GAP_RATIO - 1:.0%}) in {listed}: the top direction is "
+            f"{matrix}'s σ₁ ≈ σ₂ (gap under {GAP_RATIO - 1:.0%}) in {listed}: the top direction is "
             f"not determined and can swap with the second between runs, so φ(1, 1) says little "
             f"there; the suggestion reads the top-k blocks φ(k, k) instead"
         )
     cuts = [m for m in modules if m.suggested and m.cut_gap is not None and m.cut_gap < GAP_RATIO]
     if cuts:
-        listed = _few(cuts, lambda m: f"{_layer_name(m.key)} (k = {m.suggested}, σ_k/σ_k+1 = {m.cut_gap:.3f})")
+        matrix = BASIS_MATRIX[basis] if compared else "ΔW"
+        listed = _few(cuts, lambda m: f"{_layer_name(m.key)} (k = {m.suggested}, {matrix} σ_k/σ_k+1 = {m.cut_gap:.3f})")
         cautions.append(
             f"the gap in the spectrum at the suggested cut is too small to order the directions "
             f"in {listed}: rank k and k + 1 cannot be told apart there"

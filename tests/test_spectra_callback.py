@@ -94,9 +94,10 @@ def test_spectral_scalars_amplification_and_intruders_match_dense(tmp_path, capl
     text = events.Tensors(f"{RECOMMENDATION_TAG}/text_summary")
     assert [event.step for event in text] == [4]
     markdown = text[0].tensor_proto.string_val[0].decode()
-    assert "| layer_01.v " in markdown and "shared dirs" in markdown
+    assert "| layer_01.v " in markdown and "shared directions" in markdown
     assert monitor.recommendation is not None and monitor.recommendation.compared
-    assert monitor.recommendation.summary() in markdown
+    # The report's first line is the console's, pointing below instead of at the Text tab.
+    assert monitor.recommendation.summary("the cautions below") in markdown
     assert any(
         r.getMessage() == f"LoRASubspaceMonitor: {monitor.recommendation.summary()}" for r in caplog.records
     )
