@@ -7,7 +7,7 @@ text, a TensorBoard custom-scalars layout — and each shows what it can:
 - :class:`SummaryWriterOutput`: a ``torch.utils.tensorboard.SummaryWriter`` (scalars, the
   *Images* tab, the *Text* tab, the *Custom Scalars* tab);
 - :class:`WandbOutput`: the active W&B run (``wandb.log``; images as ``wandb.Image``);
-- :class:`MLflowOutput`: the active MLflow run (``mlflow.log_metrics``, ``mlflow.log_image``).
+- :class:`MLflowOutput`: an MLflow run (``MlflowClient.log_batch``, ``log_image``, ``log_text``).
 
 Lightning's loggers are outputs too (``lora_monitor.integrations.lightning_loggers``), so that
 this module never imports Lightning.
@@ -16,6 +16,7 @@ this module never imports Lightning.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -117,20 +118,30 @@ class WandbOutput:
 
 
 class MLflowOutput:
-    """The active MLflow run, as transformers' ``MLflowCallback`` leaves it."""
+    """An MLflow run, by id: the one transformers' ``MLflowCallback`` opened. Written through
+    ``MlflowClient``, so that the last snapshot, taken after that callback has ended the run,
+    still lands in it instead of opening a new one."""
 
-    def __init__(self, mlflow: Any) -> None:
-        self.mlflow = mlflow
+    def __init__(self, run_id: str, client: Any = None) -> None:
+        if client is None:
+            from mlflow import MlflowClient
+
+            client = MlflowClient()
+        self.client = client
+        self.run_id = run_id
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
-        # MLflow's metric names allow no "(" or ","; ours have none.
-        self.mlflow.log_metrics(dict(values), step=step)
+        from mlflow.entities import Metric
+
+        timestamp = int(time.time() * 1000)
+        metrics = [Metric(tag, float(value), timestamp, step) for tag, value in values.items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
 
     def image(self, tag: str, image: np.ndarray, step: int) -> None:
-        self.mlflow.log_image(image, key=tag, step=step)
+        self.client.log_image(self.run_id, image, key=tag, step=step)
 
     def text(self, tag: str, text: str, step: int) -> None:
-        self.mlflow.log_text(text, f"{tag}/step_{step:06d}.md")
+        self.client.log_text(self.run_id, text, f"{tag}/step_{step:06d}.md")
 
     def layout(self, layout: dict[str, Any]) -> None:
         pass

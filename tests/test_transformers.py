@@ -189,3 +189,27 @@ def test_sft_trainer_wrapping_the_model_itself(tokenizer, tmp_path, monkeypatch)
 def test_bad_option_is_a_clear_error_before_training():
     with pytest.raises(ValueError, match=r"LoRASubspaceCallback: every_n_steps must be a positive integer, got 0"):
         LoRASubspaceCallback(every_n_steps=0)
+
+
+def test_report_to_mlflow_gets_the_same_scalars(tokenizer, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    Trainer(
+        model=lora_model(tokenizer),
+        args=arguments(tmp_path / "out", max_steps=4, report_to=["tensorboard", "mlflow"]),
+        train_dataset=TokenDataset(tokenizer),
+        callbacks=[LoRASubspaceCallback(every_n_steps=EVERY)],
+    ).train()
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (tensorboard_run,) = run_dirs(tmp_path / "out")
+    expected = scalar_values(read_run(tensorboard_run))
+    tag = scalar_tag("delta_w_norm", (1, "q"))
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, tag)}
+    assert sorted(history) == [2, 4]  # the last one written after MLflowCallback ended the run
+    for step, value in history.items():
+        assert value == pytest.approx(expected[tag][step], rel=1e-6)

@@ -71,8 +71,9 @@ def _report_to_outputs(args: TrainingArguments) -> list[Output]:
     if "mlflow" in report_to:
         import mlflow
 
-        if mlflow.active_run() is not None:
-            outputs.append(MLflowOutput(mlflow))
+        run = mlflow.active_run()
+        if run is not None:
+            outputs.append(MLflowOutput(run.info.run_id))
     return outputs
 
 
