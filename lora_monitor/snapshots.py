@@ -220,17 +220,6 @@ class ModuleAnalysis:
 #:   every row is rescaled alike);
 #: - ``adalora_kept_rank``: the number of triplets AdaLoRA keeps (non-zero E).
 VARIANT_SCALAR_NAMES = ("dora_magnitude_norm", "dora_direction_norm", "dora_scale_std", "adalora_kept_rank")
-#: The scalars that read ΔW: not logged for a module whose ΔW cannot be known.
-DELTA_W_SCALAR_NAMES = (
-    "delta_w_norm",
-    "sigma_max",
-    "energy_rank",
-    "effective_rank",
-    "stable_rank",
-    "amplification",
-    "delta_w_relative_norm",
-    "intruder_dimensions",
-)
 
 
 def _group_by_shape(
