@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:  # not imported at run time: benchmarks/cli.py measures children by their
+    import torch  # peak memory, which counts the parent's resident set at the fork
 
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
+        import torch
+
         torch.cuda.synchronize(device)
 
 
