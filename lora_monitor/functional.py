@@ -121,10 +121,11 @@ def _gram_cholesky(X: Tensor) -> tuple[Optional[Tensor], Tensor]:
     # LAPACK gets the identity instead of a matrix that failed already (NaN, Inf, zero).
     G = torch.where(in_range[:, None, None], G, eye)
     shift = torch.where(in_range, mean, 1.0)[:, None, None] * eye
-    R, info = torch.linalg.cholesky_ex(G, upper=True)
-    _, above = torch.linalg.cholesky_ex(G - shift / _GRAM_SPREAD)
-    _, below = torch.linalg.cholesky_ex(shift * _GRAM_SPREAD - G)
-    return R, in_range & (info == 0) & (above == 0) & (below == 0)
+    # One batched call: the factor itself, and the two certificates (only their success counts).
+    factors, info = torch.linalg.cholesky_ex(
+        torch.stack([G, G - shift / _GRAM_SPREAD, shift * _GRAM_SPREAD - G]), upper=True
+    )
+    return factors[0], in_range & (info == 0).all(0)
 
 
 def _orthogonal_factor(
@@ -177,9 +178,10 @@ def _orthogonal_factor(
     return unflatten(P), unflatten(T), unflatten(R), power.reshape(batch), finite.reshape(batch)
 
 
-def _solve(T: Optional[Tensor], W: Tensor) -> Tensor:
-    """``T⁻¹ W`` for the T of :func:`_orthogonal_factor` (upper-triangular; None: the identity)."""
-    return W if T is None else torch.linalg.solve_triangular(T, W, upper=True)
+def _solve(T: Optional[Tensor], W: Tensor, left: bool = True) -> Tensor:
+    """``T⁻¹ W`` (``W T⁻¹`` without ``left``) for the T of :func:`_orthogonal_factor`
+    (upper-triangular; None: the identity)."""
+    return W if T is None else torch.linalg.solve_triangular(T, W, upper=True, left=left)
 
 
 def factored_svd(B: Tensor, A: Tensor, scaling: Scaling = 1.0) -> tuple[Tensor, Tensor, Tensor]:
@@ -337,6 +339,31 @@ def subspace_similarity(U: Tensor, V: Tensor, rotation: Optional[Tensor] = None)
     i = torch.arange(1, p + 1, device=U.device, dtype=dtype)
     j = torch.arange(1, q + 1, device=U.device, dtype=dtype)
     return (cumulative / torch.minimum(i[:, None], j[None, :])).clamp(0.0, 1.0)
+
+
+def column_space_similarity(X: Tensor, Y: Tensor) -> Tensor:
+    """φ of the whole column spaces of ``X: (..., n, p)`` and ``Y: (..., n, q)``: the last cell of
+    the φ grid of their left singular bases, ``‖Q_Xᵀ Q_Y‖_F² / min(p', q')`` (p', q' the number of
+    basis vectors, ``min(n, p)`` and ``min(n, q)``), e.g. φ(A₀, A, r, r) with X = A₀ᵀ, Y = Aᵀ.
+
+    It does not depend on how each basis is rotated, so no singular vectors and no n×r basis
+    are formed: with ``X = P_X T_X⁻¹ R_X`` (see :func:`_orthogonal_factor`) it is
+    ``‖T_X⁻ᵀ (P_Xᵀ P_Y) T_Y⁻¹‖_F²``, one n×p by n×q product and r×r solves. Returns ``(...)`` in
+    [0, 1]; NaN where X or Y holds NaN or Inf.
+    """
+    if X.shape[-2] != Y.shape[-2]:
+        raise ValueError(
+            f"column_space_similarity: X is {tuple(X.shape)} and Y is {tuple(Y.shape)}; both must "
+            f"live in the same space (the second to last dimensions must agree)"
+        )
+    dtype = compute_dtype(X, Y)
+    p_x, t_x, _, _, finite_x = _orthogonal_factor(X.to(dtype), with_q=True)
+    p_y, t_y, _, _, finite_y = _orthogonal_factor(Y.to(dtype), with_q=True)
+    # (T_X⁻ᵀ P_Xᵀ P_Y T_Y⁻¹)ᵀ = ((P_Xᵀ P_Y) T_Y⁻¹)ᵀ T_X⁻¹
+    overlap = _solve(t_x, _solve(t_y, p_x.mT @ p_y, left=False).mT, left=False)
+    similarity = overlap.square().sum((-2, -1)) / min(p_x.shape[-1], p_y.shape[-1])
+    nan = torch.full((), float("nan"), dtype=dtype, device=similarity.device)
+    return torch.where(finite_x & finite_y, similarity.clamp(0.0, 1.0), nan)
 
 
 def random_subspace_similarity(

@@ -264,3 +264,31 @@ def test_gram_path_forms_no_basis_for_phi():
     np.testing.assert_allclose(
         subspace_similarity(U_ref, Q, W).numpy(), subspace_similarity(U_ref, Q @ W).numpy(), atol=1e-6
     )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_column_space_similarity_is_the_last_phi_cell(dtype):
+    # φ(A₀, A, r, r) without singular vectors: the last cell of the grid of the two bases, on
+    # either path and mixed (well-conditioned, spanning decades, rank-deficient).
+    kinds = ["gaussian", "both_span_1e0_1e-6", "well_conditioned", "zero_columns"]
+    g = torch.Generator().manual_seed(8)
+    X = torch.stack([CASES[kind][0](g) for kind in kinds]).to(dtype)
+    rms = X.to(F64).square().mean((-2, -1), keepdim=True).sqrt()
+    Y = (X.to(F64) + 0.3 * rms * torch.randn(X.shape, generator=g, dtype=F64)).to(dtype)
+    assert gram_path(X).tolist() == [True, False, True, False]
+    got = functional.column_space_similarity(X, Y)
+    assert got.shape == (len(kinds),) and got.dtype == torch.float32
+    grid = subspace_similarity(singular_basis(X, X.mT, basis="B"), singular_basis(Y, Y.mT, basis="B"))
+    torch.testing.assert_close(got, grid[..., -1, -1], atol=1e-5, rtol=0)
+    # float64 dense reference, where float32 determines the column spaces (well-conditioned):
+    # orthonormal bases from the SVD.
+    for index in (0, 2):
+        ux = torch.linalg.svd(X[index].to(F64), full_matrices=False)[0]
+        uy = torch.linalg.svd(Y[index].to(F64), full_matrices=False)[0]
+        assert abs(float(got[index]) - float((ux.T @ uy).square().sum() / R)) <= 1e-5
+    assert 0.3 < float(got[0]) < 0.99  # partly shared: not a trivial 0 or 1
+    nan = X.clone()
+    nan[1, 0, 0] = float("nan")
+    assert torch.isnan(functional.column_space_similarity(nan, Y)[1])
+    with pytest.raises(ValueError, match="same space"):
+        functional.column_space_similarity(X, Y[..., :-1, :])
