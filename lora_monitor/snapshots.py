@@ -21,6 +21,7 @@ from lora_monitor.adapters import LoRAFactors, ModuleKey
 from lora_monitor.functional import (
     Basis,
     amplification_factor,
+    column_space_similarity,
     effective_rank,
     energy_rank,
     factored_basis,
@@ -28,7 +29,6 @@ from lora_monitor.functional import (
     frobenius_norm,
     intruder_dimensions,
     shared_directions,
-    singular_basis,
     stable_rank,
     subspace_similarity,
 )
@@ -406,9 +406,10 @@ def analyze(
     φ(A₀, A, r, r). ``reference_bases`` (:meth:`ReferenceBases.compute` of ``reference`` in
     the same basis) saves decomposing a reference that does not change.
 
-    Cost per batch: one QR of each factor, Q formed for the factor the basis lives on only, and
-    r×r SVDs; the current basis stays factored (``Q @ W``, see
-    :func:`~lora_monitor.functional.factored_basis`). ΔW's explicit singular vectors are only
+    Cost per batch: one QR of each factor — from its Gram matrix (one GEMM) where that is exact,
+    else Householder, Q formed for the factor the basis lives on only — and r×r SVDs; the
+    current basis stays factored (``Q @ W``, see :func:`~lora_monitor.functional.factored_basis`),
+    so φ costs a product with the reference basis. ΔW's explicit singular vectors are only
     formed for batches whose modules carry W₀.
     """
     if reference_bases is not None and reference_bases.basis != basis:
@@ -443,9 +444,8 @@ def analyze(
             batch["phi"] = subspace_similarity(reference_basis, Q, W)
         if initial is not None and all(k in initial for k in keys):
             initial_A = torch.stack([initial[k].lora_A.to(device) for k in keys])
-            start = singular_basis(raw_B, initial_A, basis="A")
-            now = (Q, W) if basis == "A" else (singular_basis(raw_B, raw_A, basis="A"), None)
-            batch["init_similarity"] = subspace_similarity(start, *now)[..., -1, -1]
+            # φ(A₀, A, r, r) does not depend on how the bases are rotated: no basis is formed.
+            batch["init_similarity"] = column_space_similarity(initial_A.mT, raw_A.mT)
         for index, key in enumerate(keys):
             device_results[key] = {name: value[index] for name, value in batch.items()}
             dimensions[key] = Q.shape[-2]
