@@ -15,8 +15,7 @@ import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -31,8 +30,9 @@ from lora_monitor.adapters import (
     select_factors,
 )
 from lora_monitor.background import Background
+from lora_monitor.config import MonitorOptions, Reference
 from lora_monitor.distributed import Process, all_gather_objects, full_factors, rank_share
-from lora_monitor.functional import BASES, Basis
+from lora_monitor.functional import Basis
 from lora_monitor.outputs import Output, SummaryWriterOutput, write_layout, write_snapshot, write_text
 from lora_monitor.plots import comparison_symbols, snapshot_images
 from lora_monitor.recommend import RankRecommendation, recommend_rank
@@ -52,83 +52,8 @@ from lora_monitor.tags import (
     snapshot_scalars,
 )
 
-Reference = Union[Literal["first", "previous"], str, os.PathLike]
-
-
 class AnalysisWarning(UserWarning):
     """A snapshot of a module could not be analysed; training goes on (see ``strict``)."""
-
-
-@dataclass(frozen=True)
-class MonitorOptions:
-    """What to watch and how; validated on construction, with messages that say what to pass.
-
-    The fields are the monitor's arguments (see :class:`LoRAMonitor`). ``owner`` names the
-    front-end in messages.
-    """
-
-    every_n_steps: int = 50
-    reference: Reference = "first"
-    target_modules: Sequence[str] = ("q", "v")
-    layers: Optional[Sequence[int]] = None
-    basis: Basis = "A"
-    adapter_name: Optional[str] = None
-    log_images: bool = True
-    strict: bool = False
-    intruder_top_k: Optional[int] = None
-    asynchronous: Optional[bool] = None
-    owner: str = "LoRAMonitor"
-
-    def __post_init__(self) -> None:
-        def fail(message: str) -> None:
-            raise ValueError(f"{self.owner}: {message}")
-
-        every = self.every_n_steps
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            fail(f"every_n_steps must be a positive integer, got {every!r}")
-        reference = self.reference
-        if not isinstance(reference, (str, os.PathLike)) or str(reference) == "":
-            fail(
-                "reference must be 'first', 'previous' or the path of an adapter directory saved "
-                f"with save_pretrained, got {reference!r}"
-            )
-        targets = self.target_modules
-        if isinstance(targets, str):
-            targets = (targets,)
-        if not targets or not all(isinstance(t, str) and t for t in targets):
-            fail(
-                "target_modules must be a non-empty list of projection names such as ['q', 'v'] "
-                f"or ['q_proj', 'gate_proj'], got {self.target_modules!r}"
-            )
-        layers = self.layers
-        if layers is not None and (
-            not layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
-        ):
-            fail(f"layers must be a non-empty list of layer indices, got {layers!r}")
-        if self.basis not in BASES:
-            fail(f"basis must be one of {', '.join(map(repr, BASES))}, got {self.basis!r}")
-        top_k = self.intruder_top_k
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            fail(
-                "intruder_top_k must be None (off) or a positive number of singular vectors to "
-                f"check, such as 10; got {top_k!r}"
-            )
-        if self.asynchronous is not None and not isinstance(self.asynchronous, bool):
-            fail(
-                "asynchronous must be True, False or None (on when the LoRA factors are on a CUDA "
-                f"device), got {self.asynchronous!r}"
-            )
-        # Normal forms: a tuple of targets, a list of layers, a Path for a directory.
-        object.__setattr__(self, "target_modules", tuple(targets))
-        if layers is not None:
-            object.__setattr__(self, "layers", list(layers))
-        if reference not in ("first", "previous"):
-            object.__setattr__(self, "reference", Path(reference))
-
-    @property
-    def compares_runs(self) -> bool:
-        """True when the reference is another run (an adapter directory), not this run's past."""
-        return isinstance(self.reference, Path)
 
 
 @dataclass
@@ -624,13 +549,13 @@ class LoRAMonitor:
         except Exception as error:
             outcome.problems.append(f"step {step}: logging the analysis failed with {type(error).__name__}: {error}")
             return
-        if self.options.log_images and reference is not None and grids:
+        if self.options.log_images:
             # A figure that cannot be drawn costs the image only: the scalars still go out.
             try:
-                outcome.images = self._render(grids, snapshot, reference, reference_step)
+                outcome.images = self._render(grids if reference is not None else {}, snapshot, reference, reference_step, suggestion)
             except Exception as error:
                 outcome.problems.append(
-                    f"step {step}: drawing the heatmaps failed with {type(error).__name__}: {error}"
+                    f"step {step}: drawing the figures failed with {type(error).__name__}: {error}"
                 )
 
     def _publish(self, outcome: _Outcome) -> None:
@@ -697,17 +622,21 @@ class LoRAMonitor:
         self,
         grids: dict[ModuleKey, np.ndarray],
         snapshot: Snapshot,
-        reference: dict[ModuleKey, LoRAFactors],
+        reference: Optional[dict[ModuleKey, LoRAFactors]],
         reference_step: Optional[int],
+        suggestion: RankRecommendation,
     ) -> dict[str, np.ndarray]:
-        key = next(iter(grids))
-        row, column, transpose = comparison_symbols(
-            self.options.basis, reference[key].rank, snapshot.factors[key].rank, reference_step, snapshot.step
-        )
-        if transpose:
-            grids = {k: g.T for k, g in grids.items()}
+        """The heatmaps of the drawn layers (with a reference) and the overview of all layers."""
+        row = column = ""
+        if grids:
+            key = next(iter(grids))
+            row, column, transpose = comparison_symbols(
+                self.options.basis, reference[key].rank, snapshot.factors[key].rank, reference_step, snapshot.step
+            )
+            if transpose:
+                grids = {k: g.T for k, g in grids.items()}
         layers = [layer for layer in self._drawn_layers if any(k[0] == layer for k in grids)]
-        return snapshot_images(grids, layers=layers, row_symbol=row, column_symbol=column)
+        return snapshot_images(grids, layers=layers, row_symbol=row, column_symbol=column, recommendation=suggestion)
 
     def _recommend(self, step: int) -> None:
         """The rank suggested by the last analysis: Markdown to the outputs, a console line."""
@@ -738,14 +667,4 @@ class LoRAMonitor:
         self._initial = Snapshot.from_state_dict(initial) if initial is not None else None
 
 
-def options_summary(options: MonitorOptions) -> dict[str, Any]:
-    """The options that tell two monitors of one run apart (their checkpoint state keys)."""
-    return {
-        "reference": str(options.reference),
-        "basis": options.basis,
-        "target_modules": options.target_modules,
-        "adapter_name": options.adapter_name,
-    }
-
-
-__all__ = ["AnalysisWarning", "LoRAMonitor", "MonitorOptions", "default_layers", "options_summary"]
+__all__ = ["AnalysisWarning", "LoRAMonitor", "MonitorOptions", "default_layers"]

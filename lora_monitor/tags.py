@@ -94,8 +94,6 @@ OVERVIEW_TAG = f"{RANK_GROUP}/overview"
 RECOMMENDATION_TAG = f"{RANK_GROUP}/recommendation"
 #: Where a user finds the report in TensorBoard, for messages.
 RECOMMENDATION_PLACE = f"TensorBoard → Text → {RECOMMENDATION_TAG}"
-#: The single φ grid image the Lightning callback wrote before per-layer heatmaps.
-IMAGE_TAG = f"{LAYER_GROUP_PREFIX}/phi_heatmaps"
 
 #: Cards of ``LoRA_rank`` besides one per projection: overview, model, weak evidence.
 _RANK_CARDS = 3

@@ -125,7 +125,7 @@ def test_an_error_in_the_worker_is_a_warning_and_training_completes(tmp_path, mo
         raise RuntimeError("no fonts on this machine")
 
     monkeypatch.setattr(lora_monitor.engine, "snapshot_images", broken_renderer)
-    with pytest.warns(AnalysisWarning, match=r"step 4: drawing the heatmaps failed with RuntimeError"):
+    with pytest.warns(AnalysisWarning, match=r"step 4: drawing the figures failed with RuntimeError"):
         monitor, trainer = monitored_run(tmp_path, asynchronous=True)
     assert trainer.global_step == 6
     scalars, images, _ = logged(trainer)

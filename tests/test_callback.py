@@ -24,6 +24,7 @@ from peft.tuners.lora import LoraLayer
 from lora_monitor import AnalysisWarning, LoRAMonitorError, LoRASubspaceMonitor
 from lora_monitor.plots import CARD_WIDTH, MASK_COLOR
 from lora_monitor.tags import (
+    OVERVIEW_TAG,
     SCALAR_NAMES,
     heatmap_tag,
     is_monitor_tag,
@@ -78,9 +79,11 @@ def test_tensorboard_run_has_heatmaps_and_scalars(tmp_path):
 
     events = read_events(trainer.logger.log_dir)
     tags = events.Tags()
-    # The first snapshot (step 2) is the reference: no φ yet, so no image and no phi scalars.
-    # One image per drawn layer (all 4 of them), sized for TensorBoard's card.
-    assert tags["images"] == [heatmap_tag(layer) for layer in range(4)]
+    # The first snapshot (step 2) is the reference: no φ yet, so no heatmap and no phi scalars.
+    # One image per drawn layer (all 4 of them), sized for TensorBoard's card, and the overview
+    # of every layer at every snapshot.
+    assert sorted(tags["images"]) == sorted([OVERVIEW_TAG] + [heatmap_tag(layer) for layer in range(4)])
+    assert [image.step for image in events.Images(OVERVIEW_TAG)] == [2, 4, 6]
     for layer in range(4):
         images = events.Images(heatmap_tag(layer))
         assert [image.step for image in images] == [4, 6]
@@ -257,13 +260,13 @@ def test_a_figure_that_cannot_be_drawn_costs_only_the_image(tmp_path, monkeypatc
     monkeypatch.setattr(lora_monitor.engine, "snapshot_images", broken_renderer)
     monitor = LoRASubspaceMonitor(every_n_steps=2, reference="first")
     trainer = make_trainer(tmp_path, [monitor], max_steps=4)
-    with pytest.warns(AnalysisWarning, match=r"step 4: drawing the heatmaps failed with RuntimeError"):
+    with pytest.warns(AnalysisWarning, match=r"step 4: drawing the figures failed with RuntimeError"):
         trainer.fit(CausalLMModule(tiny_llama_lora(rank=4)))
     assert trainer.global_step == 4
     events = read_events(trainer.logger.log_dir)
-    assert events.Tags()["images"] == []
+    assert events.Tags()["images"] == []  # neither heatmaps nor the overview
     assert sorted(scalar_series(events, scalar_tag("phi_top", (0, "q")))) == [4]
 
     strict = LoRASubspaceMonitor(every_n_steps=2, reference="first", strict=True)
-    with pytest.raises(LoRAMonitorError, match="drawing the heatmaps failed"):
+    with pytest.raises(LoRAMonitorError, match="drawing the figures failed"):
         make_trainer(tmp_path / "strict", [strict], max_steps=4).fit(CausalLMModule(tiny_llama_lora(rank=4)))

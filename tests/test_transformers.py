@@ -13,7 +13,7 @@ import torch
 from hf_setup import TEXTS, TokenDataset, minilm_tokenizer, read_run, run_dirs, scalar_values, tiny_llama
 
 from lora_monitor import AnalysisWarning, LoRASubspaceCallback
-from lora_monitor.tags import IMAGE_TAG, RECOMMENDATION_TAG, SCALAR_NAMES, scalar_tag
+from lora_monitor.tags import OVERVIEW_TAG, RECOMMENDATION_TAG, SCALAR_NAMES, heatmap_tag, scalar_tag
 
 pytest.importorskip("transformers")
 from peft import LoraConfig, get_peft_model  # noqa: E402
@@ -75,7 +75,7 @@ def test_trainer_writes_into_the_run_of_train_loss(tokenizer, tmp_path, monkeypa
     assert per_layer <= set(values)
     assert sorted(values[scalar_tag("delta_w_norm", (0, "q"))]) == [2, 4, 6]
     assert sorted(values[scalar_tag("phi_top", (0, "q"))]) == [4, 6]
-    assert tags["images"] == [IMAGE_TAG]
+    assert sorted(tags["images"]) == sorted([heatmap_tag(0), heatmap_tag(1), OVERVIEW_TAG])
     assert RECOMMENDATION_TAG in {tag.rsplit("/text_summary", 1)[0] for tag in tags["tensors"]}
 
     # ‖ΔW‖_F at the last step against the update the model really applies: merged − pretrained.
@@ -192,11 +192,13 @@ def test_bad_option_is_a_clear_error_before_training():
 
 
 def test_report_to_mlflow_gets_the_same_scalars(tokenizer, tmp_path, monkeypatch):
-    pytest.importorskip("mlflow")
+    mlflow = pytest.importorskip("mlflow")
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # An earlier test's MLFlowLogger may have set the process-wide URI, which wins over the variable.
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None, raising=False)
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     Trainer(
         model=lora_model(tokenizer),

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lora_monitor.adapters import LoRAMonitorError, ModuleKey
 from lora_monitor.distributed import Process, deepspeed_gathered, fsdp_gathered
-from lora_monitor.engine import LoRAMonitor, MonitorOptions, options_summary
+from lora_monitor.engine import LoRAMonitor, MonitorOptions
 from lora_monitor.functional import Basis
 from lora_monitor.integrations.lightning_loggers import logger_outputs
 from lora_monitor.recommend import RankRecommendation
@@ -125,7 +125,7 @@ class LoRASubspaceMonitor(Callback):
     def state_key(self) -> str:
         # Two monitors in one Trainer (say one against "first", one against a directory) must
         # not overwrite each other's state in the checkpoint.
-        return self._generate_state_key(**options_summary(self.engine.options))
+        return self._generate_state_key(**self.engine.options.identity())
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":

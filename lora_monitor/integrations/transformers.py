@@ -17,7 +17,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from lora_monitor.adapters import ModuleKey
 from lora_monitor.distributed import Process, deepspeed_gathered, fsdp_gathered
-from lora_monitor.engine import AnalysisWarning, LoRAMonitor, MonitorOptions, options_summary
+from lora_monitor.engine import AnalysisWarning, LoRAMonitor, MonitorOptions
 from lora_monitor.functional import Basis
 from lora_monitor.outputs import MLflowOutput, Output, SummaryWriterOutput, WandbOutput
 from lora_monitor.recommend import RankRecommendation
@@ -155,7 +155,7 @@ class LoRASubspaceCallback(TrainerCallback):
     @property
     def state_file(self) -> str:
         """This callback's file in a checkpoint directory (several monitors keep apart)."""
-        summary = json.dumps(options_summary(self.engine.options), sort_keys=True, default=str)
+        summary = json.dumps(self.engine.options.identity(), sort_keys=True, default=str)
         return STATE_FILE.format(key=hashlib.sha1(summary.encode()).hexdigest()[:10])
 
     # ------------------------------------------------------------------------------ events

@@ -1,0 +1,94 @@
+"""The monitor's options: one dataclass, validated on construction (as peft's configs are)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence, Union
+
+from lora_monitor.functional import BASES, Basis
+
+#: ``"first"``, ``"previous"`` or the path of an adapter directory saved by ``save_pretrained``.
+Reference = Union[Literal["first", "previous"], str, os.PathLike]
+
+
+@dataclass(frozen=True)
+class MonitorOptions:
+    """What to watch and how; validated on construction, with messages that say what to pass.
+
+    The fields are the monitor's arguments (see :class:`LoRAMonitor`). ``owner`` names the
+    front-end in messages.
+    """
+
+    every_n_steps: int = 50
+    reference: Reference = "first"
+    target_modules: Sequence[str] = ("q", "v")
+    layers: Optional[Sequence[int]] = None
+    basis: Basis = "A"
+    adapter_name: Optional[str] = None
+    log_images: bool = True
+    strict: bool = False
+    intruder_top_k: Optional[int] = None
+    asynchronous: Optional[bool] = None
+    owner: str = "LoRAMonitor"
+
+    def __post_init__(self) -> None:
+        def fail(message: str) -> None:
+            raise ValueError(f"{self.owner}: {message}")
+
+        every = self.every_n_steps
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            fail(f"every_n_steps must be a positive integer, got {every!r}")
+        reference = self.reference
+        if not isinstance(reference, (str, os.PathLike)) or str(reference) == "":
+            fail(
+                "reference must be 'first', 'previous' or the path of an adapter directory saved "
+                f"with save_pretrained, got {reference!r}"
+            )
+        targets = self.target_modules
+        if isinstance(targets, str):
+            targets = (targets,)
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            fail(
+                "target_modules must be a non-empty list of projection names such as ['q', 'v'] "
+                f"or ['q_proj', 'gate_proj'], got {self.target_modules!r}"
+            )
+        layers = self.layers
+        if layers is not None and (
+            not layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+        ):
+            fail(f"layers must be a non-empty list of layer indices, got {layers!r}")
+        if self.basis not in BASES:
+            fail(f"basis must be one of {', '.join(map(repr, BASES))}, got {self.basis!r}")
+        top_k = self.intruder_top_k
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            fail(
+                "intruder_top_k must be None (off) or a positive number of singular vectors to "
+                f"check, such as 10; got {top_k!r}"
+            )
+        if self.asynchronous is not None and not isinstance(self.asynchronous, bool):
+            fail(
+                "asynchronous must be True, False or None (on when the LoRA factors are on a CUDA "
+                f"device), got {self.asynchronous!r}"
+            )
+        # Normal forms: a tuple of targets, a list of layers, a Path for a directory.
+        object.__setattr__(self, "target_modules", tuple(targets))
+        if layers is not None:
+            object.__setattr__(self, "layers", list(layers))
+        if reference not in ("first", "previous"):
+            object.__setattr__(self, "reference", Path(reference))
+
+    @property
+    def compares_runs(self) -> bool:
+        """True when the reference is another run (an adapter directory), not this run's past."""
+        return isinstance(self.reference, Path)
+
+    def identity(self) -> dict[str, Any]:
+        """The options that tell two monitors of one run apart (their checkpoint state keys)."""
+        return {
+            "reference": str(self.reference),
+            "basis": self.basis,
+            "target_modules": self.target_modules,
+            "adapter_name": self.adapter_name,
+        }
