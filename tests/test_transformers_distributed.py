@@ -1,6 +1,6 @@
 """``torchrun --nproc_per_node 2`` on CPU (gloo) with a transformers ``Trainer``: the run
 finishes (no rank waits on a collective the other skips), the analysis is split across the two
-processes, and only the main one writes, each point once."""
+processes, only the main one writes, each point once, and each process checkpoints its state."""
 
 from __future__ import annotations
 
@@ -41,6 +41,9 @@ def test_torchrun_two_processes_write_each_point_once(tmp_path):
     for key in keys:
         assert sorted(values[scalar_tag("delta_w_norm", key)]) == [2, 4]
         assert sorted(values[scalar_tag("phi_top", key)]) == [4]
+    # Each process saved its own state in the checkpoint, to restore its own on resume.
+    saved = sorted(p.name.rsplit("-", 1)[-1] for p in (tmp_path / "checkpoint-4").glob("lora_monitor_state-*.pt"))
+    assert saved == ["rank0.pt", "rank1.pt"]
     # Each process analysed every other module: disjoint halves that cover all.
     shares = [
         {step: {tuple(k) for k in keys_} for step, keys_ in map(json.loads, (tmp_path / f"rank{r}.jsonl").read_text().splitlines())}

@@ -98,7 +98,8 @@ class LoRASubspaceCallback(TrainerCallback):
     Only the main process writes. Under ``torchrun`` / ``accelerate`` every process snapshots
     at the same steps, the analysis is split across them, and FSDP and DeepSpeed ZeRO-3
     gather only the LoRA factors. The callback's state is saved in every ``checkpoint-N``
-    directory (``lora_monitor_state-<key>.pt``): ``trainer.train(resume_from_checkpoint=...)``
+    directory (``lora_monitor_state-<key>.pt``, per process under several):
+    ``trainer.train(resume_from_checkpoint=...)``
     compares with the reference an uninterrupted run compares with.
 
     Example::
@@ -152,11 +153,14 @@ class LoRASubspaceCallback(TrainerCallback):
         """The rank suggested when training ended (None before)."""
         return self.engine.recommendation
 
-    @property
-    def state_file(self) -> str:
-        """This callback's file in a checkpoint directory (several monitors keep apart)."""
+    def state_file(self, args: TrainingArguments) -> str:
+        """This callback's file in a checkpoint directory: one per monitor (several keep apart)
+        and, with several processes, one per process (as the Trainer's ``rng_state_<i>.pth``)."""
         summary = json.dumps(self.engine.options.identity(), sort_keys=True, default=str)
-        return STATE_FILE.format(key=hashlib.sha1(summary.encode()).hexdigest()[:10])
+        key = hashlib.sha1(summary.encode()).hexdigest()[:10]
+        if args.world_size > 1:
+            key += f"-rank{args.process_index}"
+        return STATE_FILE.format(key=key)
 
     # ------------------------------------------------------------------------------ events
     def on_train_begin(
@@ -181,11 +185,10 @@ class LoRASubspaceCallback(TrainerCallback):
         self.engine.on_step(state.global_step)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
-        if not state.is_world_process_zero:
-            return
+        # Every process saves its own state: each restores its own, whatever the file system.
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if checkpoint.is_dir():
-            torch.save(self.engine.state_dict(), checkpoint / self.state_file)
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        torch.save(self.engine.state_dict(), checkpoint / self.state_file(args))
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         try:
@@ -201,15 +204,16 @@ class LoRASubspaceCallback(TrainerCallback):
         candidates = [Path(args.output_dir) / f"checkpoint-{state.global_step}"]
         if isinstance(args.resume_from_checkpoint, str):
             candidates.insert(0, Path(args.resume_from_checkpoint))
+        name = self.state_file(args)
         for directory in candidates:
-            file = directory / self.state_file
+            file = directory / name
             if file.is_file():
                 self.engine.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
                 return
         if state.is_world_process_zero:
             warnings.warn(
                 f"LoRASubspaceCallback: training resumes at step {state.global_step} but no "
-                f"{self.state_file} was found in {', '.join(map(str, candidates))}: the "
+                f"{name} was found in {', '.join(map(str, candidates))}: the "
                 f"reference {str(self.engine.options.reference)!r} starts again from this run's "
                 f"next snapshot, and a_init_similarity is not logged (the factors before step 1 "
                 f"are unknown)",
