@@ -107,8 +107,9 @@ def _gram_cholesky(X: Tensor) -> tuple[Optional[Tensor], Tensor]:
     well inside the dtype's range (its squares can neither overflow nor underflow), and
     ``XᵀX − (t/2)·I`` and ``2t·I − XᵀX`` both have Cholesky factors, i.e. every eigenvalue lies in
     [t/2, 2t] and κ(X)² ≤ 4: the Gram path then errs by at most four Gram roundings (measured
-    4·10⁻⁷ in ‖QᵀQ − I‖ at 4096 × 64, Householder 8·10⁻⁷). Zero, rank-deficient, badly
-    conditioned, non-finite and extreme factors fail the test, and go to Householder QR.
+    at 4096 × 64: ‖QᵀQ − I‖ 4·10⁻⁷, Householder 8·10⁻⁷; factored_svd's U and V 1.4·10⁻⁶ on
+    either path). Zero, rank-deficient, badly conditioned (B soon after its zero
+    initialization), non-finite and extreme factors fail the test, and go to Householder QR.
     """
     count, n, r = X.shape
     if not (count and 0 < r <= n and (X.dtype == torch.float64 or _exact_matmul(X.device))):
