@@ -280,38 +280,57 @@ class _Update:
         return self.B is f.lora_B and self.A is f.lora_A
 
 
-def _update_of(f: LoRAFactors, initial: Optional[LoRAFactors], basis: Basis) -> _Update:
-    """The factors of the update ``f`` applies (see :mod:`lora_monitor.updates`)."""
-    update = _Update(f.lora_B, f.lora_A)
+def _unknown_because(f: LoRAFactors, initial: Optional[LoRAFactors]) -> Optional[str]:
+    """Why the update ``f`` applies cannot be computed from what is known of it, or None."""
     if f.initial_in_base is not None:
         if f.magnitude is not None:
-            update.known = False
-            update.notes.append(
+            return (
                 f"DoRA with a {f.initial_in_base} initialization: lora_monitor does not compute "
                 f"this update; no ΔW numbers"
             )
-            return update
         if initial is None:
-            update.known = False
-            update.notes.append(
+            return (
                 f"its {f.initial_in_base} initialization moved s·B₀·A₀ out of the base weight and "
                 f"the initial factors B₀, A₀ are not known (the monitor was attached after the "
                 f"first step, or the adapter was read from disk): ΔW = s·(B·A − B₀·A₀) cannot be "
                 f"computed, so no ΔW numbers are logged"
             )
-            return update
+    if f.magnitude is not None and not f.has_base_weight:
+        return (
+            "DoRA rescales the rows of W₀ + s·B·A, and W₀ is not known here (a saved "
+            "adapter, or quantized storage that cannot be read): no ΔW numbers"
+        )
+    return None
+
+
+def _update_of(f: LoRAFactors, initial: Optional[LoRAFactors], basis: Basis) -> _Update:
+    """The factors of the update ``f`` applies (see :mod:`lora_monitor.updates`)."""
+    update = _Update(f.lora_B, f.lora_A)
+    reason = _unknown_because(f, initial)
+    if reason is not None:
+        update.known = False
+        update.notes.append(reason)
+        return update
+    if f.initial_in_base is not None:
         update.B, update.A = since_initial(f.lora_B, f.lora_A, initial.lora_B, initial.lora_A)
-    if f.magnitude is not None:
-        if not f.has_base_weight:
-            update.known = False
-            update.notes.append(
-                "DoRA rescales the rows of W₀ + s·B·A, and W₀ is not known here (a saved "
-                "adapter, or quantized storage that cannot be read): no ΔW numbers"
-            )
-        elif basis.startswith("delta_w"):
-            # φ in ΔW's bases reads the directional term D·s·B·A; D needs W₀ (read and dropped).
-            update.B = dora_update(f.lora_B, f.lora_A, f.scaling, f.magnitude, f.read_base_weight()).direction_B
+    if f.magnitude is not None and basis.startswith("delta_w"):
+        # φ in ΔW's bases reads the directional term D·s·B·A; D needs W₀ (read and dropped).
+        update.B = dora_update(f.lora_B, f.lora_A, f.scaling, f.magnitude, f.read_base_weight()).direction_B
     return update
+
+
+def with_base_weights(
+    reference: Mapping[ModuleKey, LoRAFactors], current: Mapping[ModuleKey, LoRAFactors]
+) -> dict[ModuleKey, LoRAFactors]:
+    """``reference`` with W₀ taken from ``current`` where a DoRA module carries none (a run's
+    snapshot restored from a checkpoint, an adapter read from disk): a reference is compared
+    with the same base model, whose frozen W₀ its D = diag(m / ‖row of W₀ + s·B·A‖) needs."""
+    borrowed = dict(reference)
+    for key, f in reference.items():
+        source = current.get(key)
+        if f.magnitude is not None and not f.has_base_weight and source is not None and source.has_base_weight:
+            borrowed[key] = dataclasses.replace(f, base_weight=source.base_weight, base_reader=source.base_reader)
+    return borrowed
 
 
 def _reference_group(
@@ -361,6 +380,7 @@ class ReferenceBases:
     ) -> ReferenceBases:
         """The bases of ``reference``, on the devices of the ``current`` factors it will be
         compared with (``initial``: the run's initial factors, for a PiSSA-like reference)."""
+        reference = with_base_weights(reference, current)
         groups = {
             tuple(keys): _reference_group(reference, keys, device, basis, initial)
             for (_, _, device, *_), keys in _group_by_shape(current, reference).items()
@@ -415,6 +435,8 @@ def analyze(
     if reference_bases is not None and reference_bases.basis != basis:
         raise ValueError(f"analyze: reference_bases are in basis {reference_bases.basis!r}, not {basis!r}")
     factors = current.factors
+    if reference is not None:
+        reference = with_base_weights(reference, factors)
     updates = {key: _update_of(f, (initial or {}).get(key), basis) for key, f in factors.items()}
     device_results: dict[ModuleKey, dict[str, Tensor]] = {}
     dimensions: dict[ModuleKey, int] = {}
@@ -504,6 +526,16 @@ def analyze(
                 )
         if not update.known and basis.startswith("delta_w"):
             analysis.problems.append(f"φ in basis {basis!r} needs ΔW, which is not known ({update.notes[0]})")
+        elif reference is not None and basis.startswith("delta_w"):
+            reference_unknown = _unknown_because(reference[key], (initial or {}).get(key))
+            if reference_unknown is not None:
+                # Said once per run (a note), not as a problem at every snapshot.
+                analysis.notes.append(
+                    f"the reference is {reference[key].variant} and its ΔW cannot be computed "
+                    f"({reference_unknown}), so φ in basis {basis!r} is not computed (φ in 'A' "
+                    f"and 'B' is)"
+                )
+                analysis.phi = None
         if analysis.problems:
             analysis.phi = None
         analyses[key] = analysis
