@@ -8,6 +8,7 @@ Layout, from the maths up (each layer imports only those above it in this list):
 - :mod:`lora_monitor.recommend` — the rank suggested by an analysis;
 - :mod:`lora_monitor.tags`, :mod:`lora_monitor.plots`, :mod:`lora_monitor.outputs` — what is
   written (names, figures) and where (TensorBoard, W&B, MLflow);
+- :mod:`lora_monitor.config` — :class:`MonitorOptions`, the options every front-end validates with;
 - :mod:`lora_monitor.engine` — :class:`LoRAMonitor`, the framework-free monitor (a plain loop
   uses it directly);
 - :mod:`lora_monitor.integrations` — front-ends: :class:`LoRASubspaceMonitor` (Lightning),
@@ -26,7 +27,7 @@ from typing import Any
 _NAMES = {
     "AnalysisWarning": "lora_monitor.engine",
     "LoRAMonitor": "lora_monitor.engine",
-    "MonitorOptions": "lora_monitor.engine",
+    "MonitorOptions": "lora_monitor.config",
     "LoRAFactors": "lora_monitor.adapters",
     "LoRAMonitorError": "lora_monitor.adapters",
     "LoRASubspaceMonitor": "lora_monitor.integrations.lightning",

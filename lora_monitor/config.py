@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
@@ -78,6 +78,14 @@ class MonitorOptions:
             object.__setattr__(self, "layers", list(layers))
         if reference not in ("first", "previous"):
             object.__setattr__(self, "reference", Path(reference))
+
+    @classmethod
+    def of(cls, arguments: dict[str, Any], owner: str) -> "MonitorOptions":
+        """The options among a front-end's constructor ``arguments`` (its ``locals()``): every
+        front-end takes the same ones, spelled out in its own signature for its users' tools
+        (LightningCLI, IDEs)."""
+        names = [f.name for f in fields(cls) if f.name != "owner" and f.name in arguments]
+        return cls(owner=owner, **{name: arguments[name] for name in names})
 
     @property
     def compares_runs(self) -> bool:

@@ -154,40 +154,57 @@ class LoRAMonitor:
     rank zero draws and writes. An asynchronous one runs whole on every rank, in each rank's
     worker thread (collectives from a second thread could interleave with the training step's).
 
-    Written, for each snapshot at step ``step``: the tags of :mod:`lora_monitor.tags` —
+    Written, for each snapshot at step ``step``: the tags of :mod:`lora_monitor.tags`, each
+    named by the matrix it describes (``delta_w_*``: ΔW, merged minus pretrained weight;
+    ``a_init_similarity``: A; ``phi_*``, ``shared_directions``: the singular vectors of
+    ``basis``). In the two groups TensorBoard opens first, at most 24 cards whatever the depth:
 
-    - ``lora_monitor/phi_heatmaps`` (image): one grid figure, a row per drawn layer and a
-      column per projection, of φ(reference, current, i, j) with i (reference) on the vertical
-      axis and j (current) on the horizontal one, colour scale 0..1; when the reference has
-      the smaller rank, a zoom on i, j ≤ r_ref with the cells j > i masked.
-    - ``lora_monitor/delta_w_norm/layer_<L>.<p>``: ‖ΔW‖_F of layer L, projection p.
-    - ``lora_monitor/sigma_max/layer_<L>.<p>``: the top singular value of ΔW.
-    - ``lora_monitor/phi_top/layer_<L>.<p>``: φ(1, 1), how well the reference's top direction
-      is aligned with the current top direction.
-    - ``lora_monitor/phi_mean/layer_<L>.<p>``: the mean of φ(i, i) for i up to the smaller of
-      the two ranks: how much the top-i subspaces agree, on average over i.
-    - ``lora_monitor/shared_directions/layer_<L>.<p>``: the number of top directions shared
-      with the reference clearly above the level of random subspaces
-      (:func:`lora_monitor.functional.shared_directions` gives the precise rule).
-    - ``lora_monitor/energy_rank/layer_<L>.<p>``, ``effective_rank``, ``stable_rank``: of ΔW's
-      spectrum: the smallest k holding 90 % of ‖ΔW‖_F², exp(entropy of σ/Σσ) (Roy & Vetterli),
-      ‖ΔW‖_F²/σ₁².
-    - ``lora_monitor/amplification/layer_<L>.<p>``: ‖ΔW‖_F / ‖Uᵀ W₀ V‖_F (the paper's §7.3),
-      and ``delta_w_relative_norm``: ‖ΔW‖_F / ‖W₀‖_F; both need the live W₀.
-    - ``lora_monitor/a_init_similarity/layer_<L>.<p>``: φ(A₀, A, r, r), how much of A's row space
-      is still its value before the first optimizer step (from a fresh start only).
-    - ``lora_monitor/intruder_dimensions/layer_<L>.<p>``: with ``intruder_top_k``.
-    - ``lora_monitor/suggested_rank/<p>``, ``…/model``, ``…/weak_evidence``: the rank suggested
-      by this snapshot (:func:`lora_monitor.recommend.recommend_rank`), so that it can be
-      watched as it forms; 0 where no rank is supported.
-    - ``lora_monitor/rank_recommendation`` (text), when training ends: the suggested LoRA rank
-      with its evidence; the summary line also goes to the console (rank zero). Kept as
+    - ``LoRA_rank/suggested.<p>``, ``LoRA_rank/suggested.model``: the rank suggested by this
+      snapshot (:func:`lora_monitor.recommend.recommend_rank`) per projection and for the
+      model, so that it can be watched as it forms; 0 where no rank is supported.
+    - ``LoRA_rank/weak_evidence``: 1 when that suggestion's evidence is weak, else 0.
+    - ``LoRA_rank/overview`` (image): every layer at once, per projection the rank each layer
+      supports against r and the suggestion (:func:`lora_monitor.plots.overview_figure`).
+    - ``LoRA_summary/median_<metric>.<p>``: the median over layers of the per-layer metrics of
+      :func:`lora_monitor.tags.summary_metrics` (``shared_directions``,
+      ``delta_w_energy_rank``, ``phi_top``, ``delta_w_relative_norm``, ``a_init_similarity``,
+      as many as fit).
+    - ``LoRA_rank/recommendation`` (text), when training ends: the suggested LoRA rank with its
+      evidence; the summary line also goes to the console (rank zero). Kept as
       :attr:`recommendation`.
 
+    Per module, ``lora_monitor.<metric>/layer_<L>.<p>`` (layer L, projection p):
+
+    - ``delta_w_norm``: ‖ΔW‖_F; ``delta_w_sigma_max``: σ₁, the top singular value of ΔW.
+    - ``phi_top``: φ(1, 1), how well the reference's top direction is aligned with the current
+      top direction; ``phi_mean``: the mean of φ(i, i) for i up to the smaller of the two ranks.
+    - ``shared_directions``: the number of top directions shared with the reference clearly
+      above the level of random subspaces (:func:`lora_monitor.functional.shared_directions`
+      gives the precise rule).
+    - ``delta_w_energy_rank``, ``delta_w_effective_rank``, ``delta_w_stable_rank``: of ΔW's
+      spectrum: the smallest k holding 90 % of ‖ΔW‖_F², exp(entropy of σ/Σσ) (Roy & Vetterli),
+      ‖ΔW‖_F²/σ₁².
+    - ``delta_w_amplification``: ‖ΔW‖_F / ‖Uᵀ W₀ V‖_F (the paper's §7.3), and
+      ``delta_w_relative_norm``: ‖ΔW‖_F / ‖W₀‖_F; both need the live W₀.
+    - ``a_init_similarity``: φ(A₀, A, r, r), how much of A's row space is still its value before
+      the first optimizer step (from a fresh start only).
+    - ``intruder_dimensions``: with ``intruder_top_k``, the top singular vectors of W₀ + ΔW far
+      from every singular vector of W₀.
+    - DoRA modules only: ``dora_magnitude_norm``, ‖(D − I)·W₀‖_F, the part of ΔW that rescales
+      W₀'s rows (D = diag(m / ‖row of W₀ + s·B·A‖)); ``dora_direction_norm``, ‖D·s·B·A‖_F, the
+      low-rank directional term (the one φ reads); ``dora_scale_std``, the standard deviation
+      of D's diagonal over rows (0 when every row is rescaled alike). AdaLoRA modules only:
+      ``adalora_kept_rank``, the number of triplets rank allocation keeps (non-zero E).
+    - ``lora_monitor.phi_heatmaps/layer_<L>`` (image), for each drawn layer (``layers``): φ(reference,
+      current, i, j) per projection, i (reference) on the vertical axis and j (current) on the
+      horizontal one, colour scale 0..1; when the reference has the smaller rank, a zoom on
+      i, j ≤ r_ref with the cells j > i masked.
+
     Once per run, a custom-scalars layout (TensorBoard → Custom Scalars) draws every per-layer
-    metric as one chart per projection, the layers as its lines. No ``phi_*`` scalars and no
-    image are written for the first snapshot of a run with ``reference="first"`` or
-    ``"previous"`` (there is nothing to compare with yet).
+    metric as one chart per projection, the layers as its lines. No ``phi_*`` or
+    ``shared_directions`` scalars and no heatmap are written for the first snapshot of a run
+    with ``reference="first"`` or ``"previous"`` (there is nothing to compare with yet); the
+    overview is drawn at every snapshot.
 
     Resume: :meth:`state_dict` / :meth:`load_state_dict` hold the references ("first",
     "previous"), the factors before the first step and the last snapshot's step.
@@ -213,18 +230,7 @@ class LoRAMonitor:
         options: Optional[MonitorOptions] = None,
     ) -> None:
         if options is None:
-            options = MonitorOptions(
-                every_n_steps=every_n_steps,
-                reference=reference,
-                target_modules=target_modules,
-                layers=layers,
-                basis=basis,
-                adapter_name=adapter_name,
-                log_images=log_images,
-                strict=strict,
-                intruder_top_k=intruder_top_k,
-                asynchronous=asynchronous,
-            )
+            options = MonitorOptions.of(locals(), owner="LoRAMonitor")
         self.options = options
         if log_dir is not None and writer is not None:
             raise ValueError(f"{options.owner}: pass log_dir= or writer=, not both")

@@ -81,19 +81,7 @@ class LoRASubspaceMonitor(Callback):
         asynchronous: Optional[bool] = None,
     ) -> None:
         try:
-            options = MonitorOptions(
-                every_n_steps=every_n_steps,
-                reference=reference,
-                target_modules=target_modules,
-                layers=layers,
-                basis=basis,
-                adapter_name=adapter_name,
-                log_images=log_images,
-                strict=strict,
-                intruder_top_k=intruder_top_k,
-                asynchronous=asynchronous,
-                owner=type(self).__name__,
-            )
+            options = MonitorOptions.of(locals(), owner=type(self).__name__)
         except ValueError as error:
             raise MisconfigurationException(str(error)) from None
         self.engine = LoRAMonitor(options=options)

@@ -125,19 +125,7 @@ class LoRASubspaceCallback(TrainerCallback):
         asynchronous: Optional[bool] = None,
         log_dir: Optional[Union[str, os.PathLike]] = None,
     ) -> None:
-        options = MonitorOptions(
-            every_n_steps=every_n_steps,
-            reference=reference,
-            target_modules=target_modules,
-            layers=layers,
-            basis=basis,
-            adapter_name=adapter_name,
-            log_images=log_images,
-            strict=strict,
-            intruder_top_k=intruder_top_k,
-            asynchronous=asynchronous,
-            owner=type(self).__name__,
-        )
+        options = MonitorOptions.of(locals(), owner=type(self).__name__)
         self.engine = LoRAMonitor(options=options)
         self.log_dir = None if log_dir is None else Path(log_dir)
         self._created = time.time()
