@@ -23,6 +23,9 @@ class Architecture:
     #: The fused q|k|v module of layer 0 (its path in the base model), if any.
     fused: str | None = None
     task_type: str | None = "CAUSAL_LM"
+    #: What the model is trained on: ``"tokens"`` (next token), ``"seq2seq"`` (labels through
+    #: the decoder), ``"audio"`` (Whisper's log-mel features), ``"classify"`` (a label per
+    #: sequence), ``"image"`` (a label per image): see :func:`training_samples`.
     inputs: str = "tokens"
     lora_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -213,3 +216,151 @@ SEPARATE = {
         ("q_proj", "v_proj"),
     ),
 }
+
+
+def model_with_head(config_class: str, model_class: str, **config: Any) -> Callable[[], torch.nn.Module]:
+    """Like :func:`causal_lm` for any model class (seq2seq, classification, vision)."""
+    return causal_lm(config_class, model_class, **config)
+
+
+def training_samples(arch: Architecture, count: int = 16, length: int = 8) -> list[dict[str, torch.Tensor]]:
+    """Random training samples for ``arch.inputs``, each a dict of the model's keyword inputs."""
+    generator = torch.Generator().manual_seed(0)
+
+    def tokens(n: int) -> torch.Tensor:
+        return torch.randint(3, VOCAB, (n,), generator=generator)
+
+    samples = []
+    for _ in range(count):
+        if arch.inputs == "tokens":
+            ids = tokens(length)
+            samples.append({"input_ids": ids, "labels": ids})
+        elif arch.inputs == "seq2seq":
+            samples.append({"input_ids": tokens(length), "labels": tokens(length)})
+        elif arch.inputs == "audio":  # (mel bins, 2 · max_source_positions) frames
+            features = torch.randn(8, 32, generator=generator)
+            samples.append({"input_features": features, "labels": tokens(length)})
+        elif arch.inputs == "classify":
+            label = torch.randint(0, 2, (), generator=generator)
+            samples.append({"input_ids": tokens(length), "labels": label})
+        elif arch.inputs == "image":
+            label = torch.randint(0, 3, (), generator=generator)
+            samples.append({"pixel_values": torch.randn(3, 8, 8, generator=generator), "labels": label})
+        else:
+            raise ValueError(f"unknown inputs {arch.inputs!r}")
+    return samples
+
+
+_SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+_SEQ2SEQ = {
+    "d_model": 32, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
+}
+
+#: Architectures added for issue 9 whose q and v are separate modules too: other decoders,
+#: encoder-decoders (q and v of the encoder, the decoder and its cross-attention), encoders
+#: with a classification head (peft keeps the head trainable: modules_to_save) and ViT.
+MORE = {
+    "gemma": Architecture(
+        "gemma",
+        causal_lm("GemmaConfig", "GemmaForCausalLM", **_SMALL, num_key_value_heads=2, head_dim=8, max_position_embeddings=32),
+        ("q_proj", "v_proj"),
+    ),
+    "gemma2": Architecture(
+        "gemma2",
+        causal_lm(
+            "Gemma2Config", "Gemma2ForCausalLM", **_SMALL, num_key_value_heads=2, head_dim=8,
+            max_position_embeddings=32, sliding_window=4,
+        ),
+        ("q_proj", "v_proj"),
+    ),
+    "t5": Architecture(
+        "t5",
+        model_with_head(
+            "T5Config", "T5ForConditionalGeneration", d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+            decoder_start_token_id=0, pad_token_id=0,
+        ),
+        ("q", "v"),
+        task_type="SEQ_2_SEQ_LM",
+        inputs="seq2seq",
+    ),
+    "bart": Architecture(
+        "bart",
+        model_with_head("BartConfig", "BartForConditionalGeneration", **_SEQ2SEQ, max_position_embeddings=32),
+        ("q_proj", "v_proj"),
+        task_type="SEQ_2_SEQ_LM",
+        inputs="seq2seq",
+    ),
+    "whisper": Architecture(
+        "whisper",
+        model_with_head(
+            "WhisperConfig", "WhisperForConditionalGeneration", **_SEQ2SEQ, num_mel_bins=8, max_source_positions=16,
+            max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+            suppress_tokens=None, begin_suppress_tokens=None,
+        ),
+        ("q_proj", "v_proj"),
+        task_type=None,
+        inputs="audio",
+    ),
+    "bert": Architecture(
+        "bert",
+        model_with_head("BertConfig", "BertForSequenceClassification", **_SMALL, max_position_embeddings=32),
+        ("query", "value"),
+        task_type="SEQ_CLS",
+        inputs="classify",
+    ),
+    "roberta": Architecture(
+        "roberta",
+        model_with_head(
+            "RobertaConfig", "RobertaForSequenceClassification", **_SMALL, max_position_embeddings=40, pad_token_id=1,
+        ),
+        ("query", "value"),
+        task_type="SEQ_CLS",
+        inputs="classify",
+    ),
+    "distilbert": Architecture(
+        "distilbert",
+        model_with_head(
+            "DistilBertConfig", "DistilBertForSequenceClassification", dim=32, hidden_dim=64, n_layers=2, n_heads=4,
+            max_position_embeddings=32,
+        ),
+        ("q_lin", "v_lin"),
+        task_type="SEQ_CLS",
+        inputs="classify",
+    ),
+    "vit": Architecture(
+        "vit",
+        model_with_head(
+            "ViTConfig", "ViTForImageClassification", **_SMALL, image_size=8, patch_size=4, num_channels=3, num_labels=3,
+        ),
+        ("q_proj", "v_proj"),  # transformers 5 names them so (4: query, value)
+        task_type=None,
+        inputs="image",
+        lora_kwargs={"modules_to_save": ["classifier"]},
+    ),
+}
+
+
+def quantized_llama(directory, bits: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """``(the pretrained float32 Llama, the same loaded by transformers in 4 or 8 bits by
+    bitsandbytes)``, saved to and read from ``directory`` (hidden size 64: bitsandbytes' CPU
+    4-bit kernels quantize blocks of 64 inputs)."""
+    import warnings
+
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    arch = Architecture(
+        "llama64",
+        causal_lm(
+            "LlamaConfig", "LlamaForCausalLM", hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        ),
+        ("q_proj", "v_proj"),
+    )
+    pretrained = base_model(arch)
+    pretrained.save_pretrained(str(directory / "base"))
+    quantization = BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = LlamaForCausalLM.from_pretrained(str(directory / "base"), quantization_config=quantization, device_map="cpu")
+    return pretrained, quantized
