@@ -504,6 +504,10 @@ def overview_figure(recommendation: RankRecommendation) -> Figure:
     """Every layer at once: per projection, the rank each layer supports against the LoRA rank
     r, and the suggested rank; sized for a TensorBoard card and readable for 80 layers.
 
+    TensorBoard's default image card fits an image into a box about 217 px high (its cards are
+    320 px high at least) and shrinks taller ones, so the panels are kept short: two
+    projections make a figure 280 px high, shown at 78 %.
+
     Bars: the rank each module supports (what the suggestion is the largest of): directions
     shared with the reference run, by their top-k blocks, or without one the 90 %-energy rank of
     ΔW; dots, beside a reference, ΔW's 90 %-energy rank. Solid line: the suggested rank of the
@@ -513,13 +517,16 @@ def overview_figure(recommendation: RankRecommendation) -> Figure:
     for module in recommendation.modules:
         by_projection.setdefault(module.key[1], []).append(module)
     projections = list(recommendation.projections)
-    width, panel = CARD_WIDTH / DPI, 1.25
-    height = panel * max(len(projections), 1) + 1.4
+    rows = max(len(projections), 1)
+    # Inches: a panel with its title and tick labels, the heading (title, legend), the layer axis.
+    width, panel, heading, foot, gap = CARD_WIDTH / DPI, 0.9, 0.66, 0.34, 0.4
+    height = panel * rows + heading + foot
     figure = Figure(figsize=(width, height), dpi=DPI)
     top_rank = max((m.rank for m in recommendation.modules), default=1)
+    axes_height = (panel * rows - 0.2 - gap * (rows - 1)) / rows
     grid = figure.add_gridspec(
-        max(len(projections), 1), 1, left=0.55 / width, right=1 - 0.12 / width,
-        bottom=0.45 / height, top=1 - 0.95 / height, hspace=0.55,
+        rows, 1, left=0.45 / width, right=1 - 0.12 / width,
+        bottom=foot / height, top=1 - (heading + 0.2) / height, hspace=gap / axes_height,
     )
     source = "shared with the reference run" if recommendation.compared else "ΔW's 90 %-energy rank"
     for row, projection in enumerate(projections):
@@ -543,14 +550,14 @@ def overview_figure(recommendation: RankRecommendation) -> Figure:
         if layers.size:
             ax.set_xlim(layers.min() - 0.6, layers.max() + 0.6)
             ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(8, integer=True))
-        ax.tick_params(labelsize=CARD_FONT - 2, length=2)
+        ax.tick_params(labelsize=CARD_FONT - 2, length=2, pad=1)
         rank_text = "none" if not suggested else str(suggested)
         r_text = "/".join(str(r) for r in sorted({m.rank for m in modules}))
         ax.set_title(
             f"{projection_label(projection)}: suggested {rank_text}, r = {r_text}", fontsize=CARD_FONT, loc="left", pad=3
         )
         if row == len(projections) - 1:
-            ax.set_xlabel("layer", fontsize=CARD_FONT - 1, labelpad=1)
+            ax.set_xlabel("layer", fontsize=CARD_FONT - 1, labelpad=0)
     head = "no rank supported" if recommendation.rank is None else f"suggested LoRA rank {recommendation.rank}"
     strength = "weak evidence" if recommendation.weak else "evidence consistent"
     figure.text(0.5, 1 - 0.08 / height, f"{head} ({strength})", ha="center", va="top", fontsize=CARD_FONT + 1, weight="bold")
