@@ -109,3 +109,124 @@ def test_a_reference_whose_update_is_unknown_gets_no_delta_w_phi_and_says_so(tmp
     assert note.startswith("the reference is DoRA and its ΔW cannot be computed (DoRA rescales the rows of W₀")
     assert "φ in basis 'delta_w_left' is not computed" in note
     assert all(a.phi is not None for a in analyze(current, reference, "A").values())
+
+
+# ------------------------------------------------------------------------------------------
+# φ, spectra, amplification and intruder dimensions of each variant against dense ones
+
+#: Variants on Llama (float64, so that the comparison is to rounding), and how each is built.
+DENSE_VARIANTS = {
+    "lora": {},
+    "dora": {"use_dora": True},
+    "pissa": {"init_lora_weights": "pissa"},
+    "olora": {"init_lora_weights": "olora"},
+    "adalora": {"config_class": "AdaLoraConfig", "init_r": 4, "target_r": 2, "total_step": 10},
+}
+
+
+def _variant_model(variant: str, tmp_path):
+    """``(pretrained base, peft model, dtype)``; QLoRA's base is a 4-bit Llama (float32)."""
+    if variant == "qlora":
+        from peft import LoraConfig, get_peft_model
+        from tiny_models import quantized_llama
+
+        pretrained, quantized = quantized_llama(tmp_path, 4)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
+        torch.manual_seed(1)
+        return pretrained, get_peft_model(quantized, config), torch.float32
+    kwargs = dict(DENSE_VARIANTS[variant])
+    if kwargs.get("config_class") == "AdaLoraConfig":
+        from peft import AdaLoraConfig
+
+        kwargs["config_class"] = AdaLoraConfig
+    pretrained = base_model(ARCH)
+    model = peft_model(ARCH, pretrained, **kwargs).double()  # PiSSA and OLoRA start in float32
+    return pretrained.double(), model, torch.float64
+
+
+def _dense_state(layers, pretrained, variant: str) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+    """Per module, from peft's own tensors: A as the model applies it (AdaLoRA's E ⊙ A), the
+    pretrained W₀, ΔW = merged − pretrained (a deep copy merged; QLoRA: peft's delta weight,
+    since merging into 4 bits would re-quantize) and the matrix φ in ΔW's bases reads (DoRA:
+    its directional term D·s·B·A)."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    base = dict(pretrained.named_modules())
+    state = {}
+    for key, layer in layers.items():
+        A = layer.lora_A["default"]
+        A = (A * layer.lora_E["default"]) if variant == "adalora" else A.weight
+        path = next(n for n, m in base.items() if n.endswith(_SUFFIX[key]))
+        if variant == "qlora":
+            W0 = dequantize_module_weight(layer.get_base_layer()).detach().double()
+            delta = layer.get_delta_weight("default").detach().double()
+        else:
+            W0 = base[path].weight.detach().double()
+            delta = None
+        # Copies: the model is float64 already, and _perturb moves its tensors in place.
+        state[key] = {"A": A.detach().double().clone(), "W0": W0.clone(), "delta": delta, "path": path}
+    return state
+
+
+#: The pretrained module of each key (Llama's q_proj and v_proj of both layers).
+_SUFFIX = {(layer, p): f"layers.{layer}.self_attn.{p}_proj" for layer in (0, 1) for p in ("q", "v")}
+
+
+def _dense(model, pretrained, variant: str) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+    import copy
+
+    layers = _layers(model)
+    state = _dense_state(layers, pretrained, variant)
+    if variant != "qlora":
+        merged = dict(copy.deepcopy(model).merge_and_unload().named_modules())
+        for values in state.values():
+            values["delta"] = merged[values["path"]].weight.detach().double() - values["W0"]
+    for key, values in state.items():
+        values["phi_matrix"] = dora_directional(layers[key]).clone() if variant == "dora" else values["delta"]
+    return state
+
+
+def _capture(model) -> Snapshot:
+    return Snapshot.capture(find_lora_factors(model), 0)
+
+
+def _dense_intruders(W0: torch.Tensor, merged: torch.Tensor, top_k: int) -> int:
+    """Shuttleworth et al.: top-k left singular vectors of W₀ + ΔW with no |cosine| ≥ 0.5 to
+    any left singular vector of W₀."""
+    base = torch.linalg.svd(W0)[0]
+    new = torch.linalg.svd(merged)[0][:, :top_k]
+    return int(((new.T @ base).abs().amax(1) < 0.5).sum())
+
+
+@pytest.mark.parametrize("variant", sorted(DENSE_VARIANTS) + ["qlora"])
+def test_phi_spectra_amplification_and_intruders_equal_dense_ones(tmp_path, variant):
+    pretrained, model, dtype = _variant_model(variant, tmp_path)
+    initial = _capture(model)
+    _perturb(model, 1)
+    reference, dense_reference = _capture(model), _dense(model, pretrained, variant)
+    _perturb(model, 2)
+    current, dense_current = _capture(model), _dense(model, pretrained, variant)
+    tolerance = {"rtol": 1e-6, "atol": 1e-8} if dtype == torch.float64 else {"rtol": 2e-3, "atol": 2e-4}
+    for basis in ("A", "delta_w_left"):
+        analyses = analyze(current, reference.factors, basis, initial=initial.factors, intruder_top_k=4)
+        for key, analysis in analyses.items():
+            ref, cur = dense_reference[key], dense_current[key]
+            if basis == "A":  # A's right singular vectors (AdaLoRA: of E ⊙ A), r of them
+                r = cur["A"].shape[0]
+                X, Y = torch.linalg.svd(ref["A"])[2][:r].T, torch.linalg.svd(cur["A"])[2][:r].T
+            else:  # ΔW's left singular vectors (DoRA: of D·s·B·A), as many as its rank
+                r = 2 * cur["A"].shape[0] if variant in ("pissa", "olora") else cur["A"].shape[0]
+                X, Y = torch.linalg.svd(ref["phi_matrix"])[0][:, :r], torch.linalg.svd(cur["phi_matrix"])[0][:, :r]
+            torch.testing.assert_close(analysis.phi.double(), dense_phi(X, Y), **tolerance, msg=f"{variant} {basis} {key}")
+    for key, analysis in analyses.items():
+        delta, W0 = dense_current[key]["delta"], dense_current[key]["W0"]
+        U, S, Vh = torch.linalg.svd(delta)
+        spectrum = analysis.singular_values.double()
+        torch.testing.assert_close(spectrum, S[: spectrum.numel()], **tolerance)
+        assert (S[spectrum.numel() :] < 1e-5 * S[0]).all()  # nothing left out of the spectrum
+        r = 2 * dense_current[key]["A"].shape[0] if variant in ("pissa", "olora") else dense_current[key]["A"].shape[0]
+        norm = torch.linalg.matrix_norm(delta)
+        amplification = norm / torch.linalg.matrix_norm(U[:, :r].T @ W0 @ Vh[:r].T)
+        assert analysis.amplification == pytest.approx(amplification.item(), rel=tolerance["rtol"] * 10)
+        assert analysis.relative_norm == pytest.approx((norm / torch.linalg.matrix_norm(W0)).item(), rel=tolerance["rtol"] * 10)
+        assert analysis.intruders == _dense_intruders(W0, W0 + delta, 4)
