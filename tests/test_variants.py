@@ -202,6 +202,29 @@ def test_variant_delta_w_is_merged_minus_pretrained(tmp_path, variant):
         assert (S[n:] < 1e-5 * S[0]).all()
 
 
+def test_corda_delta_w_is_merged_minus_pretrained(tmp_path):
+    """CorDA (knowledge-preserved mode) after its calibration pass over a few samples: its
+    initialization moves s·B₀·A₀ out of W₀ like PiSSA's, so ΔW = s·(B·A − B₀·A₀)."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    arch = SEPARATE["llama"]
+    pretrained = base_model(arch)
+    calibrated = copy.deepcopy(pretrained)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=list(arch.target_modules), lora_dropout=0.0, task_type="CAUSAL_LM",
+        init_lora_weights="corda", corda_config=CordaConfig(corda_method="kpm"),
+    )
+    samples = training_samples(arch)[:4]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        preprocess_corda(calibrated, config, run_model=lambda: [calibrated(input_ids=s["input_ids"][None]) for s in samples])
+        model = get_peft_model(calibrated, config)
+    _, events = train(tmp_path, model)
+    check_delta_w_norms(events, true_updates(arch, pretrained, model))
+
+
 def test_dora_magnitude_scalars(tmp_path):
     arch = SEPARATE["llama"]
     pretrained = base_model(arch)
