@@ -80,12 +80,19 @@ class SavedFactors:
 
     path: Path
     factors: dict[ModuleKey, LoRAFactors]
+    #: The base model's config.json (or its directory), to split fused q|k|v modules.
+    base_config: Optional[Path] = None
 
     @classmethod
     def open(
-        cls, directory: str | Path, projections: Optional[Sequence[str]] = None, layers: Optional[Sequence[int]] = None
+        cls,
+        directory: str | Path,
+        projections: Optional[Sequence[str]] = None,
+        layers: Optional[Sequence[int]] = None,
+        base_config: Optional[str | Path] = None,
     ) -> SavedFactors:
-        """Read the adapter's config and header only.
+        """Read the adapter's config and header only (and ``base_config``, see
+        :func:`~lora_monitor.adapters.load_adapter`).
 
         Raises:
             LoRAMonitorError: as :func:`lora_monitor.adapters.load_adapter` and
@@ -94,7 +101,9 @@ class SavedFactors:
         from lora_monitor.adapters import load_adapter, select_factors
 
         path = Path(directory)
-        return cls(path, select_factors(load_adapter(path, modules=()).factors, projections, layers))
+        config = Path(base_config) if base_config is not None else None
+        factors = load_adapter(path, config, modules=()).factors
+        return cls(path, select_factors(factors, projections, layers), config)
 
     def read(self, keys: Iterable[ModuleKey]) -> dict[ModuleKey, LoRAFactors]:
         """The factors of ``keys`` with their values (only their modules' tensors are read)."""
@@ -103,7 +112,7 @@ class SavedFactors:
             return {k: self.factors[k] for k in keys}
         from lora_monitor.adapters import load_adapter
 
-        read = load_adapter(self.path, modules={self.factors[k].module_name for k in keys}).factors
+        read = load_adapter(self.path, self.base_config, modules={self.factors[k].module_name for k in keys}).factors
         return {k: read[k] for k in keys}
 
 
@@ -179,6 +188,7 @@ def compare_adapters(
     baseline: bool = True,
     seed: int = 0,
     progress: bool = False,
+    base_config: Optional[str | Path] = None,
 ) -> Comparison:
     """φ(reference, adapter, i, j) of two saved adapters, the figure, and the suggested rank.
 
@@ -191,6 +201,8 @@ def compare_adapters(
         output: the figure file, PNG or SVG by its extension; None: no figure.
         baseline: add two rows of random-subspace φ (mean and one draw, ``seed``) to the figure.
         progress: draw a progress bar on stderr.
+        base_config: the base model's ``config.json`` (or its directory), to split fused q|k|v
+            modules whose layout the adapters alone do not tell (see ``load_adapter``).
 
     Raises:
         LoRAMonitorError: a directory is missing or holds no LoRA adapter, the adapters do not
@@ -202,13 +214,13 @@ def compare_adapters(
 
     figure_format = _figure_format(output)
     bar = _Progress(4 if output is not None else 3, progress)
-    reference = SavedFactors.open(reference_dir, projections, layers)
-    current = SavedFactors.open(directory, projections, layers)
+    reference = SavedFactors.open(reference_dir, projections, layers, base_config)
+    current = SavedFactors.open(directory, projections, layers, base_config)
     check_reference_compatible(current.factors, reference.factors, basis)  # before any bar
     bar.step("adapters opened")
     analyses = analyze_saved(current, reference, basis)
     if all(a.phi is None for a in analyses.values()):
-        problems = "; ".join(sorted({p for a in analyses.values() for p in a.problems}))
+        problems = "; ".join(sorted({p for a in analyses.values() for p in [*a.problems, *a.notes]}))
         raise LoRAMonitorError(f"no module of {directory} could be compared with {reference_dir}: {problems}")
     bar.step("φ grids computed")
     recommendation = recommend_rank(analyses, basis)
@@ -263,11 +275,13 @@ def inspect_adapter(
     *,
     projections: Optional[Sequence[str]] = None,
     layers: Optional[Sequence[int]] = None,
+    base_config: Optional[str | Path] = None,
 ) -> tuple[str, RankRecommendation]:
-    """The spectral table of one saved adapter and the rank its spectra alone suggest."""
+    """The spectral table of one saved adapter and the rank its spectra alone suggest
+    (``base_config`` as for :func:`compare_adapters`)."""
     from lora_monitor.recommend import recommend_rank
 
-    analyses = analyze_saved(SavedFactors.open(directory, projections, layers))
+    analyses = analyze_saved(SavedFactors.open(directory, projections, layers, base_config))
     return spectral_table(analyses), recommend_rank(analyses, "A")
 
 
@@ -293,6 +307,14 @@ def _add_selection(parser: argparse.ArgumentParser, projections_default: Optiona
     )
     parser.add_argument(
         "--layers", nargs="+", type=int, default=None, metavar="L", help="layer indices to analyse (default: all)"
+    )
+    parser.add_argument(
+        "--base-config",
+        default=None,
+        metavar="PATH",
+        help="the base model's config.json (or its directory), to split fused q|k|v modules "
+        "(c_attn, qkv_proj, query_key_value) whose per-head layout the adapter alone does not "
+        "tell (default: a config.json beside the adapter or in its base_model_name_or_path)",
     )
 
 
@@ -371,6 +393,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 baseline=not args.no_baseline,
                 seed=args.seed,
                 progress=not args.quiet,
+                base_config=args.base_config,
             )
             print(_comparison_header(args, result))
             print()
@@ -378,7 +401,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if result.figure_path is not None:
                 print(f"\nfigure: {result.figure_path}")
         else:
-            table, recommendation = inspect_adapter(args.directory, projections=args.projections, layers=args.layers)
+            table, recommendation = inspect_adapter(
+                args.directory, projections=args.projections, layers=args.layers, base_config=args.base_config
+            )
             cautions = "".join(f"\n- {caution}" for caution in recommendation.cautions)
             print(f"# {args.directory}\n\n{table}\n\n{recommendation.summary('the cautions below')}{cautions}")
     except LoRAMonitorError as error:

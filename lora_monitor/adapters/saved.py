@@ -202,6 +202,18 @@ def load_adapter(
     if not isinstance(config, dict):
         raise LoRAMonitorError(f"{config_file} holds a {type(config).__name__}, not a JSON object")
     peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type == "ADALORA":
+        # Its update B·(E ⊙ A)·α/(ranknum + ε) uses each layer's ranknum, which peft does not
+        # save, and its factors are resized by the pruning's rank_pattern: the loaded model
+        # has both as peft applies them.
+        raise LoRAMonitorError(
+            f"{config_file} is an AdaLoRA adapter: lora_monitor does not read saved AdaLoRA "
+            f"adapters (their update B·(E ⊙ A)·α/(ranknum + ε) uses each layer's ranknum, which "
+            f"is not saved). Load "
+            f"it into its base model (peft.PeftModel.from_pretrained(base, {str(path)!r})) and "
+            f"analyse the live model: lora_monitor.adapters.find_lora_factors(model), or the "
+            f"monitor during training"
+        )
     if peft_type != "LORA":
         raise LoRAMonitorError(
             f"{config_file} has peft_type {config.get('peft_type')!r}, not 'LORA': lora_monitor "
