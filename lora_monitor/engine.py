@@ -44,6 +44,7 @@ from lora_monitor.snapshots import (
     missing_initial_note,
     new_notes,
     shares_lora_A,
+    with_base_weights,
 )
 from lora_monitor.tags import (
     RECOMMENDATION_TAG,
@@ -337,7 +338,8 @@ class LoRAMonitor:
                     f"base model with more layers; compare adapters of the same base model (and the "
                     f"same LoraConfig(layers_to_transform=...))"
                 )
-            self._reference_factors = {key: saved.factors[key] for key in monitored}
+            # A DoRA reference's D needs W₀: the same base model's, so the monitored model's.
+            self._reference_factors = with_base_weights({key: saved.factors[key] for key in monitored}, monitored)
             self._check_reference_analysable()
         if options.basis == "A" and shares_lora_A(monitored):
             self._warn(

@@ -87,6 +87,34 @@ def test_dora_reference_restored_from_a_checkpoint_keeps_its_scale(tmp_path):
             torch.testing.assert_close(monitor.latest_analysis[key].phi.double(), expected, rtol=0, atol=1e-8)
 
 
+def test_a_saved_dora_reference_directory_is_compared_by_its_directional_term(tmp_path):
+    """reference=<a saved DoRA adapter> in ΔW's bases: its D comes from the monitored model's
+    frozen W₀ (the same base model), so φ equals the dense φ of the two directional terms."""
+    from lora_monitor.engine import LoRAMonitor
+
+    reference_model = peft_model(ARCH, base_model(ARCH), use_dora=True).double()
+    _perturb(reference_model, 3)
+    with torch.no_grad():
+        for layer in _layers(reference_model).values():
+            layer.lora_magnitude_vector["default"].weight.mul_(torch.linspace(0.3, 2.5, layer.out_features, dtype=torch.float64))
+    reference_terms = {key: dora_directional(layer) for key, layer in _layers(reference_model).items()}
+    reference_model.save_pretrained(tmp_path / "reference")
+
+    model = peft_model(ARCH, base_model(ARCH), use_dora=True).double()
+    _perturb(model, 4)
+    monitor = LoRAMonitor(log_dir=tmp_path / "run", every_n_steps=1, basis="delta_w_left", reference=tmp_path / "reference")
+    monitor.attach(model)
+    monitor.start(0)
+    monitor.step(1)
+    monitor.close()
+    for key, layer in _layers(model).items():
+        r = layer.r["default"]
+        expected = dense_phi(
+            torch.linalg.svd(reference_terms[key].float().double())[0][:, :r], torch.linalg.svd(dora_directional(layer))[0][:, :r]
+        )
+        torch.testing.assert_close(monitor.latest_analysis[key].phi.double(), expected, rtol=0, atol=1e-5)
+
+
 def test_a_reference_whose_update_is_unknown_gets_no_delta_w_phi_and_says_so(tmp_path):
     """Saved adapters compared without a base model (the CLI's compare): a DoRA reference has no
     W₀, so its ΔW bases cannot be known; φ in them is left out with a note (once), not computed
