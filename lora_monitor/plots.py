@@ -505,8 +505,8 @@ def overview_figure(recommendation: RankRecommendation) -> Figure:
     r, and the suggested rank; sized for a TensorBoard card and readable for 80 layers.
 
     TensorBoard's default image card fits an image into a box about 217 px high (its cards are
-    320 px high at least) and shrinks taller ones, so the panels are kept short: two
-    projections make a figure 280 px high, shown at 78 %.
+    320 px high at least) and shrinks taller ones, pixelated; so the panels sit two side by
+    side, and up to two projections make a figure 201 px high, shown unshrunk.
 
     Bars: the rank each module supports (what the suggestion is the largest of): directions
     shared with the reference run, by their top-k blocks, or without one the 90 %-energy rank of
@@ -517,25 +517,29 @@ def overview_figure(recommendation: RankRecommendation) -> Figure:
     for module in recommendation.modules:
         by_projection.setdefault(module.key[1], []).append(module)
     projections = list(recommendation.projections)
-    rows = max(len(projections), 1)
-    # Inches: a panel with its title and tick labels, the heading (title, legend), the layer axis.
-    width, panel, heading, foot, gap = CARD_WIDTH / DPI, 0.9, 0.66, 0.34, 0.4
+    columns = min(2, max(len(projections), 1))
+    rows = -(-max(len(projections), 1) // columns)
+    # Inches: a row of panels with titles and tick labels, the heading (title, legend), the
+    # layer axis, the space between rows.
+    width, panel, heading, foot, gap = CARD_WIDTH / DPI, 1.05, 0.62, 0.34, 0.4
     height = panel * rows + heading + foot
     figure = Figure(figsize=(width, height), dpi=DPI)
     top_rank = max((m.rank for m in recommendation.modules), default=1)
     axes_height = (panel * rows - 0.2 - gap * (rows - 1)) / rows
     grid = figure.add_gridspec(
-        rows, 1, left=0.45 / width, right=1 - 0.12 / width,
+        rows, columns, left=0.36 / width, right=1 - 0.1 / width, wspace=0.08,
         bottom=foot / height, top=1 - (heading + 0.2) / height, hspace=gap / axes_height,
     )
     source = "shared with the reference run" if recommendation.compared else "ΔW's 90 %-energy rank"
-    for row, projection in enumerate(projections):
-        ax = figure.add_subplot(grid[row, 0])
+    for index, projection in enumerate(projections):
+        row, column = divmod(index, columns)
+        ax = figure.add_subplot(grid[row, column])
         modules = by_projection.get(projection, [])
         layers = np.array([m.key[0] for m in modules])
         supported = np.array([m.suggested for m in modules], dtype=float)
         ranks = np.array([m.rank for m in modules], dtype=float)
-        ax.bar(layers, supported, width=0.8, color="#4c72b0")
+        # A few pixels a layer beyond 24 layers: gaps between the bars would alias.
+        ax.bar(layers, supported, width=0.8 if layers.size <= 24 else 1.0, color="#4c72b0", linewidth=0)
         if recommendation.compared:
             ax.plot(layers, [m.energy_rank for m in modules], "o", ms=2.5, color="#dd8452")
         ax.plot(layers, ranks, ls="--", lw=1, color="#555555", drawstyle="steps-mid")
@@ -549,14 +553,17 @@ def overview_figure(recommendation: RankRecommendation) -> Figure:
         ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         if layers.size:
             ax.set_xlim(layers.min() - 0.6, layers.max() + 0.6)
-            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(8, integer=True))
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(8 // columns, integer=True))
         ax.tick_params(labelsize=CARD_FONT - 2, length=2, pad=1)
+        if column:  # every panel has the same rank axis: labelled once, on the left
+            ax.tick_params(labelleft=False)
         rank_text = "none" if not suggested else str(suggested)
         r_text = "/".join(str(r) for r in sorted({m.rank for m in modules}))
         ax.set_title(
-            f"{projection_label(projection)}: suggested {rank_text}, r = {r_text}", fontsize=CARD_FONT, loc="left", pad=3
+            f"{projection_label(projection)}: suggested {rank_text}, r = {r_text}",
+            fontsize=CARD_FONT - 1, loc="left", pad=3,
         )
-        if row == len(projections) - 1:
+        if index + columns >= len(projections):  # the bottom panel of its column
             ax.set_xlabel("layer", fontsize=CARD_FONT - 1, labelpad=0)
     head = "no rank supported" if recommendation.rank is None else f"suggested LoRA rank {recommendation.rank}"
     strength = "weak evidence" if recommendation.weak else "evidence consistent"
