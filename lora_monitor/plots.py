@@ -229,7 +229,7 @@ def _card_figure(
             label = projection_label(projection) + (r"$,\ i, j \leq$" + f"{min(p, q)}" if zoomed else "")
             ax.set_title(label, fontsize=CARD_FONT, pad=3)
             if column == 0:
-                ax.set_ylabel("i", fontsize=CARD_FONT)
+                ax.set_ylabel("i", fontsize=CARD_FONT, rotation=0, ha="right", va="center")  # a lying "i" reads as "-"
             if row == len(cells) - 1:
                 ax.set_xlabel("j", fontsize=CARD_FONT, labelpad=1)
     figure.suptitle(
