@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Targets, interleaved_medians, synchronize  # noqa: E402
 
-from lora_monitor import functional  # noqa: E402
+from lora_monitor import thin_qr  # noqa: E402
 from lora_monitor.adapters import LoRAFactors, ModuleKey  # noqa: E402
 from lora_monitor.functional import factored_svd, singular_basis, subspace_similarity  # noqa: E402
 from lora_monitor.snapshots import ReferenceBases, Snapshot, analyze  # noqa: E402
@@ -120,7 +120,7 @@ def main() -> int:
     B = torch.stack([f.lora_B for f in snapshot.factors.values()])
     A = torch.stack([f.lora_A for f in snapshot.factors.values()])
     scaling = torch.tensor([float(f.scaling) for f in snapshot.factors.values()], device=device)
-    on_gram = [int(functional._gram_cholesky(X)[1].sum()) for X in (B, A.mT)]
+    on_gram = [int(thin_qr.gram_cholesky(X)[1].sum()) for X in (B, A.mT)]
     print(f"Gram path taken by {on_gram[0]}/{modules} B and {on_gram[1]}/{modules} Aᵀ (the rest: Householder QR)")
     floor_name, svd_name, analysis_name = "floor: batched QR of B and Aᵀ", "factored_svd", "analyze, cached reference bases"
     medians = interleaved_medians(

@@ -1,6 +1,6 @@
 """The Gram path of the functional layer (issue 12) against float64 dense SVDs.
 
-Each factor's QR comes from its Gram matrix where :func:`lora_monitor.functional._gram_cholesky`
+Each factor's QR comes from its Gram matrix where :func:`lora_monitor.thin_qr.gram_cholesky`
 certifies that exact, else from Householder QR. Whichever path a matrix takes, the results must
 be as exact as before: rebuilt product ≤ 1e-5 relative, UᵀU and VᵀV within 1e-4 of the identity,
 φ within 1e-5, in float32, from bfloat16 inputs, batched, on well-conditioned factors, on factors
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from lora_monitor import functional
+from lora_monitor import functional, thin_qr
 from lora_monitor.functional import BASES, factored_basis, factored_svd, singular_basis, subspace_similarity
 
 F64 = torch.float64
@@ -83,7 +83,7 @@ def batch_of(kinds, dtype, seed=0):
 def gram_path(X: torch.Tensor) -> torch.Tensor:
     """Which matrices of a batch the Gram path takes (in the compute dtype)."""
     X = X.to(functional.compute_dtype(X))
-    return functional._gram_cholesky(X.reshape(-1, *X.shape[-2:]))[1]
+    return thin_qr.gram_cholesky(X.reshape(-1, *X.shape[-2:]))[1]
 
 
 def dense(B: torch.Tensor, A: torch.Tensor, scaling: float):
@@ -243,15 +243,15 @@ def test_reduced_precision_matmul_turns_the_gram_path_off():
     before = backend.fp32_precision
     try:
         backend.fp32_precision = "bf16"
-        assert not functional._exact_matmul(torch.device("cpu"))
+        assert not thin_qr.exact_matmul(torch.device("cpu"))
         B, A = batch_of(["gaussian"] * 2, torch.float32, seed=5)
-        _, T, _, _, _ = functional._orthogonal_factor(B, with_q=True)
+        _, T, _, _, _ = thin_qr.orthogonal_factor(B, with_q=True)
         assert T is None  # Householder for every matrix
         U, S, Vh = factored_svd(B, A)
         assert_identity(U.mT @ U, 1e-4)
     finally:
         backend.fp32_precision = before
-    assert functional._exact_matmul(torch.device("cpu"))
+    assert thin_qr.exact_matmul(torch.device("cpu"))
 
 
 def test_gram_path_forms_no_basis_for_phi():
