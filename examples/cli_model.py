@@ -5,7 +5,7 @@ learns next-token prediction on random tokens; everything, the monitor included,
 ``examples/lightning_cli.yaml``. From the repository root:
 
     python examples/cli_model.py fit --config examples/lightning_cli.yaml
-    tensorboard --logdir runs
+    .venv/bin/tensorboard --logdir runs
 
 Override anything on the command line, e.g. ``--trainer.max_steps=100 --model.rank=16``.
 """

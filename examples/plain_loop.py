@@ -6,7 +6,7 @@ monitor writes its TensorBoard run to ``--logdir`` and never imports Lightning.
 
     pip install -e '.[example]'
     python examples/plain_loop.py --max-steps 100 --logdir runs/plain
-    tensorboard --logdir runs/plain
+    .venv/bin/tensorboard --logdir runs/plain
 """
 
 from __future__ import annotations

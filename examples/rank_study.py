@@ -25,7 +25,7 @@ How to run (from the repository root)
     pip install -e '.[example]'
     python examples/rank_study.py                                  # figures into docs/
     python examples/rank_study.py --max-steps 400 --basis delta_w_left --figures /tmp/figs
-    tensorboard --logdir runs/rank_study
+    .venv/bin/tensorboard --logdir runs/rank_study
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         print(comparison.recommendation.to_markdown())
     seconds = time.perf_counter() - start
     print(f"\nrank study: {len(runs)} runs of {args.max_steps} steps in {seconds:.0f} s; "
-          f"TensorBoard: tensorboard --logdir {args.out}")
+          f"TensorBoard: .venv/bin/tensorboard --logdir {args.out}")
     return {"runs": runs, "comparisons": comparisons, "seconds": seconds}
 
 

