@@ -195,6 +195,7 @@ def test_report_to_mlflow_gets_the_same_scalars(tokenizer, tmp_path, monkeypatch
     mlflow = pytest.importorskip("mlflow")
     from mlflow import MlflowClient
 
+    monkeypatch.chdir(tmp_path)  # MLflow puts the images' artifacts under ./mlruns
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     # An earlier test's MLFlowLogger may have set the process-wide URI, which wins over the variable.
