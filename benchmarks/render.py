@@ -1,5 +1,8 @@
 """Target 4: all images of one snapshot, 4 layers × (ΔW_q, ΔW_v), in ≤ 0.5 s.
 
+Last, what the monitor draws per snapshot today (:func:`lora_monitor.plots.snapshot_images`):
+one heatmap image per drawn layer (4 of 32) and the overview figure of all 32 layers.
+
 Compares, in one run, matplotlib drawing the whole figure (``figure_to_rgb(phi_figure(...))``)
 with :func:`lora_monitor.plots.phi_image`, which draws the figure's frame once per layout (the
 first snapshot: "cold") and then only colour-maps the grids into it ("warm", every later
@@ -50,7 +53,49 @@ def main() -> int:
         print(f"  phi_image, first snapshot (frame drawn): {cold * 1e3:.0f} ms")
         print(f"  phi_image, later snapshots: {warm * 1e3:.0f} ms (median of {REPEATS}), {whole / warm:.0f}× faster")
         targets.check(f"one snapshot's images, r={p} vs r={q}", warm, 0.5, " s")
+    monitor_images(targets)
     return targets.exit_code()
+
+
+def monitor_images(targets: Targets) -> None:
+    """:func:`snapshot_images` as the engine calls it: 32 layers × (q, v), r = 8 against 64."""
+    import torch
+
+    from lora_monitor.adapters import LoRAFactors
+    from lora_monitor.recommend import recommend_rank
+    from lora_monitor.snapshots import Snapshot, analyze
+
+    generator = torch.Generator().manual_seed(0)
+
+    def factors(rank: int) -> dict:
+        return {
+            (layer, proj): LoRAFactors(
+                f"layers.{layer}.{proj}", layer, proj,
+                torch.randn(rank, 256, generator=generator), torch.randn(256, rank, generator=generator), 1.0,
+            )
+            for layer in range(32)
+            for proj in ("q", "v")
+        }
+
+    reference, current = factors(64), factors(8)
+    analyses = analyze(Snapshot(step=100, factors=current), reference, "A")
+    recommendation = recommend_rank(analyses, "A")
+    layers = [0, 10, 21, 31]
+    grids = {key: a.phi.numpy().T for key, a in analyses.items() if key[0] in layers}
+    symbols = dict(layers=layers, row_symbol="A_{r=8}", column_symbol="A_{r=64}", recommendation=recommendation)
+    plots._FRAMES.clear()
+    start = time.perf_counter()
+    plots.snapshot_images(grids, **symbols)
+    cold = time.perf_counter() - start
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        images = plots.snapshot_images(grids, **symbols)
+        times.append(time.perf_counter() - start)
+    warm = statistics.median(times)
+    print(f"snapshot_images, 32 layers × 2 projections: {len(images)} images (4 heatmaps, the overview):")
+    print(f"  first snapshot: {cold * 1e3:.0f} ms; later snapshots: {warm * 1e3:.0f} ms (median of {REPEATS})")
+    targets.check("one snapshot's images as the monitor draws them", warm, 0.5, " s")
 
 
 if __name__ == "__main__":
