@@ -286,10 +286,7 @@ class LoRAMonitor:
                 self.finish(self._seen_step)
         finally:
             self.close_worker()
-            for output in self.outputs:
-                close = getattr(output, "close", None)
-                if close is not None:
-                    close()
+            self._close_outputs()
 
     def __enter__(self) -> LoRAMonitor:
         return self
@@ -297,10 +294,19 @@ class LoRAMonitor:
     def __exit__(self, kind, error, traceback) -> None:
         if error is None:
             self.close()
-        else:  # the error that stops training must stay the one raised
+            return
+        # The error that stops training must stay the one raised; what was analysed is written.
+        try:
             with contextlib.suppress(LoRAMonitorError):
                 self.abort()
-            self.close_worker()
+        finally:
+            self._close_outputs()
+
+    def _close_outputs(self) -> None:
+        for output in self.outputs:
+            close = getattr(output, "close", None)
+            if close is not None:
+                close()
 
     # ------------------------------------------------------------------ front-end hooks
     def attach(

@@ -598,6 +598,36 @@ def snapshot_images(
                 layer_grids, row_symbol=row_symbol, column_symbol=column_symbol, card=True, title_prefix=f"Layer {layer}: "
             )
     if recommendation is not None and recommendation.modules:
-        with _DRAWING:
-            images[OVERVIEW_TAG] = figure_to_rgb(overview_figure(recommendation))
+        images[OVERVIEW_TAG] = overview_image(recommendation)
     return images
+
+
+def _overview_content(recommendation: RankRecommendation) -> Hashable:
+    """Everything :func:`overview_figure` draws, as integers and flags: two recommendations
+    with the same content give the same picture."""
+    modules = tuple(
+        (m.key, m.rank, m.suggested, m.energy_rank if recommendation.compared else None)
+        for m in recommendation.modules
+    )
+    projections = tuple(recommendation.projections.items())
+    return modules, projections, recommendation.rank, recommendation.weak, recommendation.compared
+
+
+#: Overview images already drawn, by their content (:func:`_overview_content`).
+_OVERVIEWS: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+
+
+def overview_image(recommendation: RankRecommendation) -> np.ndarray:
+    """``figure_to_rgb(overview_figure(recommendation))``, drawn only when its content changed:
+    once a run's suggestion and per-layer ranks settle, every snapshot has the same overview,
+    and drawing it with matplotlib costs 50–100 ms (most of a snapshot's hook time)."""
+    content = _overview_content(recommendation)
+    with _DRAWING:
+        image = _OVERVIEWS.get(content)
+        if image is None:
+            image = figure_to_rgb(overview_figure(recommendation))
+            _OVERVIEWS[content] = image
+            if len(_OVERVIEWS) > _FRAME_CACHE_SIZE:
+                _OVERVIEWS.popitem(last=False)
+        _OVERVIEWS.move_to_end(content)
+    return image

@@ -62,3 +62,29 @@ def test_overview_draws_every_layer_against_r_and_the_suggestion():
     assert f"suggested LoRA rank {recommendation.rank}" in texts
     image = plots.snapshot_images({}, layers=[], row_symbol="A", column_symbol="A", recommendation=recommendation)
     assert list(image) == [OVERVIEW_TAG] and image[OVERVIEW_TAG].shape[1] == plots.CARD_WIDTH
+
+
+def test_the_overview_is_drawn_again_only_when_what_it_shows_changed(monkeypatch):
+    current = random_factors(6, ("q", "v"), rank=8, seed=0, n=64)
+    later = {key: f for key, f in current.items()}  # the same modules, another snapshot
+    first = recommend_rank(analyze(Snapshot(step=5, factors=current), None, "A"), "A", reference_is_run=False)
+    again = recommend_rank(analyze(Snapshot(step=10, factors=later), None, "A"), "A", reference_is_run=False)
+    other = recommend_rank(
+        analyze(Snapshot(step=15, factors=random_factors(6, ("q", "v"), rank=4, seed=3, n=64)), None, "A"),
+        "A",
+        reference_is_run=False,
+    )
+    drawn = []
+    real = plots.overview_figure
+
+    def counting(recommendation):
+        drawn.append(recommendation)
+        return real(recommendation)
+
+    monkeypatch.setattr(plots, "overview_figure", counting)
+    plots._OVERVIEWS.clear()
+    image = plots.overview_image(first)
+    assert np.array_equal(plots.overview_image(again), image) and len(drawn) == 1
+    changed = plots.overview_image(other)  # r = 4: other bars, another dashed line
+    assert len(drawn) == 2 and not np.array_equal(changed, image)
+    assert np.array_equal(image, plots.figure_to_rgb(real(first)))

@@ -130,3 +130,16 @@ def test_front_ends_load_on_first_use():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "True", "lora_monitor.integrations.transformers"]
+
+
+def test_an_error_in_the_loop_propagates_and_what_was_analysed_is_written(tmp_path):
+    from lora_monitor.tags import scalar_tag
+
+    model = tiny_llama_lora(rank=4, num_layers=2, randomize_B=False)
+    with pytest.raises(RuntimeError, match="the data loader died"):
+        with LoRAMonitor(model, log_dir=tmp_path, every_n_steps=2) as monitor:
+            _train(monitor, model, range(1, 5))
+            raise RuntimeError("the data loader died")
+    events = read_events(tmp_path)
+    assert sorted(e.step for e in events.Scalars(scalar_tag("delta_w_norm", (0, "q")))) == [2, 4]
+    assert monitor.recommendation is None  # no end-of-training report for a run that failed
