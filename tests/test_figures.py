@@ -53,9 +53,10 @@ def test_overview_draws_every_layer_against_r_and_the_suggestion():
         suggestions = [line for line in ax.lines if line.get_linestyle() == "-" and len(line.get_ydata()) == 2]
         if projection == "q":
             assert suggestions[0].get_ydata()[0] == recommendation.projections["q"] == max(m.suggested for m in modules)
-            assert f"suggested {recommendation.projections['q']}, r = 16" in ax.get_title(loc="left")
+            assert f"suggested {recommendation.projections['q']}, r = 16" in ax.get_title(loc="right")
         else:
-            assert suggestions == [] and "suggested none, r = 16" in ax.get_title(loc="left")
+            assert suggestions == [] and "suggested none, r = 16" in ax.get_title(loc="right")
+        assert ax.get_title(loc="left") == plots.projection_label(projection)
         (r_line,) = [line for line in ax.lines if line.get_linestyle() == "--"]
         assert set(r_line.get_ydata()) == {16}
     texts = " ".join(t.get_text() for t in figure.texts)
