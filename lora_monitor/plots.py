@@ -101,7 +101,8 @@ def phi_figure(
             in every column (e.g. the φ of random subspaces: what "nothing shared" looks like).
 
         card: the layout of a TensorBoard card instead (:func:`_card_figure`): one layer,
-            :data:`CARD_WIDTH` pixels wide, larger labels; ``title_prefix`` starts its title.
+            :data:`CARD_WIDTH` pixels wide, larger labels; ``title_prefix`` (the layer) stands
+            at the left of its title.
 
     Returns:
         A matplotlib ``Figure`` (no pyplot state), 0..1 colour scale with one colour bar.
@@ -232,9 +233,12 @@ def _card_figure(
                 ax.set_ylabel("i", fontsize=CARD_FONT, rotation=0, ha="right", va="center")  # a lying "i" reads as "-"
             if row == len(cells) - 1:
                 ax.set_xlabel("j", fontsize=CARD_FONT, labelpad=1)
-    figure.suptitle(
-        title_prefix + rf"$\phi({row_symbol}, {column_symbol}, i, j)$", fontsize=CARD_FONT + 1, y=1 - 0.06 / height
-    )
+    title_y = 1 - 0.06 / height
+    figure.suptitle(rf"$\phi({row_symbol}, {column_symbol}, i, j)$", fontsize=CARD_FONT + 1, y=title_y)
+    # The layer stands apart, at the left: its text never changes in a run, while the symbols'
+    # steps change at every snapshot and every mathtext title costs a parse.
+    if title_prefix:
+        figure.text(0.01, title_y, title_prefix.rstrip(": "), fontsize=CARD_FONT + 1, ha="left", va="top")
     figure.colorbar(image, cax=figure.add_subplot(grid[:, -1])).ax.tick_params(labelsize=CARD_FONT - 2)
     return figure
 
@@ -342,9 +346,11 @@ class _Panel:
 
 @dataclass
 class _Frame:
-    overlay: np.ndarray  # (H, W, 4) float32 straight-alpha RGBA of everything but heatmaps and title
+    overlay: np.ndarray  # (H, W, 4) float32 straight-alpha RGBA of everything but heatmaps and titles
     panels: list[_Panel]
     title: Text
+    #: A card's layer label (its text the placeholder), drawn apart from the title.
+    prefix: Optional[Text] = None
 
 
 _FRAMES: OrderedDict[Hashable, _Frame] = OrderedDict()
@@ -385,6 +391,9 @@ def _build_frame(
     # The suptitle: the only figure-level text that holds the placeholders.
     title = next(text for text in figure.texts if _ROW_PLACEHOLDER in text.get_text())
     title.set_visible(False)
+    prefix = next((text for text in figure.texts if _PREFIX_PLACEHOLDER in text.get_text()), None)
+    if prefix is not None:
+        prefix.set_visible(False)
     images = [(ax, image) for ax in figure.axes for image in ax.images]
     for ax, image in images:
         image.set_visible(False)
@@ -402,17 +411,29 @@ def _build_frame(
         rows, row_cells = _pixel_indices(height - box.y1, height - box.y0, cells.shape[0])
         columns, column_cells = _pixel_indices(box.x0, box.x1, cells.shape[1])
         panels.append(_Panel(rows, columns, cells[row_cells[:, None], column_cells[None, :]]))
-    return _Frame(overlay=overlay, panels=panels, title=title)
+    return _Frame(overlay=overlay, panels=panels, title=title, prefix=prefix)
+
+
+#: Title strips already drawn, by (text, where): a run's layer labels never change, and a
+#: snapshot's title is the same for all its layers.
+_TITLES: OrderedDict[Hashable, tuple[np.ndarray, int]] = OrderedDict()
+_TITLE_CACHE_SIZE = 256
 
 
 def _title_overlay(title: Text, text: str, width: int, height: int) -> tuple[np.ndarray, int]:
-    """The suptitle alone, drawn at its place in a strip as wide as the figure; (RGBA, rows)."""
-    _, top = title.get_position()
+    """The text of ``title`` alone, drawn at its place in a strip as wide as the figure;
+    (RGBA, rows). Call with :data:`_DRAWING` held."""
+    x, top = title.get_position()
+    key = (text, x, top, title.get_fontsize(), title.get_horizontalalignment(), width, height)
+    cached = _TITLES.get(key)
+    if cached is not None:
+        _TITLES.move_to_end(key)
+        return cached
     strip = int(np.ceil((1 - top) * height + 4 * title.get_fontsize()))
     figure = Figure(figsize=(width / DPI, strip / DPI), dpi=DPI)
     figure.patch.set_visible(False)
     figure.text(
-        0.5,
+        x,
         1 - (1 - top) * height / strip,
         text,
         fontsize=title.get_fontsize(),
@@ -421,7 +442,11 @@ def _title_overlay(title: Text, text: str, width: int, height: int) -> tuple[np.
     )
     canvas = FigureCanvasAgg(figure)
     canvas.draw()
-    return np.asarray(canvas.buffer_rgba(), dtype=np.float32) / 255.0, strip
+    result = np.asarray(canvas.buffer_rgba(), dtype=np.float32) / 255.0, strip
+    _TITLES[key] = result
+    if len(_TITLES) > _TITLE_CACHE_SIZE:
+        _TITLES.popitem(last=False)
+    return result
 
 
 def _composite(base: np.ndarray, overlay: np.ndarray) -> None:
@@ -486,10 +511,13 @@ def phi_image(
         image[panel.rows, panel.columns] = colours[panel.source]
     _composite(image, frame.overlay)
     text = frame.title.get_text().replace(_ROW_PLACEHOLDER, row_symbol).replace(_COLUMN_PLACEHOLDER, column_symbol)
-    text = text.replace(_PREFIX_PLACEHOLDER, title_prefix)
     with _DRAWING:
-        title, strip = _title_overlay(frame.title, text, width, height)
-    _composite(image[:strip], title)
+        strips = [_title_overlay(frame.title, text, width, height)]
+        if frame.prefix is not None and title_prefix.rstrip(": "):
+            label = frame.prefix.get_text().replace(_PREFIX_PLACEHOLDER, title_prefix.rstrip(": "))
+            strips.append(_title_overlay(frame.prefix, label, width, height))
+    for title, strip in strips:
+        _composite(image[:strip], title)
     return np.rint(image * 255).astype(np.uint8)
 
 
