@@ -87,15 +87,24 @@ def monitor_images(targets: Targets) -> None:
     start = time.perf_counter()
     plots.snapshot_images(grids, **symbols)
     cold = time.perf_counter() - start
-    times = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        images = plots.snapshot_images(grids, **symbols)
-        times.append(time.perf_counter() - start)
-    warm = statistics.median(times)
+    # Every later snapshot has a new step in its title; the overview is redrawn when what it
+    # shows changed (worst case: every time) and reused once the run settles.
+    changed, settled = [], []
+    for repeat in range(REPEATS):
+        for overview_changed, times in ((True, changed), (False, settled)):
+            step = dict(symbols, column_symbol=f"A_{{\\mathrm{{step}}={200 + 2 * repeat + overview_changed}}}")
+            if overview_changed:
+                plots._OVERVIEWS.clear()
+            start = time.perf_counter()
+            images = plots.snapshot_images(grids, **step)
+            times.append(time.perf_counter() - start)
+    worst, best = statistics.median(changed), statistics.median(settled)
     print(f"snapshot_images, 32 layers × 2 projections: {len(images)} images (4 heatmaps, the overview):")
-    print(f"  first snapshot: {cold * 1e3:.0f} ms; later snapshots: {warm * 1e3:.0f} ms (median of {REPEATS})")
-    targets.check("one snapshot's images as the monitor draws them", warm, 0.5, " s")
+    print(
+        f"  first snapshot: {cold * 1e3:.0f} ms; later snapshots: {worst * 1e3:.0f} ms with the overview "
+        f"redrawn, {best * 1e3:.0f} ms once it settled (medians of {REPEATS})"
+    )
+    targets.check("one snapshot's images as the monitor draws them", worst, 0.5, " s")
 
 
 if __name__ == "__main__":
