@@ -205,7 +205,7 @@ class LoRAMonitor:
     metric as one chart per projection, the layers as its lines. No ``phi_*`` or
     ``shared_directions`` scalars and no heatmap are written for the first snapshot of a run
     with ``reference="first"`` or ``"previous"`` (there is nothing to compare with yet); the
-    overview is drawn at every snapshot.
+    overview is written at every snapshot (drawn again only when what it shows changed).
 
     Resume: :meth:`state_dict` / :meth:`load_state_dict` hold the references ("first",
     "previous"), the factors before the first step and the last snapshot's step.
