@@ -1,10 +1,10 @@
 """Target 4: all images of one snapshot, 4 layers × (ΔW_q, ΔW_v), in ≤ 0.5 s.
 
-Last, what the monitor draws per snapshot today (:func:`lora_monitor.plots.snapshot_images`):
+Last, what the monitor draws per snapshot today (:func:`lora_monitor.rendering.snapshot_images`):
 one heatmap image per drawn layer (4 of 32) and the overview figure of all 32 layers.
 
 Compares, in one run, matplotlib drawing the whole figure (``figure_to_rgb(phi_figure(...))``)
-with :func:`lora_monitor.plots.phi_image`, which draws the figure's frame once per layout (the
+with :func:`lora_monitor.rendering.phi_image`, which draws the figure's frame once per layout (the
 first snapshot: "cold") and then only colour-maps the grids into it ("warm", every later
 snapshot). Both rank 8 against rank 64 (with the zoom panels) and rank 64 against rank 64.
 Exit status 1 when a target is missed.
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Targets  # noqa: E402
 
-from lora_monitor import plots  # noqa: E402
+from lora_monitor import plots, rendering  # noqa: E402
 
 REPEATS = 5
 
@@ -35,9 +35,9 @@ def main() -> int:
         grids = {(layer, proj): rng.random((p, q), dtype=np.float32) for layer in (0, 10, 21, 31) for proj in ("q", "v")}
         symbols = dict(row_symbol=f"A_{{r={p}}}", column_symbol=f"A_{{r={q}}}")
         matplotlib_times, warm_times = [], []
-        plots._FRAMES.clear()
+        rendering._FRAMES.clear()
         start = time.perf_counter()
-        plots.phi_image(grids, **symbols)
+        rendering.phi_image(grids, **symbols)
         cold = time.perf_counter() - start
         for repeat in range(REPEATS):
             start = time.perf_counter()
@@ -45,7 +45,7 @@ def main() -> int:
             matplotlib_times.append(time.perf_counter() - start)
             step_symbols = dict(symbols, column_symbol=f"A_{{\\mathrm{{step}}={100 * repeat}}}")
             start = time.perf_counter()
-            plots.phi_image(grids, **step_symbols)
+            rendering.phi_image(grids, **step_symbols)
             warm_times.append(time.perf_counter() - start)
         whole, warm = statistics.median(matplotlib_times), statistics.median(warm_times)
         print(f"r = {p} vs r = {q}, 4 layers × 2 projections:")
@@ -83,9 +83,9 @@ def monitor_images(targets: Targets) -> None:
     layers = [0, 10, 21, 31]
     grids = {key: a.phi.numpy().T for key, a in analyses.items() if key[0] in layers}
     symbols = dict(layers=layers, row_symbol="A_{r=8}", column_symbol="A_{r=64}", recommendation=recommendation)
-    plots._FRAMES.clear()
+    rendering._FRAMES.clear()
     start = time.perf_counter()
-    plots.snapshot_images(grids, **symbols)
+    rendering.snapshot_images(grids, **symbols)
     cold = time.perf_counter() - start
     # Every later snapshot has a new step in its title; the overview is redrawn when what it
     # shows changed (worst case: every time) and reused once the run settles.
@@ -94,9 +94,9 @@ def monitor_images(targets: Targets) -> None:
         for overview_changed, times in ((True, changed), (False, settled)):
             step = dict(symbols, column_symbol=f"A_{{\\mathrm{{step}}={200 + 2 * repeat + overview_changed}}}")
             if overview_changed:
-                plots._OVERVIEWS.clear()
+                rendering._OVERVIEWS.clear()
             start = time.perf_counter()
-            images = plots.snapshot_images(grids, **step)
+            images = rendering.snapshot_images(grids, **step)
             times.append(time.perf_counter() - start)
     worst, best = statistics.median(changed), statistics.median(settled)
     print(f"snapshot_images, 32 layers × 2 projections: {len(images)} images (4 heatmaps, the overview):")

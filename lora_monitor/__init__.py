@@ -6,8 +6,9 @@ Layout, from the maths up (each layer imports only those above it in this list):
 - :mod:`lora_monitor.adapters` — all peft knowledge: LoRA factors of a live model or a saved adapter;
 - :mod:`lora_monitor.snapshots` — copies of the factors at a step and their batched analysis;
 - :mod:`lora_monitor.recommend` — the rank suggested by an analysis;
-- :mod:`lora_monitor.tags`, :mod:`lora_monitor.plots`, :mod:`lora_monitor.outputs` — what is
-  written (names, figures) and where (TensorBoard, W&B, MLflow);
+- :mod:`lora_monitor.tags`, :mod:`lora_monitor.plots`, :mod:`lora_monitor.rendering`,
+  :mod:`lora_monitor.outputs` — what is written (names, figures, drawn fast snapshot after
+  snapshot) and where (TensorBoard, W&B, MLflow);
 - :mod:`lora_monitor.config` — :class:`MonitorOptions`, the options every front-end validates with;
 - :mod:`lora_monitor.engine` — :class:`LoRAMonitor`, the framework-free monitor (a plain loop
   uses it directly);

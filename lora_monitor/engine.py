@@ -34,7 +34,8 @@ from lora_monitor.config import MonitorOptions, Reference
 from lora_monitor.distributed import Process, all_gather_objects, full_factors, rank_share
 from lora_monitor.functional import Basis
 from lora_monitor.outputs import Output, SummaryWriterOutput, write_layout, write_snapshot, write_text
-from lora_monitor.plots import comparison_symbols, snapshot_images
+from lora_monitor.plots import comparison_symbols
+from lora_monitor.rendering import snapshot_images
 from lora_monitor.recommend import RankRecommendation, recommend_rank
 from lora_monitor.snapshots import (
     ModuleAnalysis,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from test_tags import random_factors
 
-from lora_monitor import plots
+from lora_monitor import plots, rendering
 from lora_monitor.recommend import recommend_rank
 from lora_monitor.snapshots import Snapshot, analyze
 from lora_monitor.tags import OVERVIEW_TAG, heatmap_tag
@@ -17,12 +17,12 @@ def test_a_card_per_layer_one_frame_for_all_and_the_matplotlib_picture():
     layers = (0, 10, 21, 31)
     grids = {(layer, p): rng.random((8, 64), dtype=np.float32) for layer in layers for p in ("q", "v")}
     symbols = dict(row_symbol="A_{r=8}", column_symbol="A_{r=64}")
-    plots._FRAMES.clear()
-    images = plots.snapshot_images(grids, layers=layers, **symbols)
+    rendering._FRAMES.clear()
+    images = rendering.snapshot_images(grids, layers=layers, **symbols)
     assert list(images) == [heatmap_tag(layer) for layer in layers]
     assert {image.shape for image in images.values()} == {(325, plots.CARD_WIDTH, 3)}
     # The layer is named in the title only, so the four layers share one cached frame.
-    assert len(plots._FRAMES) == 1
+    assert len(rendering._FRAMES) == 1
     for layer in (0, 31):
         layer_grids = {key: grid for key, grid in grids.items() if key[0] == layer}
         slow = plots.figure_to_rgb(plots.phi_figure(layer_grids, **symbols, card=True, title_prefix=f"Layer {layer}: "))
@@ -61,7 +61,7 @@ def test_overview_draws_every_layer_against_r_and_the_suggestion():
         assert set(r_line.get_ydata()) == {16}
     texts = " ".join(t.get_text() for t in figure.texts)
     assert f"suggested LoRA rank {recommendation.rank}" in texts
-    image = plots.snapshot_images({}, layers=[], row_symbol="A", column_symbol="A", recommendation=recommendation)
+    image = rendering.snapshot_images({}, layers=[], row_symbol="A", column_symbol="A", recommendation=recommendation)
     assert list(image) == [OVERVIEW_TAG] and image[OVERVIEW_TAG].shape[1] == plots.CARD_WIDTH
 
 
@@ -83,9 +83,9 @@ def test_the_overview_is_drawn_again_only_when_what_it_shows_changed(monkeypatch
         return real(recommendation)
 
     monkeypatch.setattr(plots, "overview_figure", counting)
-    plots._OVERVIEWS.clear()
-    image = plots.overview_image(first)
-    assert np.array_equal(plots.overview_image(again), image) and len(drawn) == 1
-    changed = plots.overview_image(other)  # r = 4: other bars, another dashed line
+    rendering._OVERVIEWS.clear()
+    image = rendering.overview_image(first)
+    assert np.array_equal(rendering.overview_image(again), image) and len(drawn) == 1
+    changed = rendering.overview_image(other)  # r = 4: other bars, another dashed line
     assert len(drawn) == 2 and not np.array_equal(changed, image)
     assert np.array_equal(image, plots.figure_to_rgb(real(first)))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lora_monitor import plots
+from lora_monitor import plots, rendering
 from lora_monitor.adapters import LoRAFactors
 from lora_monitor.functional import BASES, factored_basis, factored_svd, singular_basis, subspace_similarity
 from lora_monitor.snapshots import ReferenceBases, Snapshot, _stack, analyze
@@ -87,16 +87,16 @@ def test_cached_reference_bases_give_the_uncached_analysis(basis):
 def test_phi_image_is_the_matplotlib_figure():
     rng = np.random.default_rng(0)
     grids = {(layer, p): rng.random((4, 16), dtype=np.float32) for layer in (0, 5) for p in ("q", "v")}
-    plots._FRAMES.clear()
+    rendering._FRAMES.clear()
     for column in ("A_{r=16}", r"A_{\mathrm{step}=10}"):  # the title changes, the frame is reused
-        fast = plots.phi_image(grids, row_symbol="A_{r=4}", column_symbol=column)
+        fast = rendering.phi_image(grids, row_symbol="A_{r=4}", column_symbol=column)
         slow = plots.figure_to_rgb(plots.phi_figure(grids, row_symbol="A_{r=4}", column_symbol=column))
         assert fast.shape == slow.shape and fast.dtype == np.uint8
         difference = np.abs(fast.astype(int) - slow.astype(int))
         assert difference.max() <= 8 and difference.mean() < 1
-    assert len(plots._FRAMES) == 1
+    assert len(rendering._FRAMES) == 1
     # Other data in the same frame: the heatmap pixels follow it.
-    changed = plots.phi_image({k: 1 - g for k, g in grids.items()}, row_symbol="A_{r=4}", column_symbol="A")
+    changed = rendering.phi_image({k: 1 - g for k, g in grids.items()}, row_symbol="A_{r=4}", column_symbol="A")
     assert np.abs(changed.astype(int) - fast.astype(int)).max() > 100
 
 
