@@ -120,10 +120,9 @@ def _parts(adapters: Sequence[dict[ModuleKey, LoRAFactors]], chunk_bytes: int) -
     """The keys of ``adapters[0]`` grouped as :func:`~lora_monitor.snapshots.analyze` batches
     them (same shapes in every adapter), each group cut into parts of at most ``chunk_bytes``
     of factors (at least one module a part)."""
-    groups: dict[tuple, list[ModuleKey]] = {}
-    for key in adapters[0]:
-        shape = tuple(s for factors in adapters for s in (factors[key].lora_A.shape, factors[key].lora_B.shape))
-        groups.setdefault(shape, []).append(key)
+    from lora_monitor.snapshots import group_by_shape
+
+    groups = group_by_shape(adapters[0], adapters[1] if len(adapters) > 1 else None)
     parts: list[list[ModuleKey]] = []
     for keys in groups.values():
         part: list[ModuleKey] = []

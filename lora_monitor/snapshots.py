@@ -51,7 +51,7 @@ class Snapshot:
         # Same-shaped factors are copied into one stacked tensor each, and every module gets
         # views of it: analyze() then finds its batches already stacked instead of copying them.
         A, B = {}, {}
-        for keys in _group_by_shape(factors, None).values():
+        for keys in group_by_shape(factors, None).values():
             stacked_A = torch.stack([factors[k].lora_A.detach() for k in keys])
             stacked_B = torch.stack([factors[k].lora_B.detach() for k in keys])
             for index, key in enumerate(keys):
@@ -222,11 +222,13 @@ class ModuleAnalysis:
 VARIANT_SCALAR_NAMES = ("dora_magnitude_norm", "dora_direction_norm", "dora_scale_std", "adalora_kept_rank")
 
 
-def _group_by_shape(
+def group_by_shape(
     current: Mapping[ModuleKey, LoRAFactors],
     reference: Optional[Mapping[ModuleKey, LoRAFactors]],
     updates: Optional[Mapping[ModuleKey, _Update]] = None,
 ) -> dict[tuple, list[ModuleKey]]:
+    """The keys of ``current`` in the batches :func:`analyze` makes: same factor shapes and
+    device (and, given, the same reference shapes and update kind)."""
     groups: dict[tuple, list[ModuleKey]] = defaultdict(list)
     for key, f in current.items():
         shape = (tuple(f.lora_A.shape), tuple(f.lora_B.shape), f.lora_A.device)
@@ -383,7 +385,7 @@ class ReferenceBases:
         reference = with_base_weights(reference, current)
         groups = {
             tuple(keys): _reference_group(reference, keys, device, basis, initial)
-            for (_, _, device, *_), keys in _group_by_shape(current, reference).items()
+            for (_, _, device, *_), keys in group_by_shape(current, reference).items()
             # A variant's ΔW bases may need the initial factors: analyze() computes those.
             if initial is not None
             or not basis.startswith("delta_w")
@@ -440,7 +442,7 @@ def analyze(
     updates = {key: _update_of(f, (initial or {}).get(key), basis) for key, f in factors.items()}
     device_results: dict[ModuleKey, dict[str, Tensor]] = {}
     dimensions: dict[ModuleKey, int] = {}
-    for (_, _, device, *_), keys in _group_by_shape(factors, reference, updates).items():
+    for (_, _, device, *_), keys in group_by_shape(factors, reference, updates).items():
         B, A, scaling = _stack([factors[k] for k in keys], device)
         plain = all(updates[k].is_plain(factors[k]) for k in keys)
         if not plain:
