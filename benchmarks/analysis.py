@@ -40,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Targets, interleaved_medians, synchronize  # noqa: E402
 
-from lora_monitor import thin_qr  # noqa: E402
+from lora_monitor.functional import thin_qr  # noqa: E402
 from lora_monitor.adapters import LoRAFactors, ModuleKey  # noqa: E402
 from lora_monitor.functional import factored_svd, singular_basis, subspace_similarity  # noqa: E402
-from lora_monitor.snapshots import ReferenceBases, Snapshot, analyze  # noqa: E402
+from lora_monitor.analysis import ReferenceBases, Snapshot, analyze  # noqa: E402
 
 
 def adapter(layers: int, dim: int, rank: int, seed: int, device: torch.device) -> dict[ModuleKey, LoRAFactors]:

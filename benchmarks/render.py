@@ -1,10 +1,10 @@
 """Target 4: all images of one snapshot, 4 layers × (ΔW_q, ΔW_v), in ≤ 0.5 s.
 
-Last, what the monitor draws per snapshot today (:func:`lora_monitor.rendering.snapshot_images`):
+Last, what the monitor draws per snapshot today (:func:`lora_monitor.outputs.rendering.snapshot_images`):
 one heatmap image per drawn layer (4 of 32) and the overview figure of all 32 layers.
 
 Compares, in one run, matplotlib drawing the whole figure (``figure_to_rgb(phi_figure(...))``)
-with :func:`lora_monitor.rendering.phi_image`, which draws the figure's frame once per layout (the
+with :func:`lora_monitor.outputs.rendering.phi_image`, which draws the figure's frame once per layout (the
 first snapshot: "cold") and then only colour-maps the grids into it ("warm", every later
 snapshot). Both rank 8 against rank 64 (with the zoom panels) and rank 64 against rank 64.
 Exit status 1 when a target is missed.
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Targets  # noqa: E402
 
-from lora_monitor import plots, rendering  # noqa: E402
+from lora_monitor.outputs import plots, rendering  # noqa: E402
 
 REPEATS = 5
 
@@ -62,8 +62,8 @@ def monitor_images(targets: Targets) -> None:
     import torch
 
     from lora_monitor.adapters import LoRAFactors
-    from lora_monitor.recommend import recommend_rank
-    from lora_monitor.snapshots import Snapshot, analyze
+    from lora_monitor.analysis.rank import recommend_rank
+    from lora_monitor.analysis import Snapshot, analyze
 
     generator = torch.Generator().manual_seed(0)
 

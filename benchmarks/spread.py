@@ -3,9 +3,9 @@
 Under DDP every rank holds the whole adapter. Without spreading, every rank analyses every module
 (only rank zero logs). Spread, each rank analyses every ``world_size``-th module and the small
 results are gathered on all ranks — what :class:`lora_monitor.LoRASubspaceMonitor` does in a
-multi-process run, with the same functions: :func:`lora_monitor.distributed.rank_share`,
-:func:`lora_monitor.snapshots.analyze` (reference bases cached per rank, as the monitor keeps
-them) and :func:`lora_monitor.distributed.all_gather_objects`.
+multi-process run, with the same functions: :func:`lora_monitor.engine.distributed.rank_share`,
+:func:`lora_monitor.analysis.analyze` (reference bases cached per rank, as the monitor keeps
+them) and :func:`lora_monitor.engine.distributed.all_gather_objects`.
 
 Runs ``--world-size`` CPU processes over gloo (one thread each), times both ways side by side,
 alternating, from the moment the ranks start the analysis to the moment all of them are done
@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from analysis import adapter  # noqa: E402
 from common import Targets  # noqa: E402
 
-from lora_monitor.distributed import all_gather_objects, rank_share  # noqa: E402
-from lora_monitor.snapshots import ReferenceBases, Snapshot, analyze  # noqa: E402
+from lora_monitor.engine.distributed import all_gather_objects, rank_share  # noqa: E402
+from lora_monitor.analysis import ReferenceBases, Snapshot, analyze  # noqa: E402
 
 #: name → (layers, d = k, rank, reference rank)
 SHAPES = {

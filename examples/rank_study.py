@@ -46,6 +46,7 @@ if importlib.util.find_spec("lora_monitor") is None:
 
 from lora_monitor.cli import Comparison, compare_adapters  # noqa: E402
 from lora_monitor.functional import BASES  # noqa: E402
+from lora_monitor.outputs.report import report_markdown  # noqa: E402
 from train_minilm_topics import main as train  # noqa: E402
 
 
@@ -112,7 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         )
         comparisons[name] = comparison
         print(f"\n## {name}: {comparison.figure_path}\n")
-        print(comparison.recommendation.to_markdown())
+        print(report_markdown(comparison.recommendation))
     seconds = time.perf_counter() - start
     print(f"\nrank study: {len(runs)} runs of {args.max_steps} steps in {seconds:.0f} s; "
           f"TensorBoard: .venv/bin/tensorboard --logdir {args.out}")

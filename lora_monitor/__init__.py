@@ -1,20 +1,19 @@
 """lora_monitor: the LoRA paper's Section 7 analysis, live, wherever LoRA trains.
 
-Layout, from the maths up (each layer imports only those above it in this list):
+Layers, from the maths up; each imports only those above it in this list (a test checks it):
 
-- :mod:`lora_monitor.functional` — pure tensor maths (factored SVD, φ grids, spectra);
-- :mod:`lora_monitor.adapters` — all peft knowledge: LoRA factors of a live model or a saved adapter;
-- :mod:`lora_monitor.snapshots` — copies of the factors at a step and their batched analysis;
-- :mod:`lora_monitor.recommend` — the rank suggested by an analysis;
-- :mod:`lora_monitor.tags`, :mod:`lora_monitor.plots`, :mod:`lora_monitor.rendering`,
-  :mod:`lora_monitor.outputs` — what is written (names, figures, drawn fast snapshot after
-  snapshot) and where (TensorBoard, W&B, MLflow);
-- :mod:`lora_monitor.config` — :class:`MonitorOptions`, the options every front-end validates with;
-- :mod:`lora_monitor.engine` — :class:`LoRAMonitor`, the framework-free monitor (a plain loop
-  uses it directly);
+- :mod:`lora_monitor.functional` — pure tensor maths: factored SVD, φ grids, spectra;
+- :mod:`lora_monitor.adapters` — all peft knowledge: the LoRA factors of a live model or of a
+  saved adapter, under every variant and architecture;
+- :mod:`lora_monitor.analysis` — snapshots of the factors, their batched analysis, the rank
+  they suggest;
+- :mod:`lora_monitor.outputs` — what is written (tag names, report text, figures) and the
+  writers (TensorBoard, W&B, MLflow);
+- :mod:`lora_monitor.engine` — :class:`LoRAMonitor`, the framework-free monitor (a plain
+  loop uses it directly), with its options, references, runner and reporter;
 - :mod:`lora_monitor.integrations` — front-ends: :class:`LoRASubspaceMonitor` (Lightning),
   :class:`LoRASubspaceCallback` (transformers ``Trainer``, TRL);
-- :mod:`lora_monitor.cli` — ``lora-monitor compare|inspect`` on saved adapters.
+- :mod:`lora_monitor.cli` — ``lora-monitor`` on adapters saved on disk.
 
 Importing the package costs nothing: each name below loads its module (and its framework)
 on first use.
@@ -28,7 +27,7 @@ from typing import Any
 _NAMES = {
     "AnalysisWarning": "lora_monitor.engine",
     "LoRAMonitor": "lora_monitor.engine",
-    "MonitorOptions": "lora_monitor.config",
+    "MonitorOptions": "lora_monitor.engine",
     "LoRAFactors": "lora_monitor.adapters",
     "LoRAMonitorError": "lora_monitor.adapters",
     "LoRASubspaceMonitor": "lora_monitor.integrations.lightning",

@@ -25,16 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence, TextIO
 
+from lora_monitor.functional.bases import BASES
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from lora_monitor.adapters import LoRAFactors, ModuleKey
-    from lora_monitor.recommend import RankRecommendation
-    from lora_monitor.snapshots import ModuleAnalysis
+    from lora_monitor.analysis import ModuleAnalysis
+    from lora_monitor.analysis.rank import RankRecommendation
 
-#: :data:`lora_monitor.functional.BASES`, spelled out so that building the parser imports no
-#: torch (a test keeps the two equal).
-BASES = ("A", "B", "delta_w_left", "delta_w_right")
 
 #: Bytes of LoRA factors (the adapter's and its reference's) read and analysed at once. Big
 #: enough that a part of a 7B-shaped adapter's shape group is several modules (the analysis
@@ -117,10 +116,10 @@ class SavedFactors:
 
 
 def _parts(adapters: Sequence[dict[ModuleKey, LoRAFactors]], chunk_bytes: int) -> list[list[ModuleKey]]:
-    """The keys of ``adapters[0]`` grouped as :func:`~lora_monitor.snapshots.analyze` batches
+    """The keys of ``adapters[0]`` grouped as :func:`~lora_monitor.analysis.analyze` batches
     them (same shapes in every adapter), each group cut into parts of at most ``chunk_bytes``
     of factors (at least one module a part)."""
-    from lora_monitor.snapshots import group_by_shape
+    from lora_monitor.analysis import group_by_shape
 
     groups = group_by_shape(adapters[0], adapters[1] if len(adapters) > 1 else None)
     parts: list[list[ModuleKey]] = []
@@ -145,14 +144,14 @@ def analyze_saved(
     *,
     chunk_bytes: int = CHUNK_BYTES,
 ) -> dict[ModuleKey, ModuleAnalysis]:
-    """:func:`~lora_monitor.snapshots.analyze` of a saved adapter (against a saved reference),
+    """:func:`~lora_monitor.analysis.analyze` of a saved adapter (against a saved reference),
     reading and analysing ``chunk_bytes`` of factors at a time: every module's analysis is its
     own, so the results are those of the whole adapter analysed at once, while peak memory
     is one part's factors and temporaries. A module absent from ``reference`` is an error of
     :func:`~lora_monitor.adapters.check_reference_compatible`, checked before anything is read.
     """
     from lora_monitor.adapters import check_reference_compatible
-    from lora_monitor.snapshots import Snapshot, analyze
+    from lora_monitor.analysis import Snapshot, analyze
 
     if reference is not None:
         check_reference_compatible(current.factors, reference.factors, basis)
@@ -194,7 +193,7 @@ def compare_adapters(
     Args:
         reference_dir, directory: adapter directories written by ``save_pretrained`` (two
             ranks, e.g. 8 and 64, or two seeds) of the same base model.
-        basis: the singular vectors compared (see :data:`lora_monitor.functional.BASES`).
+        basis: the singular vectors compared (see :data:`lora_monitor.functional.bases.BASES`).
         projections, layers: which modules (``None``: all); the figure draws every selected
             layer, a row each.
         output: the figure file, PNG or SVG by its extension; None: no figure.
@@ -209,7 +208,7 @@ def compare_adapters(
             extension is not .png/.svg.
     """
     from lora_monitor.adapters import LoRAMonitorError, check_reference_compatible
-    from lora_monitor.recommend import recommend_rank
+    from lora_monitor.analysis.rank import recommend_rank
 
     figure_format = _figure_format(output)
     bar = _Progress(4 if output is not None else 3, progress)
@@ -228,7 +227,7 @@ def compare_adapters(
     reference_rank, rank = reference.factors[key].rank, current.factors[key].rank
     figure = figure_path = None
     if output is not None:
-        from lora_monitor.plots import comparison_figure
+        from lora_monitor.outputs.plots import comparison_figure
 
         grids = {k: a.phi.numpy() for k, a in analyses.items() if a.phi is not None}
         dimension = next(a.dimension for a in analyses.values() if a.phi is not None)
@@ -261,14 +260,6 @@ def _figure_format(output: Optional[str | Path]) -> Optional[str]:
     return suffix[1:]
 
 
-def spectral_table(analyses: dict[ModuleKey, ModuleAnalysis]) -> str:
-    """One row per module: r, ‖ΔW‖_F, ΔW's σ₁ and σ₁/σ₂ and its three spectral ranks, as
-    Markdown: the columns of the same names in the monitor's report (TensorBoard → Text)."""
-    from lora_monitor.recommend import ModuleEvidence, spectral_table as table
-
-    return table([ModuleEvidence.from_analysis(a, use_phi=False) for _, a in sorted(analyses.items())])
-
-
 def inspect_adapter(
     directory: str | Path,
     *,
@@ -278,10 +269,12 @@ def inspect_adapter(
 ) -> tuple[str, RankRecommendation]:
     """The spectral table of one saved adapter and the rank its spectra alone suggest
     (``base_config`` as for :func:`compare_adapters`)."""
-    from lora_monitor.recommend import recommend_rank
+    from lora_monitor.analysis.rank import ModuleEvidence, recommend_rank
+    from lora_monitor.outputs.report import spectrum_table
 
     analyses = analyze_saved(SavedFactors.open(directory, projections, layers, base_config))
-    return spectral_table(analyses), recommend_rank(analyses, "A")
+    rows = [ModuleEvidence.from_analysis(analysis, use_phi=False) for _, analysis in sorted(analyses.items())]
+    return spectrum_table(rows), recommend_rank(analyses, "A")
 
 
 # ------------------------------------------------------------------------------------ parser
@@ -343,10 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     comparing.add_argument("directory", metavar="DIR", help="adapter directory to compare with it (e.g. rank 64, or seed 1)")
     comparing.add_argument(
         "--basis",
-        choices=BASES,
+        choices=list(BASES),
         default="A",
-        help="singular vectors compared: A (right singular vectors of lora_A, the paper's "
-        "figure), B (left of lora_B), delta_w_left / delta_w_right (of ΔW) (default: A)",
+        help="singular vectors compared: "
+        + "; ".join(f"{info.name}: {info.description}" for info in BASES.values())
+        + " (default: A)",
     )
     _add_selection(comparing, ["q", "v"])
     comparing.add_argument(
@@ -360,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspecting = commands.add_parser(
         "inspect",
         help="spectral table of one adapter",
-        description="Print, per module, ‖ΔW‖_F, σ₁, σ₁/σ₂, the 90 %%-energy rank, the effective "
+        description="Print, per module, ‖ΔW‖_F, σ₁, σ₁/σ₂, the 90 %-energy rank, the effective "
         "rank (Roy & Vetterli) and the stable rank of ΔW = s·B·A, from the factors (ΔW is never "
         "formed), then the rank these spectra alone suggest.",
     )
@@ -377,6 +371,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch  # after parsing: --help and usage errors load no torch
 
     from lora_monitor.adapters import LoRAMonitorError
+    from lora_monitor.outputs.report import CAUTIONS_BELOW, report_markdown, summary_line
 
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)  # restored below: main() may run inside a longer process
@@ -396,7 +391,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             )
             print(_comparison_header(args, result))
             print()
-            print(result.recommendation.to_markdown())
+            print(report_markdown(result.recommendation))
             if result.figure_path is not None:
                 print(f"\nfigure: {result.figure_path}")
         else:
@@ -404,7 +399,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 args.directory, projections=args.projections, layers=args.layers, base_config=args.base_config
             )
             cautions = "".join(f"\n- {caution}" for caution in recommendation.cautions)
-            print(f"# {args.directory}\n\n{table}\n\n{recommendation.summary('the cautions below')}{cautions}")
+            print(f"# {args.directory}\n\n{table}\n\n{summary_line(recommendation, CAUTIONS_BELOW)}{cautions}")
     except LoRAMonitorError as error:
         message = " ".join(str(error).split())
         print(f"lora-monitor: error: {message}", file=sys.stderr)
@@ -415,7 +410,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _comparison_header(args: argparse.Namespace, result: Comparison) -> str:
-    from lora_monitor.functional import random_subspace_similarity
+    from lora_monitor.functional.similarity import random_subspace_similarity
 
     phi = [a.phi for a in result.analyses.values() if a.phi is not None]
     dimension = next(a.dimension for a in result.analyses.values() if a.phi is not None)

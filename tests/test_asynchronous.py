@@ -16,10 +16,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_setup import CausalLMModule, make_trainer, read_events
 
-import lora_monitor.engine
+import lora_monitor.engine.monitor
+import lora_monitor.engine.runner
+import lora_monitor.outputs.rendering
 from lora_monitor import AnalysisWarning, LoRAMonitorError, LoRASubspaceMonitor
-from lora_monitor.background import Background
-from lora_monitor.tags import RECOMMENDATION_TAG, heatmap_tag, is_monitor_tag, scalar_tag
+from lora_monitor.engine.background import Background
+from lora_monitor.outputs.tags import RECOMMENDATION_TAG, heatmap_tag, is_monitor_tag, scalar_tag
 
 
 def monitored_run(root, accelerator: str = "cpu", max_steps: int = 6, callbacks=(), **monitor_kwargs):
@@ -48,13 +50,13 @@ def logged(trainer) -> tuple[dict[str, dict[int, float]], list[int], list[int]]:
 def analysis_threads(monkeypatch) -> list[str]:
     """The names of the threads ``analyze`` runs in, in order."""
     threads = []
-    real = lora_monitor.engine.analyze
+    real = lora_monitor.engine.monitor.analyze
 
     def recording(*args, **kwargs):
         threads.append(threading.current_thread().name)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lora_monitor.engine, "analyze", recording)
+    monkeypatch.setattr(lora_monitor.engine.monitor, "analyze", recording)
     return threads
 
 
@@ -65,7 +67,7 @@ def test_asynchronous_run_logs_what_the_synchronous_run_logs(tmp_path, analysis_
     asynchronous, async_trainer = monitored_run(tmp_path / "async", asynchronous=True)
     assert len(analysis_threads) == 3
     assert all(name.startswith("lora_monitor") for name in analysis_threads)
-    assert asynchronous.engine._background is None  # the worker was shut down at teardown
+    assert asynchronous.engine.runner.background is None  # the worker was shut down at teardown
 
     expected_scalars, expected_images, expected_texts = logged(sync_trainer)
     scalars, images, texts = logged(async_trainer)
@@ -96,7 +98,7 @@ class ReleaseAt(Callback):
 
 def test_training_goes_on_while_a_snapshot_is_analysed(tmp_path, monkeypatch):
     released = threading.Event()
-    real = lora_monitor.engine.analyze
+    real = lora_monitor.engine.monitor.analyze
 
     def waiting_for_step_3(snapshot, *args, **kwargs):
         # Done in the training step, this would wait for a step that never comes.
@@ -104,7 +106,7 @@ def test_training_goes_on_while_a_snapshot_is_analysed(tmp_path, monkeypatch):
             raise TimeoutError("training did not reach step 3 while step 2 was analysed")
         return real(snapshot, *args, **kwargs)
 
-    monkeypatch.setattr(lora_monitor.engine, "analyze", waiting_for_step_3)
+    monkeypatch.setattr(lora_monitor.engine.monitor, "analyze", waiting_for_step_3)
     monitor, trainer = monitored_run(tmp_path, callbacks=[ReleaseAt(3, released)], asynchronous=True, strict=True)
     scalars, images, _ = logged(trainer)
     assert sorted(scalars[scalar_tag("delta_w_norm", (0, "q"))]) == [2, 4, 6]
@@ -115,7 +117,7 @@ def test_an_error_in_the_worker_is_raised_by_fit_with_strict(tmp_path, monkeypat
     def broken(*args, **kwargs):
         raise RuntimeError("cusolver failed")
 
-    monkeypatch.setattr(lora_monitor.engine, "analyze", broken)
+    monkeypatch.setattr(lora_monitor.engine.monitor, "analyze", broken)
     with pytest.raises(LoRAMonitorError, match=r"step 2: the analysis failed with RuntimeError: cusolver failed"):
         monitored_run(tmp_path, asynchronous=True, strict=True)
 
@@ -124,7 +126,7 @@ def test_an_error_in_the_worker_is_a_warning_and_training_completes(tmp_path, mo
     def broken_renderer(*args, **kwargs):
         raise RuntimeError("no fonts on this machine")
 
-    monkeypatch.setattr(lora_monitor.engine, "snapshot_images", broken_renderer)
+    monkeypatch.setattr(lora_monitor.outputs.rendering, "comparison_images", broken_renderer)
     with pytest.warns(AnalysisWarning, match=r"step 4: drawing the figures failed with RuntimeError"):
         monitor, trainer = monitored_run(tmp_path, asynchronous=True)
     assert trainer.global_step == 6
@@ -137,7 +139,7 @@ def test_default_on_cpu_is_synchronous(tmp_path, monkeypatch, analysis_threads):
     def no_worker(*args, **kwargs):
         raise AssertionError("a CPU run with the default settings started a worker")
 
-    monkeypatch.setattr(lora_monitor.engine, "Background", no_worker)
+    monkeypatch.setattr(lora_monitor.engine.runner, "Background", no_worker)
     monitored_run(tmp_path, max_steps=4)
     assert analysis_threads == ["MainThread"] * 2
 
@@ -151,7 +153,7 @@ def test_asynchronous_must_be_a_bool_or_none():
 def test_on_cuda_the_analysis_runs_on_the_side_stream(tmp_path, monkeypatch):
     workers: list[Background] = []
     streams: list[torch.cuda.Stream] = []
-    real = lora_monitor.engine.analyze
+    real = lora_monitor.engine.monitor.analyze
 
     class RecordedBackground(Background):
         def __init__(self, device: torch.device) -> None:
@@ -163,8 +165,8 @@ def test_on_cuda_the_analysis_runs_on_the_side_stream(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     synchronous, sync_trainer = monitored_run(tmp_path / "sync", accelerator="gpu", asynchronous=False)
-    monkeypatch.setattr(lora_monitor.engine, "Background", RecordedBackground)
-    monkeypatch.setattr(lora_monitor.engine, "analyze", recording)
+    monkeypatch.setattr(lora_monitor.engine.runner, "Background", RecordedBackground)
+    monkeypatch.setattr(lora_monitor.engine.monitor, "analyze", recording)
     asynchronous, async_trainer = monitored_run(tmp_path / "async", accelerator="gpu")  # default: on, on CUDA
 
     assert len(workers) == 1 and workers[0].stream is not None

@@ -22,8 +22,8 @@ from lightning_setup import CausalLMModule, make_trainer, read_events
 from peft.tuners.lora import LoraLayer
 
 from lora_monitor import AnalysisWarning, LoRAMonitorError, LoRASubspaceMonitor
-from lora_monitor.plots import CARD_WIDTH, MASK_COLOR
-from lora_monitor.tags import (
+from lora_monitor.outputs.plots import CARD_WIDTH, MASK_COLOR
+from lora_monitor.outputs.tags import (
     OVERVIEW_TAG,
     SCALAR_NAMES,
     heatmap_tag,
@@ -129,7 +129,7 @@ def test_logged_scalars_match_dense_computation(tmp_path, basis):
         sigma = torch.linalg.svdvals(delta)
         logged = {name: scalar_series(events, scalar_tag(name, key))[3] for name in SCALAR_NAMES}
         assert logged["delta_w_norm"] == pytest.approx(float(torch.linalg.matrix_norm(delta)), rel=1e-5)
-        assert logged["sigma_max"] == pytest.approx(float(sigma[0]), rel=1e-5)
+        assert logged["delta_w_sigma_max"] == pytest.approx(float(sigma[0]), rel=1e-5)
         assert logged["phi_top"] == pytest.approx(float(phi[0, 0]), abs=1e-5)
         assert logged["phi_mean"] == pytest.approx(float(torch.diagonal(phi).mean()), abs=1e-5)
         torch.testing.assert_close(monitor.latest_analysis[key].phi.double(), phi, atol=1e-5, rtol=0)
@@ -252,12 +252,12 @@ def test_fused_c_attn_is_split_into_q_and_v(tmp_path):
 
 
 def test_a_figure_that_cannot_be_drawn_costs_only_the_image(tmp_path, monkeypatch):
-    import lora_monitor.engine
+    import lora_monitor.outputs.rendering
 
     def broken_renderer(*args, **kwargs):
         raise RuntimeError("no fonts on this machine")
 
-    monkeypatch.setattr(lora_monitor.engine, "snapshot_images", broken_renderer)
+    monkeypatch.setattr(lora_monitor.outputs.rendering, "comparison_images", broken_renderer)
     monitor = LoRASubspaceMonitor(every_n_steps=2, reference="first")
     trainer = make_trainer(tmp_path, [monitor], max_steps=4)
     with pytest.warns(AnalysisWarning, match=r"step 4: drawing the figures failed with RuntimeError"):

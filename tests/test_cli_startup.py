@@ -18,7 +18,7 @@ from conftest import tiny_gpt2_lora, tiny_llama_lora
 
 from lora_monitor import cli, functional
 from lora_monitor.adapters import load_adapter
-from lora_monitor.snapshots import Snapshot, analyze
+from lora_monitor.analysis import Snapshot, analyze
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Frameworks that no command on a saved adapter needs.
@@ -39,8 +39,11 @@ def _loaded_after(code: str) -> set[str]:
     return set(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
-def test_parser_bases_are_the_functional_ones():
-    assert cli.BASES == functional.BASES
+def test_parser_offers_every_basis_of_the_one_table():
+    commands = next(a for a in cli.build_parser()._actions if a.dest == "command")
+    basis = next(a for a in commands.choices["compare"]._actions if a.dest == "basis")
+    assert list(basis.choices) == list(functional.BASES)
+    assert all(info.description in basis.help for info in functional.BASES.values())
 
 
 def test_help_and_package_import_load_no_torch():

@@ -16,7 +16,7 @@ from conftest import tiny_llama_lora
 from lightning_setup import CausalLMModule, make_trainer, read_events
 
 from lora_monitor import LoRAMonitor, LoRASubspaceMonitor
-from lora_monitor.tags import heatmap_tag, is_monitor_tag
+from lora_monitor.outputs.tags import heatmap_tag, is_monitor_tag
 
 STEPS, EVERY = 4, 2
 
@@ -26,11 +26,11 @@ class RecordingEngine(LoRAMonitor):
 
     record_dir: Path
 
-    def _analyse_modules(self, snapshot, reference, initial):
+    def _analyse(self, job):
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         with open(self.record_dir / f"rank{rank}.jsonl", "a") as record:
-            record.write(json.dumps([snapshot.step, sorted(snapshot.factors)]) + "\n")
-        return super()._analyse_modules(snapshot, reference, initial)
+            record.write(json.dumps([job.snapshot.step, sorted(job.snapshot.factors)]) + "\n")
+        return super()._analyse(job)
 
 
 class ShareRecorder(LoRASubspaceMonitor):
@@ -39,7 +39,7 @@ class ShareRecorder(LoRASubspaceMonitor):
     def __init__(self, record_dir: Path, **kwargs) -> None:
         super().__init__(**kwargs)
         engine = RecordingEngine(options=self.engine.options)
-        engine.info, engine.record_dir = self.engine.info, record_dir
+        engine.reporter.info, engine.record_dir = self.engine.reporter.info, record_dir
         self.engine = engine
 
 
@@ -103,7 +103,7 @@ def _dtensor_worker(rank: int, port: int) -> None:
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from lora_monitor.adapters import LoRAFactors
-    from lora_monitor.distributed import full_factors
+    from lora_monitor.engine.distributed import full_factors
 
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -135,7 +135,7 @@ def test_fsdp2_dtensor_factors_are_gathered_whole_on_every_rank():
 
 
 def test_plain_factors_pass_through_without_copy():
-    from lora_monitor.distributed import full_factors
+    from lora_monitor.engine.distributed import full_factors
 
     factors = {(0, "q"): tiny_factors()}
     assert full_factors(factors)[(0, "q")] is factors[(0, "q")]

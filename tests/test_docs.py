@@ -11,7 +11,7 @@ import pytest
     "module, examples",
     [
         ("lora_monitor.integrations.lightning", 5),
-        ("lora_monitor.engine", 8),
+        ("lora_monitor.engine.monitor", 8),
     ],
 )
 def test_docstring_examples_run(module, examples, tmp_path, monkeypatch):

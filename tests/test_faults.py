@@ -22,7 +22,7 @@ from peft import LoraConfig, PeftModel
 from test_callback import dense_basis, dense_phi, dense_updates
 
 from lora_monitor import AnalysisWarning, LoRAMonitorError, LoRASubspaceMonitor
-from lora_monitor.tags import heatmap_tag, scalar_tag
+from lora_monitor.outputs.tags import heatmap_tag, scalar_tag
 
 
 def lora_module(model: PeftModel, layer: int, projection: str):

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 from test_tags import random_factors
 
-from lora_monitor import plots, rendering
-from lora_monitor.recommend import recommend_rank
-from lora_monitor.snapshots import Snapshot, analyze
-from lora_monitor.tags import OVERVIEW_TAG, heatmap_tag
+from lora_monitor.outputs import plots, rendering
+from lora_monitor.analysis.rank import recommend_rank
+from lora_monitor.analysis import Snapshot, analyze
+from lora_monitor.outputs.tags import OVERVIEW_TAG, heatmap_tag
 
 
 def test_a_card_per_layer_one_frame_for_all_and_the_matplotlib_picture():

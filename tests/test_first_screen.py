@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from lora_monitor import LoRASubspaceMonitor
-from lora_monitor.tags import SCALAR_NAMES, TAG_METRICS
+from lora_monitor.outputs.tags import SCALAR_NAMES
 
 LAYERS = 32
 PROJECTIONS = ("q", "v")
@@ -64,14 +64,14 @@ def test_first_screen_of_a_32_layer_model(tmp_path):
     # lora_monitor.<metric>, named layer_<L>.<p>.
     per_layer = {tag for tag in scalars if group(tag).startswith("lora_monitor.")}
     expected = {
-        f"lora_monitor.{TAG_METRICS[name]}/layer_{layer:02d}.{p}"
+        f"lora_monitor.{name}/layer_{layer:02d}.{p}"
         for name in SCALAR_NAMES
         for layer in range(LAYERS)
         for p in PROJECTIONS
     }
     assert per_layer == expected
     assert len(expected) == len(SCALAR_NAMES) * LAYERS * len(PROJECTIONS)
-    compared = {f"lora_monitor.{TAG_METRICS[name]}" for name in ("phi_top", "phi_mean", "shared_directions")}
+    compared = {f"lora_monitor.{name}" for name in ("phi_top", "phi_mean", "shared_directions")}
     for tag in per_layer:
         # What compares with the reference starts at the second snapshot: the first is it.
         expected_steps = SNAPSHOTS[1:] if group(tag) in compared else SNAPSHOTS

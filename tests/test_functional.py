@@ -10,7 +10,8 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from lora_monitor import functional, thin_qr
+from lora_monitor import functional
+from lora_monitor.functional import thin_qr
 from lora_monitor.functional import (
     BASES,
     amplification_factor,

@@ -1,6 +1,6 @@
 """The Gram path of the functional layer (issue 12) against float64 dense SVDs.
 
-Each factor's QR comes from its Gram matrix where :func:`lora_monitor.thin_qr.gram_cholesky`
+Each factor's QR comes from its Gram matrix where :func:`lora_monitor.functional.thin_qr.gram_cholesky`
 certifies that exact, else from Householder QR. Whichever path a matrix takes, the results must
 be as exact as before: rebuilt product ≤ 1e-5 relative, UᵀU and VᵀV within 1e-4 of the identity,
 φ within 1e-5, in float32, from bfloat16 inputs, batched, on well-conditioned factors, on factors
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from lora_monitor import functional, thin_qr
+from lora_monitor import functional
+from lora_monitor.functional import thin_qr
 from lora_monitor.functional import BASES, factored_basis, factored_svd, singular_basis, subspace_similarity
 
 F64 = torch.float64

@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning_setup import CausalLMModule, make_trainer, read_events
 
 from lora_monitor import AnalysisWarning, LoRASubspaceMonitor
-from lora_monitor.tags import heatmap_tag, is_monitor_tag, scalar_tag
+from lora_monitor.outputs.tags import heatmap_tag, is_monitor_tag, scalar_tag
 from lora_monitor.integrations.lightning_loggers import image_path
 
 PHI_TOP = scalar_tag("phi_top", (0, "q"))

@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import rank_study  # noqa: E402
 
 from lora_monitor import LoRASubspaceMonitor  # noqa: E402
-from lora_monitor.tags import RECOMMENDATION_TAG  # noqa: E402
+from lora_monitor.outputs.tags import RECOMMENDATION_TAG  # noqa: E402
+from lora_monitor.outputs.report import CAUTIONS_BELOW, summary_line  # noqa: E402
 from lightning_setup import read_events  # noqa: E402
 
 STEPS = 200
@@ -119,8 +120,8 @@ def test_live_monitor_matches_the_saved_adapters_and_recommends(study):
     for key, analysis in monitor.latest_analysis.items():
         # Live: φ(reference r = 64, current r = 8); offline from the saved adapters: (8, 64).
         torch.testing.assert_close(analysis.phi.T, offline[key].phi, atol=1e-5, rtol=0)
-        assert analysis.amplification is not None and analysis.amplification > 1
-        assert analysis.relative_norm > 1e-3  # past the "too early" threshold
+        assert analysis.delta_w_amplification is not None and analysis.delta_w_amplification > 1
+        assert analysis.delta_w_relative_norm > 1e-3  # past the "too early" threshold
     recommendation = monitor.recommendation
     assert recommendation.compared and recommendation.rank is not None
     assert 1 <= recommendation.rank <= 8
@@ -128,7 +129,7 @@ def test_live_monitor_matches_the_saved_adapters_and_recommends(study):
     text = events.Tensors(f"{RECOMMENDATION_TAG}/text_summary")
     assert text[-1].step == STEPS
     # The report's first line is the console's summary, pointing to the cautions below it.
-    assert recommendation.summary(details="the cautions below") in text[-1].tensor_proto.string_val[0].decode()
+    assert summary_line(recommendation, CAUTIONS_BELOW) in text[-1].tensor_proto.string_val[0].decode()
 
 
 def test_example_trains_without_dropout_unless_asked():

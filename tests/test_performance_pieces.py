@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from lora_monitor import plots, rendering
+from lora_monitor.outputs import plots, rendering
 from lora_monitor.adapters import LoRAFactors
 from lora_monitor.functional import BASES, factored_basis, factored_svd, singular_basis, subspace_similarity
-from lora_monitor.snapshots import ReferenceBases, Snapshot, _stack, analyze
+from lora_monitor.analysis import ReferenceBases, Snapshot, analyze
+from lora_monitor.analysis.device import _stack
 
 
 def _factors(rank: int, seed: int, layers: int = 3, d: int = 24, k: int = 20) -> dict:

@@ -111,7 +111,7 @@ def test_log_dir_and_writer_together_are_refused(tmp_path):
 
 @pytest.mark.parametrize(
     "statement",
-    ["import lora_monitor", "from lora_monitor import LoRAMonitor", "import lora_monitor.engine, lora_monitor.outputs"],
+    ["import lora_monitor", "from lora_monitor import LoRAMonitor", "import lora_monitor.engine, lora_monitor.outputs.writers"],
 )
 def test_the_engine_imports_no_framework(statement):
     script = f"{statement}\nimport sys\nprint(sorted(m for m in ('lightning', 'transformers', 'peft', 'trl') if m in sys.modules))"
@@ -133,7 +133,7 @@ def test_front_ends_load_on_first_use():
 
 
 def test_an_error_in_the_loop_propagates_and_what_was_analysed_is_written(tmp_path):
-    from lora_monitor.tags import scalar_tag
+    from lora_monitor.outputs.tags import scalar_tag
 
     model = tiny_llama_lora(rank=4, num_layers=2, randomize_B=False)
     with pytest.raises(RuntimeError, match="the data loader died"):

@@ -1,7 +1,7 @@
 """The rank recommendation on synthetic adapters whose answer is known.
 
 The adapters are LoRA factors built from planted structure; the analysis is the package's real
-one (:func:`lora_monitor.snapshots.analyze`), so the test covers the path from factors to text.
+one (:func:`lora_monitor.analysis.analyze`), so the test covers the path from factors to text.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import torch
 
 from lora_monitor.adapters import LoRAFactors
 from lora_monitor.functional import random_subspace_similarity, shared_directions
-from lora_monitor.recommend import GAP_RATIO, recommend_rank
-from lora_monitor.snapshots import Snapshot, analyze
+from lora_monitor.analysis.rank import GAP_RATIO, recommend_rank
+from lora_monitor.analysis import Snapshot, analyze
+from lora_monitor.outputs.report import report_markdown, summary_line
 
 D = K = 256
 LAYERS = range(3)
@@ -80,7 +81,7 @@ def test_planted_rank_4_inside_rank_64_is_recovered(planted_directions, basis):
     assert recommendation.rank == 4
     assert recommendation.projections == {"q": 4, "v": 4}
     assert all(m.block_overlap > 0.95 for m in recommendation.modules)
-    report = recommendation.to_markdown()
+    report = report_markdown(recommendation)
     assert "suggested LoRA rank 4" in report
     assert "layer_02.v" in report
 
@@ -100,8 +101,8 @@ def test_pure_noise_supports_no_rank(planted_directions):
     recommendation = recommend_rank(analyses, "A")
     assert recommendation.rank is None
     assert recommendation.projections == {"q": None, "v": None}
-    assert "no LoRA rank is supported" in recommendation.summary()
-    assert "agree on nothing" in recommendation.to_markdown()
+    assert "no LoRA rank is supported" in summary_line(recommendation)
+    assert "agree on nothing" in report_markdown(recommendation)
 
 
 def test_swapped_top_directions_are_read_as_a_shared_block(planted_directions):
@@ -121,7 +122,7 @@ def test_swapped_top_directions_are_read_as_a_shared_block(planted_directions):
     recommendation = recommend_rank(analyses, "A")
     assert recommendation.rank == 3
     assert all(m.top_gap < GAP_RATIO for m in recommendation.modules)
-    report = recommendation.to_markdown()
+    report = report_markdown(recommendation)
     assert "σ₁ ≈ σ₂" in report and "blocks" in report
     assert "Evidence is weak" in report
 

@@ -106,7 +106,7 @@ def test_each_monitor_compares_with_the_same_reference_after_resume(runs, name):
         for key in expected:
             torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0)
     if name == "first":
-        assert watched_b[name].engine._first.step == EVERY
+        assert watched_b[name].engine.references.first.step == EVERY
 
 
 def test_checkpoint_holds_one_state_per_monitor(runs):

@@ -18,8 +18,9 @@ from test_callback import dense_basis, dense_phi, dense_updates, scalar_series
 
 from lora_monitor import LoRASubspaceMonitor
 from lora_monitor.adapters import find_lora_factors
-from lora_monitor.tags import OPTIONAL_SCALAR_NAMES, RECOMMENDATION_TAG, SCALAR_NAMES, scalar_tag
-from lora_monitor.snapshots import Snapshot
+from lora_monitor.outputs.tags import OPTIONAL_SCALAR_NAMES, RECOMMENDATION_TAG, SCALAR_NAMES, scalar_tag
+from lora_monitor.analysis import Snapshot
+from lora_monitor.outputs.report import CAUTIONS_BELOW, summary_line
 
 
 def base_weights(model: torch.nn.Module) -> dict[tuple[int, str], torch.Tensor]:
@@ -63,17 +64,17 @@ def test_spectral_scalars_amplification_and_intruders_match_dense(tmp_path, capl
         logged = {name: scalar_series(events, scalar_tag(name, key))[4] for name in SCALAR_NAMES + OPTIONAL_SCALAR_NAMES}
         sigma = torch.linalg.svdvals(delta)[:4]
         energy = sigma.square().cumsum(0)
-        assert logged["energy_rank"] == int((energy < 0.9 * energy[-1]).sum()) + 1
+        assert logged["delta_w_energy_rank"] == int((energy < 0.9 * energy[-1]).sum()) + 1
         p = sigma / sigma.sum()
-        assert logged["effective_rank"] == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-4)
-        assert logged["stable_rank"] == pytest.approx(float(energy[-1] / sigma[0] ** 2), rel=1e-4)
+        assert logged["delta_w_effective_rank"] == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-4)
+        assert logged["delta_w_stable_rank"] == pytest.approx(float(energy[-1] / sigma[0] ** 2), rel=1e-4)
 
         # §7.3: ‖ΔW‖_F / ‖Uᵀ W₀ V‖_F with U, V the top-r singular vectors of the dense ΔW.
         W0 = W0s[key]
         U, S, Vh = torch.linalg.svd(delta)
         projected = U[:, :4].T @ W0 @ Vh[:4].T
         amplification = torch.linalg.matrix_norm(delta) / torch.linalg.matrix_norm(projected)
-        assert logged["amplification"] == pytest.approx(float(amplification), rel=1e-4)
+        assert logged["delta_w_amplification"] == pytest.approx(float(amplification), rel=1e-4)
         relative = torch.linalg.matrix_norm(delta) / torch.linalg.matrix_norm(W0)
         assert logged["delta_w_relative_norm"] == pytest.approx(float(relative), rel=1e-4)
 
@@ -97,9 +98,9 @@ def test_spectral_scalars_amplification_and_intruders_match_dense(tmp_path, capl
     assert "| layer_01.v " in markdown and "shared directions" in markdown
     assert monitor.recommendation is not None and monitor.recommendation.compared
     # The report's first line is the console's, pointing below instead of at the Text tab.
-    assert monitor.recommendation.summary("the cautions below") in markdown
+    assert summary_line(monitor.recommendation, CAUTIONS_BELOW) in markdown
     assert any(
-        r.getMessage() == f"LoRASubspaceMonitor: {monitor.recommendation.summary()}" for r in caplog.records
+        r.getMessage() == f"LoRASubspaceMonitor: {summary_line(monitor.recommendation)}" for r in caplog.records
     )
 
 
@@ -115,7 +116,7 @@ def test_an_early_run_is_reported_as_weak_evidence(tmp_path):
     assert monitor.recommendation.weak
     # φ against the run's own first snapshot is stability, not a second run: spectra decide.
     assert not monitor.recommendation.compared
-    assert all(m.shared is None for m in monitor.recommendation.modules)
+    assert all(m.shared_directions is None for m in monitor.recommendation.modules)
 
 
 def test_snapshot_keeps_a_reference_to_W0_not_a_copy():

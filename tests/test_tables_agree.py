@@ -12,7 +12,7 @@ from lightning_setup import CausalLMModule, make_trainer, read_events
 
 from lora_monitor import LoRASubspaceMonitor
 from lora_monitor.cli import main
-from lora_monitor.tags import RECOMMENDATION_TAG
+from lora_monitor.outputs.tags import RECOMMENDATION_TAG
 
 
 def module_tables(markdown: str) -> list[dict[str, dict[str, str]]]:

@@ -11,9 +11,9 @@ import torch
 from torch.utils.tensorboard.summary import custom_scalars
 
 from lora_monitor.adapters import LoRAFactors
-from lora_monitor.recommend import recommend_rank
-from lora_monitor.snapshots import Snapshot, analyze
-from lora_monitor.tags import (
+from lora_monitor.analysis.rank import recommend_rank
+from lora_monitor.analysis import Snapshot, analyze
+from lora_monitor.outputs.tags import (
     MAX_SUMMARY_CARDS,
     OPTIONAL_SCALAR_NAMES,
     OVERVIEW_TAG,
@@ -21,7 +21,6 @@ from lora_monitor.tags import (
     RECOMMENDATION_TAG,
     SCALAR_NAMES,
     SUMMARY_GROUP,
-    TAG_METRICS,
     custom_scalars_layout,
     is_monitor_tag,
     recommendation_scalars,
@@ -67,13 +66,13 @@ def test_per_layer_series_in_their_own_groups_summary_bounded(deep_analyses):
     per_layer = {tag for tag in scalars if group(tag).startswith("lora_monitor.")}
     # Every module's every scalar, under the module's own name; the tag names the matrix.
     assert per_layer == {scalar_tag(name, key) for key, a in deep_analyses.items() for name in a.scalars}
-    assert scalar_tag("energy_rank", (3, "q")) == "lora_monitor.delta_w_energy_rank/layer_03.q"
+    assert scalar_tag("delta_w_energy_rank", (3, "q")) == "lora_monitor.delta_w_energy_rank/layer_03.q"
     assert scalar_tag("phi_top", (31, "v")) == "lora_monitor.phi_top/layer_31.v"
     assert all(re.search(r"/layer_\d\d\.[qv]$", tag) for tag in per_layer)
     # The rest are medians over the 32 layers, in the summary group.
     summary = set(scalars) - per_layer
     assert {group(tag) for tag in summary} == {SUMMARY_GROUP}
-    assert summary_metrics(2) == ("shared_directions", "energy_rank", "phi_top", "delta_w_relative_norm", "a_init_similarity")
+    assert summary_metrics(2) == ("shared_directions", "delta_w_energy_rank", "phi_top", "delta_w_relative_norm", "a_init_similarity")
     for name in summary_metrics(2):
         for p in ("q", "v"):
             expected = median(a.scalars[name] for (_, q), a in deep_analyses.items() if q == p)
@@ -123,7 +122,7 @@ def test_custom_scalars_layout_covers_every_series(deep_analyses):
         assert len(matching) == 1, (tag, matching)
     # One chart per projection and per-layer metric, its lines the 32 layers.
     for name in SCALAR_NAMES + OPTIONAL_SCALAR_NAMES:
-        metric = TAG_METRICS[name]
+        metric = name
         for p in ("q", "v"):
             kind, (regex,) = layout[f"lora_monitor.{metric}: per layer"][f"{metric} of {p}, layers as lines"]
             assert kind == "Multiline"

@@ -23,8 +23,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_setup import CausalLMModule, make_trainer, read_events
 
 from lora_monitor import LoRASubspaceMonitor
-from lora_monitor.plots import CARD_WIDTH
-from lora_monitor.tags import OVERVIEW_TAG, SCALAR_NAMES, heatmap_tag, scalar_tag
+from lora_monitor.outputs.plots import CARD_WIDTH
+from lora_monitor.outputs.tags import OVERVIEW_TAG, SCALAR_NAMES, heatmap_tag, scalar_tag
 
 HOST = "127.0.0.1"
 RUN = "run/version_0"

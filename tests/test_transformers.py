@@ -13,7 +13,7 @@ import torch
 from hf_setup import TEXTS, TokenDataset, minilm_tokenizer, read_run, run_dirs, scalar_values, tiny_llama
 
 from lora_monitor import AnalysisWarning, LoRASubspaceCallback
-from lora_monitor.tags import OVERVIEW_TAG, RECOMMENDATION_TAG, SCALAR_NAMES, heatmap_tag, scalar_tag
+from lora_monitor.outputs.tags import OVERVIEW_TAG, RECOMMENDATION_TAG, SCALAR_NAMES, heatmap_tag, scalar_tag
 
 pytest.importorskip("transformers")
 from peft import LoraConfig, get_peft_model  # noqa: E402
@@ -216,3 +216,4 @@ def test_report_to_mlflow_gets_the_same_scalars(tokenizer, tmp_path, monkeypatch
     assert sorted(history) == [2, 4]  # the last one written after MLflowCallback ended the run
     for step, value in history.items():
         assert value == pytest.approx(expected[tag][step], rel=1e-6)
+

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from hf_setup import read_run, run_dirs, scalar_values
 
-from lora_monitor.tags import scalar_tag
+from lora_monitor.outputs.tags import scalar_tag
 
 TESTS = Path(__file__).parent
 

@@ -12,7 +12,7 @@ import torch
 from tiny_models import SEPARATE, base_model, peft_model
 
 from lora_monitor.adapters import find_lora_factors, load_adapter
-from lora_monitor.snapshots import Snapshot, analyze, new_notes
+from lora_monitor.analysis import Snapshot, analyze, new_notes
 
 ARCH = SEPARATE["llama"]
 
@@ -255,6 +255,6 @@ def test_phi_spectra_amplification_and_intruders_equal_dense_ones(tmp_path, vari
         r = 2 * dense_current[key]["A"].shape[0] if variant in ("pissa", "olora") else dense_current[key]["A"].shape[0]
         norm = torch.linalg.matrix_norm(delta)
         amplification = norm / torch.linalg.matrix_norm(U[:, :r].T @ W0 @ Vh[:r].T)
-        assert analysis.amplification == pytest.approx(amplification.item(), rel=tolerance["rtol"] * 10)
-        assert analysis.relative_norm == pytest.approx((norm / torch.linalg.matrix_norm(W0)).item(), rel=tolerance["rtol"] * 10)
-        assert analysis.intruders == _dense_intruders(W0, W0 + delta, 4)
+        assert analysis.delta_w_amplification == pytest.approx(amplification.item(), rel=tolerance["rtol"] * 10)
+        assert analysis.delta_w_relative_norm == pytest.approx((norm / torch.linalg.matrix_norm(W0)).item(), rel=tolerance["rtol"] * 10)
+        assert analysis.intruder_dimensions == _dense_intruders(W0, W0 + delta, 4)

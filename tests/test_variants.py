@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 
 from lora_monitor import LoRASubspaceMonitor
 from lora_monitor.adapters.factors import PEFT_PREFIX
-from lora_monitor.tags import scalar_tag
+from lora_monitor.outputs.tags import scalar_tag
 
 STEPS = 4
 PROJECTIONS = {"q_proj": "q", "v_proj": "v"}
@@ -193,7 +193,7 @@ def test_variant_delta_w_is_merged_minus_pretrained(tmp_path, variant):
         r = 8 if variant in ("pissa", "olora") else 4
         U, S, Vh = torch.linalg.svd(delta)
         dense = torch.linalg.matrix_norm(delta) / torch.linalg.matrix_norm(U[:, :r].T @ W0 @ Vh[:r].T)
-        assert logged_value(events, "amplification", key) == pytest.approx(dense.item(), rel=1e-3)
+        assert logged_value(events, "delta_w_amplification", key) == pytest.approx(dense.item(), rel=1e-3)
         spectrum = monitor.latest_analysis[key].singular_values.double()
         # The whole spectrum: r (2r) values where ΔW is factored, the full one for DoRA.
         n = spectrum.numel()
@@ -290,7 +290,7 @@ def test_qlora_reads_w0_through_dequantization(tmp_path, bits):
         assert logged_value(events, "delta_w_norm", key) == pytest.approx(norm.item(), rel=2e-4)
         assert logged_value(events, "delta_w_relative_norm", key) == pytest.approx((norm / torch.linalg.matrix_norm(W0)).item(), rel=1e-3)
         dense = norm / torch.linalg.matrix_norm(U[:, :4].T @ W0 @ Vh[:4].T)
-        assert logged_value(events, "amplification", key) == pytest.approx(dense.item(), rel=1e-3)
+        assert logged_value(events, "delta_w_amplification", key) == pytest.approx(dense.item(), rel=1e-3)
 
 
 def test_pissa_attached_late_says_it_cannot_know_delta_w(tmp_path):
@@ -314,7 +314,7 @@ def test_pissa_attached_late_says_it_cannot_know_delta_w(tmp_path):
 
 def test_saved_pissa_and_dora_adapters_without_base_say_so(tmp_path):
     from lora_monitor.adapters import load_adapter
-    from lora_monitor.snapshots import Snapshot, analyze
+    from lora_monitor.analysis import Snapshot, analyze
 
     arch = SEPARATE["llama"]
     for variant, kwargs in (("pissa", {"init_lora_weights": "pissa"}), ("dora", {"use_dora": True})):

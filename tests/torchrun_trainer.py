@@ -20,11 +20,11 @@ class RecordingEngine(LoRAMonitor):
 
     record: Path
 
-    def _analyse_modules(self, snapshot, reference, initial):
+    def _analyse(self, job):
         rank = torch.distributed.get_rank()
         with open(self.record / f"rank{rank}.jsonl", "a") as record:
-            record.write(json.dumps([snapshot.step, sorted(snapshot.factors)]) + "\n")
-        return super()._analyse_modules(snapshot, reference, initial)
+            record.write(json.dumps([job.snapshot.step, sorted(job.snapshot.factors)]) + "\n")
+        return super()._analyse(job)
 
 
 def main(output_dir: Path) -> None:

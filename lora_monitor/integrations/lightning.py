@@ -12,12 +12,12 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lora_monitor.adapters import LoRAMonitorError, ModuleKey
-from lora_monitor.distributed import Process, deepspeed_gathered, fsdp_gathered
+from lora_monitor.engine.distributed import Process, deepspeed_gathered, fsdp_gathered
 from lora_monitor.engine import LoRAMonitor, MonitorOptions
-from lora_monitor.functional import Basis
+from lora_monitor.functional.bases import Basis
 from lora_monitor.integrations.lightning_loggers import logger_outputs
-from lora_monitor.recommend import RankRecommendation
-from lora_monitor.snapshots import ModuleAnalysis
+from lora_monitor.analysis.rank import RankRecommendation
+from lora_monitor.analysis import ModuleAnalysis
 
 
 def _gathered(trainer: pl.Trainer, pl_module: pl.LightningModule) -> ContextManager[Any]:
@@ -85,7 +85,7 @@ class LoRASubspaceMonitor(Callback):
         except ValueError as error:
             raise MisconfigurationException(str(error)) from None
         self.engine = LoRAMonitor(options=options)
-        self.engine.info = rank_zero_info
+        self.engine.reporter.info = rank_zero_info
 
     # The options, as Lightning users (and LightningCLI) read them back.
     every_n_steps = property(lambda self: self.engine.options.every_n_steps)

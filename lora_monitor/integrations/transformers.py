@@ -16,12 +16,12 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from lora_monitor.adapters import ModuleKey
-from lora_monitor.distributed import Process, deepspeed_gathered, fsdp_gathered
+from lora_monitor.engine.distributed import Process, deepspeed_gathered, fsdp_gathered
 from lora_monitor.engine import AnalysisWarning, LoRAMonitor, MonitorOptions
-from lora_monitor.functional import Basis
-from lora_monitor.outputs import MLflowOutput, Output, SummaryWriterOutput, WandbOutput
-from lora_monitor.recommend import RankRecommendation
-from lora_monitor.snapshots import ModuleAnalysis
+from lora_monitor.functional.bases import Basis
+from lora_monitor.outputs.writers import MLflowOutput, Output, SummaryWriterOutput, WandbOutput
+from lora_monitor.analysis.rank import RankRecommendation
+from lora_monitor.analysis import ModuleAnalysis
 
 #: The checkpoint file of a monitor's state, inside each ``checkpoint-N`` directory.
 STATE_FILE = "lora_monitor_state-{key}.pt"

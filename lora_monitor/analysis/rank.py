@@ -1,4 +1,5 @@
-"""A LoRA rank suggested by a snapshot's analysis, with its evidence: pure logic, no Lightning.
+"""The LoRA rank a snapshot's analysis suggests, with its evidence: logic only (the report's text is
+:mod:`lora_monitor.outputs.report`).
 
 The evidence, strongest first:
 
@@ -32,9 +33,9 @@ import torch
 from torch import Tensor
 
 from lora_monitor.adapters import ModuleKey
-from lora_monitor.functional import energy_rank, effective_rank, frobenius_norm, stable_rank
-from lora_monitor.snapshots import ModuleAnalysis
-from lora_monitor.tags import RECOMMENDATION_PLACE
+from lora_monitor.functional.spectra import effective_rank, energy_rank, frobenius_norm, stable_rank
+from lora_monitor.analysis.results import ModuleAnalysis
+from lora_monitor.functional.bases import basis_info
 
 #: σ_k / σ_{k+1} below this (a gap under 10 %): directions k and k+1 are too close to be
 #: ordered, so a cut between them, or φ(1, 1) when k = 1, is not meaningful.
@@ -53,7 +54,7 @@ def _few(modules: list, describe) -> str:
     return listed + (f" and {len(modules) - 4} more" if len(modules) > 4 else "")
 
 
-def _layer_name(key: ModuleKey) -> str:
+def layer_name(key: ModuleKey) -> str:
     layer, projection = key
     return f"layer_{layer:02d}.{projection}"
 
@@ -99,18 +100,20 @@ class ModuleEvidence:
     Attributes:
         key: ``(layer, projection)``.
         rank, reference_rank: r of the update and of the reference (None without one).
-        shared: directions shared with the reference clearly above chance (None without φ).
+        shared_directions: directions shared with the reference clearly above chance (None
+            without φ).
         block_overlap: φ(k, k) at the suggested k: how much of the top-k blocks is shared
             (None when nothing is shared); chance is k/n.
         phi_top: φ(1, 1), chance 1/n (``chance_top``).
-        delta_w_norm, sigma_max: ‖ΔW‖_F and ΔW's σ₁.
-        energy_rank, effective_rank, stable_rank: of ΔW's spectrum.
+        delta_w_norm, delta_w_sigma_max: ‖ΔW‖_F and ΔW's σ₁.
+        delta_w_energy_rank, delta_w_effective_rank, delta_w_stable_rank: of ΔW's spectrum.
         delta_w_top_gap: σ₁/σ₂ of ΔW (None with a single singular value; inf after a zero).
         top_gap: with a reference, σ₁/σ₂ of the spectra of the basis matrix (A, B or ΔW), the
             smaller of the two runs' (the top directions of either can swap); else None.
         cut_gap: σ_k/σ_{k+1} at the suggested k of the matrix the cut is made in: the basis
             matrix, smaller of the two runs', with a reference; ΔW without one.
-        relative_norm, init_similarity: ‖ΔW‖_F/‖W₀‖_F and φ(A₀, A, r, r), None when unknown.
+        delta_w_relative_norm, a_init_similarity: ‖ΔW‖_F/‖W₀‖_F and φ(A₀, A, r, r), None when
+            unknown.
         suggested: the rank this module supports: with a reference, the smallest k whose top-k
             blocks hold 90 % of the overlap beyond chance within the ``shared`` directions; else
             the energy rank.
@@ -119,20 +122,20 @@ class ModuleEvidence:
     key: ModuleKey
     rank: int
     reference_rank: Optional[int]
-    shared: Optional[int]
+    shared_directions: Optional[int]
     block_overlap: Optional[float]
     phi_top: Optional[float]
     chance_top: Optional[float]
     delta_w_norm: float
-    sigma_max: float
-    energy_rank: int
-    effective_rank: float
-    stable_rank: float
+    delta_w_sigma_max: float
+    delta_w_energy_rank: int
+    delta_w_effective_rank: float
+    delta_w_stable_rank: float
     delta_w_top_gap: Optional[float]
     top_gap: Optional[float]
     cut_gap: Optional[float]
-    relative_norm: Optional[float]
-    init_similarity: Optional[float]
+    delta_w_relative_norm: Optional[float]
+    a_init_similarity: Optional[float]
     suggested: int
 
     @classmethod
@@ -146,22 +149,22 @@ class ModuleEvidence:
             key=analysis.key,
             rank=spectrum.numel(),
             reference_rank=None if phi is None else phi.shape[0],
-            shared=shared,
+            shared_directions=shared,
             block_overlap=float(phi[suggested - 1, suggested - 1]) if phi is not None and suggested else None,
             phi_top=None if phi is None else float(phi[0, 0]),
             chance_top=None if phi is None or analysis.dimension is None else 1.0 / analysis.dimension,
             delta_w_norm=float(frobenius_norm(spectrum)),
-            sigma_max=float(spectrum[0]) if spectrum.numel() else 0.0,
-            energy_rank=energy,
-            effective_rank=float(effective_rank(spectrum)),
-            stable_rank=float(stable_rank(spectrum)),
+            delta_w_sigma_max=float(spectrum[0]) if spectrum.numel() else 0.0,
+            delta_w_energy_rank=energy,
+            delta_w_effective_rank=float(effective_rank(spectrum)),
+            delta_w_stable_rank=float(stable_rank(spectrum)),
             delta_w_top_gap=_gap(spectrum, 1),
             top_gap=_smallest_gap(analysis, 1) if phi is not None else None,
             cut_gap=None if not suggested else (
                 _smallest_gap(analysis, suggested) if phi is not None else _gap(spectrum, suggested)
             ),
-            relative_norm=analysis.relative_norm,
-            init_similarity=analysis.init_similarity,
+            delta_w_relative_norm=analysis.delta_w_relative_norm,
+            a_init_similarity=analysis.a_init_similarity,
             suggested=suggested,
         )
 
@@ -192,137 +195,6 @@ class RankRecommendation:
     def weak(self) -> bool:
         return bool(self.cautions) or not self.compared
 
-    def summary(self, details: str = RECOMMENDATION_PLACE) -> str:
-        """One line for the console; ``details`` says where the full report is."""
-        source = "directions shared with the reference above chance" if self.compared else (
-            "the 90 %-energy rank of ΔW (spectrum only)"
-        )
-        per_projection = ", ".join(
-            f"{p}: {'none' if r is None else r}" for p, r in self.projections.items()
-        )
-        if self.rank is None:
-            head = "no LoRA rank is supported by the evidence"
-        else:
-            head = f"suggested LoRA rank {self.rank}"
-        strength = f"weak evidence: see the cautions in {details}" if self.weak else "evidence consistent"
-        return f"{head} ({per_projection}; from {source}, {len(self.modules)} modules; {strength})"
-
-    def to_markdown(self, details: str = "the cautions below") -> str:
-        """A Markdown report: the suggestion, the cautions, a table per projection and per module."""
-        lines = [f"**{self.summary(details)}**", ""]
-        if self.rank is None and self.compared:
-            lines += [
-                "No module shares a direction with the reference clearly above the level of "
-                "random subspaces (φ(i, i) at chance, max(i, j)/n): the two runs agree on nothing "
-                "yet. Train longer, or the update is noise at this rank.",
-                "",
-            ]
-        if self.cautions:
-            lines += ["Evidence is weak:", ""] + [f"- {c}" for c in self.cautions] + [""]
-        by_projection: dict[str, list[ModuleEvidence]] = defaultdict(list)
-        for m in self.modules:
-            by_projection[m.key[1]].append(m)
-        evidence = "per layer (shared blocks)" if self.compared else "per layer (90 %-energy rank)"
-        rows = []
-        for projection, suggested in self.projections.items():
-            modules = by_projection[projection]
-            per_layer = ", ".join(f"{m.key[0]}: {m.suggested}" for m in modules)
-            rows.append(
-                [
-                    projection,
-                    "none" if suggested is None else str(suggested),
-                    per_layer,
-                    f"{median(m.energy_rank for m in modules):g}",
-                    f"{median(m.stable_rank for m in modules):.2f}",
-                ]
-            )
-        lines += [
-            markdown_table(
-                ["projection", "suggested rank", evidence, "median ΔW energy rank (90 %)", "median ΔW stable rank"],
-                rows,
-            ),
-            "",
-            f"Per module (φ in basis {self.basis!r}, the singular vectors of {BASIS_MATRIX[self.basis]}; "
-            f"k = the suggested rank; chance of φ(i, i) is i/n):",
-            "",
-            evidence_table(self.modules, self.basis, compared=self.compared),
-        ]
-        if self.skipped:
-            lines += ["", "Skipped: " + "; ".join(self.skipped)]
-        return "\n".join(lines)
-
-
-#: The matrix whose singular vectors each basis takes, as table headers name it.
-BASIS_MATRIX = {"A": "A", "B": "B", "delta_w_left": "ΔW", "delta_w_right": "ΔW"}
-
-
-def _number(value: Optional[float], spec: str) -> str:
-    return "–" if value is None else format(value, spec)
-
-
-def _ranks(m: ModuleEvidence) -> str:
-    return str(m.rank) if m.reference_rank is None else f"{m.reference_rank} → {m.rank}"
-
-
-def _top(m: ModuleEvidence) -> str:
-    return "–" if m.phi_top is None else f"{m.phi_top:.3f} / {m.chance_top:.4f}"
-
-
-#: Every column a table of modules can have: header → cell. A header names the matrix it
-#: describes, and the same header is the same quantity, formatted the same, in every table
-#: (the report in TensorBoard's Text tab, ``lora-monitor compare`` and ``inspect``).
-COLUMNS = {
-    "module": lambda m: _layer_name(m.key),
-    "r": lambda m: str(m.rank),
-    "r (ref → cur)": _ranks,
-    "shared directions": lambda m: "–" if m.shared is None else str(m.shared),
-    "φ(k, k)": lambda m: _number(m.block_overlap, ".3f"),
-    "φ(1, 1) / chance": _top,
-    "‖ΔW‖_F": lambda m: f"{m.delta_w_norm:.4g}",
-    "ΔW σ₁": lambda m: f"{m.sigma_max:.4g}",
-    "ΔW σ₁/σ₂": lambda m: _number(m.delta_w_top_gap, ".3f"),
-    "ΔW energy rank (90 %)": lambda m: str(m.energy_rank),
-    "ΔW effective rank": lambda m: f"{m.effective_rank:.2f}",
-    "ΔW stable rank": lambda m: f"{m.stable_rank:.2f}",
-    "‖ΔW‖_F/‖W₀‖_F": lambda m: _number(m.relative_norm, ".2e"),
-}
-#: The columns of ``lora-monitor inspect``: ΔW's spectrum alone.
-SPECTRAL_COLUMNS = (
-    "module", "r", "‖ΔW‖_F", "ΔW σ₁", "ΔW σ₁/σ₂", "ΔW energy rank (90 %)", "ΔW effective rank", "ΔW stable rank",
-)
-
-
-def evidence_table(modules: Sequence[ModuleEvidence], basis: str, *, compared: bool) -> str:
-    """The per-module table of the report: ΔW's spectrum, and with a reference φ and the gaps
-    of the basis matrix's spectra (the smaller of the two runs')."""
-    matrix = BASIS_MATRIX[basis]
-    columns = {name: COLUMNS[name] for name in SPECTRAL_COLUMNS[:1]}
-    columns["r (ref → cur)"] = COLUMNS["r (ref → cur)"]
-    if compared:
-        columns |= {name: COLUMNS[name] for name in ("shared directions", "φ(k, k)", "φ(1, 1) / chance")}
-    columns |= {name: COLUMNS[name] for name in SPECTRAL_COLUMNS[2:]}
-    if compared:
-        columns[f"{matrix} σ₁/σ₂ (min of ref, cur)"] = lambda m: _number(m.top_gap, ".3f")
-        columns[f"{matrix} σ_k/σ_k+1 (min of ref, cur)"] = lambda m: _number(m.cut_gap, ".3f")
-    else:
-        columns["ΔW σ_k/σ_k+1"] = lambda m: _number(m.cut_gap, ".3f")
-    if any(m.relative_norm is not None for m in modules):  # saved adapters have no W₀
-        columns["‖ΔW‖_F/‖W₀‖_F"] = COLUMNS["‖ΔW‖_F/‖W₀‖_F"]
-    return markdown_table(list(columns), [[cell(m) for cell in columns.values()] for m in modules])
-
-
-def spectral_table(modules: Sequence[ModuleEvidence]) -> str:
-    """``lora-monitor inspect``'s table: :data:`SPECTRAL_COLUMNS`, a row per module."""
-    return markdown_table(list(SPECTRAL_COLUMNS), [[COLUMNS[name](m) for name in SPECTRAL_COLUMNS] for m in modules])
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A GitHub/TensorBoard Markdown table, columns padded so that it also reads as plain text."""
-    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
-
 
 def _cautions(modules: list[ModuleEvidence], basis: str, compared: bool) -> list[str]:
     cautions = []
@@ -333,13 +205,13 @@ def _cautions(modules: list[ModuleEvidence], basis: str, compared: bool) -> list
             "find again from noise; compare with an adapter of another seed or rank "
             "(reference=<adapter directory>)"
         )
-    norms = [m.relative_norm for m in modules if m.relative_norm is not None]
+    norms = [m.delta_w_relative_norm for m in modules if m.delta_w_relative_norm is not None]
     if norms and median(norms) < EARLY_RELATIVE_NORM:
         cautions.append(
             f"too early: ΔW is still tiny next to W₀ (median ‖ΔW‖_F/‖W₀‖_F = {median(norms):.1e} "
             f"< {EARLY_RELATIVE_NORM:g}): B has barely left its zero initialization; train longer"
         )
-    similarities = [m.init_similarity for m in modules if m.init_similarity is not None]
+    similarities = [m.a_init_similarity for m in modules if m.a_init_similarity is not None]
     if similarities and median(similarities) > EARLY_INIT_SIMILARITY and basis in ("A", "delta_w_right"):
         cautions.append(
             f"too early: A is still close to its random initialization (median φ(A₀, A, r, r) = "
@@ -348,8 +220,8 @@ def _cautions(modules: list[ModuleEvidence], basis: str, compared: bool) -> list
         )
     ties = [m for m in modules if m.top_gap is not None and m.top_gap < GAP_RATIO]
     if ties:
-        matrix = BASIS_MATRIX[basis]
-        listed = _few(ties, lambda m: f"{_layer_name(m.key)} ({matrix} σ₁/σ₂ = {m.top_gap:.3f})")
+        matrix = basis_info(basis).matrix
+        listed = _few(ties, lambda m: f"{layer_name(m.key)} ({matrix} σ₁/σ₂ = {m.top_gap:.3f})")
         cautions.append(
             f"{matrix}'s σ₁ ≈ σ₂ (gap under {GAP_RATIO - 1:.0%}) in {listed}: the top direction is "
             f"not determined and can swap with the second between runs, so φ(1, 1) says little "
@@ -357,15 +229,15 @@ def _cautions(modules: list[ModuleEvidence], basis: str, compared: bool) -> list
         )
     cuts = [m for m in modules if m.suggested and m.cut_gap is not None and m.cut_gap < GAP_RATIO]
     if cuts:
-        matrix = BASIS_MATRIX[basis] if compared else "ΔW"
-        listed = _few(cuts, lambda m: f"{_layer_name(m.key)} (k = {m.suggested}, {matrix} σ_k/σ_k+1 = {m.cut_gap:.3f})")
+        matrix = basis_info(basis).matrix if compared else "ΔW"
+        listed = _few(cuts, lambda m: f"{layer_name(m.key)} (k = {m.suggested}, {matrix} σ_k/σ_k+1 = {m.cut_gap:.3f})")
         cautions.append(
             f"the gap in the spectrum at the suggested cut is too small to order the directions "
             f"in {listed}: rank k and k + 1 cannot be told apart there"
         )
     diffuse = [m for m in modules if m.block_overlap is not None and m.block_overlap < 0.5]
     if diffuse:
-        listed = _few(diffuse, lambda m: f"{_layer_name(m.key)} (φ({m.suggested}, {m.suggested}) = {m.block_overlap:.2f})")
+        listed = _few(diffuse, lambda m: f"{layer_name(m.key)} (φ({m.suggested}, {m.suggested}) = {m.block_overlap:.2f})")
         cautions.append(
             f"partly shared: the top-k blocks share less than half of their dimensions in "
             f"{listed}: far above chance, but the runs agree on a direction only in part; "
@@ -373,11 +245,11 @@ def _cautions(modules: list[ModuleEvidence], basis: str, compared: bool) -> list
         )
     full = [
         m for m in modules
-        if m.shared and m.reference_rank is not None and m.shared == min(m.rank, m.reference_rank) > 1
+        if m.shared_directions and m.reference_rank is not None and m.shared_directions == min(m.rank, m.reference_rank) > 1
     ]
     if full:
         cautions.append(
-            f"every direction of the smaller rank is shared in {', '.join(_layer_name(m.key) for m in full[:4])}"
+            f"every direction of the smaller rank is shared in {', '.join(layer_name(m.key) for m in full[:4])}"
             f"{' and more' if len(full) > 4 else ''}: the smaller rank may be too small, compare "
             f"with a larger one"
         )
@@ -390,7 +262,7 @@ def recommend_rank(
     """Suggest a LoRA rank from the analysis of one snapshot (or one pair of saved adapters).
 
     Args:
-        analyses: :func:`lora_monitor.snapshots.analyze`'s result, with φ against a reference
+        analyses: :func:`lora_monitor.analysis.analyze`'s result, with φ against a reference
             run (another rank or seed) for the strongest evidence, or without.
         basis: the basis φ was computed in.
         reference_is_run: False when φ compares two snapshots of the same run (the monitor's
@@ -402,7 +274,7 @@ def recommend_rank(
         The :class:`RankRecommendation`; ``rank`` is None when no module supports any rank.
     """
     usable = {k: a for k, a in analyses.items() if not a.problems}
-    skipped = [f"{_layer_name(k)}: {'; '.join(a.problems)}" for k, a in sorted(analyses.items()) if a.problems]
+    skipped = [f"{layer_name(k)}: {'; '.join(a.problems)}" for k, a in sorted(analyses.items()) if a.problems]
     # Compare only when every usable module has φ: a half-compared model would mix two rules.
     compared = reference_is_run and bool(usable) and all(a.phi is not None for a in usable.values())
     modules = [ModuleEvidence.from_analysis(usable[k], use_phi=compared) for k in sorted(usable)]

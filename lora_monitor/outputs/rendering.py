@@ -6,7 +6,7 @@ drawn once per layout without their cells and titles, and later snapshots colour
 with numpy into the cached frame (:func:`phi_image`); title strips are cached by their text; the
 overview is drawn again only when what it shows changed (:func:`overview_image`).
 :func:`snapshot_images` is what the engine calls. The figures themselves are
-:mod:`lora_monitor.plots`'.
+:mod:`lora_monitor.outputs.plots`'.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
-from lora_monitor import plots
 from lora_monitor.adapters import ModuleKey
-from lora_monitor.plots import DPI, figure_to_rgb, phi_colormap, phi_figure
-from lora_monitor.recommend import RankRecommendation
-from lora_monitor.tags import OVERVIEW_TAG, heatmap_tag
+from lora_monitor.analysis.rank import RankRecommendation
+from lora_monitor.outputs import plots
+from lora_monitor.outputs.plots import DPI, figure_to_rgb, phi_colormap, phi_figure
+from lora_monitor.outputs.tags import OVERVIEW_TAG, heatmap_tag
 
 
 @dataclass
@@ -240,11 +240,36 @@ def snapshot_images(
     return images
 
 
+def comparison_images(
+    grids: Mapping[ModuleKey, np.ndarray],
+    *,
+    basis: str,
+    reference_rank: int,
+    current_rank: int,
+    reference_step: Optional[int],
+    current_step: int,
+    layers: Sequence[int],
+    recommendation: Optional[RankRecommendation] = None,
+) -> dict[str, np.ndarray]:
+    """:func:`snapshot_images` of φ grids oriented reference × current (``grids`` may be
+    empty: the overview alone), titled as the paper writes the comparison and transposed to
+    put the smaller rank on i (:func:`~lora_monitor.outputs.plots.comparison_symbols`)."""
+    row = column = ""
+    if grids:
+        row, column, transpose = plots.comparison_symbols(
+            basis, reference_rank, current_rank, reference_step, current_step
+        )
+        if transpose:
+            grids = {key: grid.T for key, grid in grids.items()}
+    drawn = [layer for layer in layers if any(key[0] == layer for key in grids)]
+    return snapshot_images(grids, layers=drawn, row_symbol=row, column_symbol=column, recommendation=recommendation)
+
+
 def _overview_content(recommendation: RankRecommendation) -> Hashable:
     """Everything :func:`overview_figure` draws, as integers and flags: two recommendations
     with the same content give the same picture."""
     modules = tuple(
-        (m.key, m.rank, m.suggested, m.energy_rank if recommendation.compared else None)
+        (m.key, m.rank, m.suggested, m.delta_w_energy_rank if recommendation.compared else None)
         for m in recommendation.modules
     )
     projections = tuple(recommendation.projections.items())

@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
-from lora_monitor.functional import BASES, Basis
+from lora_monitor.functional.bases import BASES, Basis
 
 #: ``"first"``, ``"previous"`` or the path of an adapter directory saved by ``save_pretrained``.
 Reference = Union[Literal["first", "previous"], str, os.PathLike]

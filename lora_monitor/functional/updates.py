@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lora_monitor.functional import compute_dtype
+from lora_monitor.functional.svd import compute_dtype
 
 
 def since_initial(B: Tensor, A: Tensor, B0: Tensor, A0: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,6 +1,6 @@
 """Thin QR of batches of tall factors (B, or Aᵀ), as exact as Householder QR on every input.
 
-The functional layer's kernel (:mod:`lora_monitor.functional` builds the factored SVD, the bases
+The functional layer's kernel (:mod:`lora_monitor.functional.svd` builds the factored SVD, the bases
 and φ on it): each matrix of a batch takes the Gram path — one GEMM XᵀX and its Cholesky factor,
 at matrix-multiply speed — where :func:`gram_cholesky` certifies that exact, and Householder QR
 (LAPACK, with a power-of-two scaling and zeroing of non-finite matrices) elsewhere. Tensors in,

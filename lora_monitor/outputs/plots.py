@@ -1,5 +1,5 @@
 """The figures: φ heatmaps laid out like the LoRA paper's Section 7 / Appendix H figures, a
-TensorBoard card per layer, the overview of every layer. (:mod:`lora_monitor.rendering` draws
+TensorBoard card per layer, the overview of every layer. (:mod:`lora_monitor.outputs.rendering` draws
 them fast, snapshot after snapshot.)
 
 Pure matplotlib (the object-oriented API, no pyplot state), so figures can be drawn from a
@@ -20,8 +20,9 @@ import matplotlib.ticker
 import torch
 
 from lora_monitor.adapters import ModuleKey
-from lora_monitor.functional import random_subspace_similarity, sample_random_subspace_similarity
-from lora_monitor.recommend import RankRecommendation
+from lora_monitor.analysis.rank import RankRecommendation
+from lora_monitor.functional.bases import basis_info
+from lora_monitor.functional.similarity import random_subspace_similarity, sample_random_subspace_similarity
 
 #: Matplotlib colour map of the heatmaps (dark = 0, light = 1, as in the paper) and the grey of
 #: masked cells.
@@ -186,7 +187,7 @@ def _card_figure(
     With a zoom (the reference's rank smaller), a row per projection: the whole p × q grid and
     its masked p × p zoom. Without one, the square grids two to a row. The layer appears only in
     ``title_prefix``, so that every layer can share one cached frame
-    (:func:`lora_monitor.rendering.phi_image`).
+    (:func:`lora_monitor.outputs.rendering.phi_image`).
     """
     if projections is None:
         projections = list(dict.fromkeys(projection for _, projection in grids))
@@ -241,15 +242,6 @@ def _card_figure(
     return figure
 
 
-#: Mathtext of the matrix whose singular vectors φ compares, by basis.
-BASIS_SYMBOLS = {
-    "A": "A",
-    "B": "B",
-    "delta_w_left": r"\Delta W^{\mathrm{left}}",
-    "delta_w_right": r"\Delta W^{\mathrm{right}}",
-}
-
-
 def random_baseline_rows(n: int, p: int, q: int, seed: int = 0) -> dict[str, np.ndarray]:
     """The two rows of "no shared direction" for ``(p, q)`` grids of bases of ℝⁿ, as
     :func:`phi_figure`'s ``extra_rows``: the expected φ of random subspaces, max(i, j)/n, and
@@ -276,7 +268,7 @@ def comparison_symbols(
     Two runs (no steps) read like the paper's φ(A_{r=8}, A_{r=64}) or, at equal ranks,
     φ(A_{r=64}, A'_{r=64}); two snapshots of one run are named by their steps.
     """
-    symbol = BASIS_SYMBOLS[basis]
+    symbol = basis_info(basis).symbol
     if reference_step is not None:
         row = rf"{symbol}_{{\mathrm{{step}}={reference_step}}}"
         column = rf"{symbol}_{{\mathrm{{step}}={current_step}}}"
@@ -379,7 +371,7 @@ def overview_figure(recommendation: RankRecommendation) -> Figure:
         # A few pixels a layer beyond 24 layers: gaps between the bars would alias.
         ax.bar(layers, supported, width=0.8 if layers.size <= 24 else 1.0, color="#4c72b0", linewidth=0)
         if recommendation.compared:
-            ax.plot(layers, [m.energy_rank for m in modules], "o", ms=2.5, color="#dd8452")
+            ax.plot(layers, [m.delta_w_energy_rank for m in modules], "o", ms=2.5, color="#dd8452")
         ax.plot(layers, ranks, ls="--", lw=1, color="#555555", drawstyle="steps-mid")
         suggested = recommendation.projections[projection]
         if suggested:

@@ -1,39 +1,75 @@
-"""What the monitor's outputs are called: tag names and the scalars of one snapshot.
+"""Every tag the monitor writes, and what it means: the tag reference.
 
 Pure naming, no I/O and no framework: the engine asks this module what to write, and every
 output (TensorBoard, Lightning's loggers, W&B, MLflow, CSV) writes the same tags.
 
 TensorBoard groups cards by the part of a tag before its first ``/``, sorts the groups by name
-(capitals before lower case) and opens the first two. So the monitor writes three kinds of group:
+(capitals before lower case) and opens the first two, so the answer comes first: ``LoRA_rank``
+and ``LoRA_summary`` sort before Lightning's ``epoch`` and ``hp_metric`` and before any
+lower-case metric, and together hold at most :data:`MAX_SUMMARY_CARDS` cards whatever the depth
+of the model. Every tag names the matrix it describes: ``delta_w_*`` are of ΔW (merged minus
+pretrained weight), ``a_init_similarity`` of A, the ``phi_*`` and ``shared_directions`` series
+of the singular vectors of the monitor's ``basis`` (A by default); the report's and the CLI's
+tables use the same names.
 
-- ``LoRA_rank``: the answer — the suggested rank for the model and per projection at every
-  snapshot, whether the evidence is weak, the overview figure, the end-of-fit report (text);
-- ``LoRA_summary``: medians over layers, per projection, of the key per-layer metrics;
-- ``lora_monitor.<metric>``: the per-layer series ``lora_monitor.<metric>/layer_<L>.<p>``, one
-  group per metric, for drill-down (the custom-scalars layout draws each as one chart per
-  projection, layers as lines); ``lora_monitor.phi_heatmaps/layer_<L>``: the φ heatmaps.
+At every snapshot, at step ``step``:
 
-The two capitalized groups sort before Lightning's ``epoch`` and ``hp_metric`` and before any
-lower-case metric, so they are the two TensorBoard opens; together they hold at most
-:data:`MAX_SUMMARY_CARDS` cards whatever the depth of the model.
+- ``LoRA_rank/suggested.<p>``, ``LoRA_rank/suggested.model``: the rank suggested by this
+  snapshot (:func:`lora_monitor.analysis.rank.recommend_rank`) per projection and for the
+  model, so that it can be watched as it forms; 0 where no rank is supported.
+- ``LoRA_rank/weak_evidence``: 1 when that suggestion's evidence is weak, else 0.
+- ``LoRA_rank/overview`` (image): every layer at once, per projection the rank each layer
+  supports against r and the suggestion (:func:`lora_monitor.outputs.plots.overview_figure`).
+- ``LoRA_summary/median_<metric>.<p>``: the median over layers of the per-layer metrics of
+  :func:`summary_metrics` (``shared_directions``, ``delta_w_energy_rank``, ``phi_top``,
+  ``delta_w_relative_norm``, ``a_init_similarity``, as many as fit).
 
-Every tag says which matrix it describes: ``delta_w_*`` are of ΔW (merged minus pretrained
-weight), ``a_init_similarity`` of A, the ``phi_*`` and ``shared_directions`` series of the
-singular vectors of the monitor's ``basis`` (A by default); the tables of
-:mod:`lora_monitor.recommend` and of the CLI use the same names.
+Per module, ``lora_monitor.<metric>/layer_<L>.<p>`` (layer L, projection p):
+
+- ``delta_w_norm``: ‖ΔW‖_F; ``delta_w_sigma_max``: σ₁, the top singular value of ΔW.
+- ``phi_top``: φ(1, 1), how well the reference's top direction is aligned with the current
+  top direction; ``phi_mean``: the mean of φ(i, i) for i up to the smaller of the two ranks.
+- ``shared_directions``: the number of top directions shared with the reference clearly above
+  the level of random subspaces (:func:`lora_monitor.functional.shared_directions` gives the
+  precise rule).
+- ``delta_w_energy_rank``, ``delta_w_effective_rank``, ``delta_w_stable_rank``: of ΔW's
+  spectrum: the smallest k holding 90 % of ‖ΔW‖_F², exp(entropy of σ/Σσ) (Roy & Vetterli),
+  ‖ΔW‖_F²/σ₁².
+- ``delta_w_amplification``: ‖ΔW‖_F / ‖Uᵀ W₀ V‖_F (the paper's §7.3), and
+  ``delta_w_relative_norm``: ‖ΔW‖_F / ‖W₀‖_F; both need the live W₀.
+- ``a_init_similarity``: φ(A₀, A, r, r), how much of A's row space is still its value before
+  the first optimizer step (from a fresh start only).
+- ``intruder_dimensions``: with ``intruder_top_k``, the top singular vectors of W₀ + ΔW far
+  from every singular vector of W₀.
+- DoRA modules only: ``dora_magnitude_norm``, ‖(D − I)·W₀‖_F, the part of ΔW that rescales
+  W₀'s rows (D = diag(m / ‖row of W₀ + s·B·A‖)); ``dora_direction_norm``, ‖D·s·B·A‖_F, the
+  low-rank directional term (the one φ reads); ``dora_scale_std``, the standard deviation of
+  D's diagonal over rows (0 when every row is rescaled alike). AdaLoRA modules only:
+  ``adalora_kept_rank``, the number of triplets rank allocation keeps (non-zero E).
+- ``lora_monitor.phi_heatmaps/layer_<L>`` (image), for each drawn layer (``layers``):
+  φ(reference, current, i, j) per projection, i (reference) on the vertical axis and j
+  (current) on the horizontal one, colour scale 0..1; when the reference has the smaller rank,
+  a zoom on i, j ≤ r_ref with the cells j > i masked.
+
+When training ends: ``LoRA_rank/recommendation`` (text), the suggested LoRA rank with its
+evidence (the summary line also goes to the console).
+
+Once per run, a custom-scalars layout (TensorBoard → Custom Scalars) draws every per-layer
+metric as one chart per projection, the layers as its lines. No ``phi_*`` or
+``shared_directions`` scalars and no heatmap are written for the first snapshot of a run with
+``reference="first"`` or ``"previous"`` (there is nothing to compare with yet); the overview is
+written at every snapshot (drawn again only when what it shows changed).
 """
 
 from __future__ import annotations
 
 import re
 from statistics import median
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from lora_monitor.adapters import ModuleKey
-
-if TYPE_CHECKING:  # recommend.py imports this module for RECOMMENDATION_TAG
-    from lora_monitor.recommend import RankRecommendation
-    from lora_monitor.snapshots import ModuleAnalysis
+from lora_monitor.analysis.rank import RankRecommendation, layer_name
+from lora_monitor.analysis.results import OPTIONAL_SCALAR_NAMES, SCALAR_NAMES, ModuleAnalysis
 
 #: The group of the answer: suggested ranks, evidence, overview figure, end-of-fit report.
 RANK_GROUP = "LoRA_rank"
@@ -44,47 +80,8 @@ LAYER_GROUP_PREFIX = "lora_monitor"
 #: At most this many cards in the two groups TensorBoard opens (for up to 21 projections).
 MAX_SUMMARY_CARDS = 24
 
-#: Scalars logged per monitored module, by the name :attr:`ModuleAnalysis.scalars` gives them
-#: (the argument of :func:`scalar_tag`); those that need W₀, a reference or the initial factors
-#: only when the run has them.
-SCALAR_NAMES = (
-    "delta_w_norm",
-    "sigma_max",
-    "phi_top",
-    "phi_mean",
-    "shared_directions",
-    "energy_rank",
-    "effective_rank",
-    "stable_rank",
-    "amplification",
-    "delta_w_relative_norm",
-    "a_init_similarity",
-)
-#: Scalars logged only when asked for (``intruder_top_k``).
-OPTIONAL_SCALAR_NAMES = ("intruder_dimensions",)
-#: The metric's name in its tag, naming the matrix it describes.
-TAG_METRICS = {
-    "delta_w_norm": "delta_w_norm",
-    "sigma_max": "delta_w_sigma_max",
-    "phi_top": "phi_top",
-    "phi_mean": "phi_mean",
-    "shared_directions": "shared_directions",
-    "energy_rank": "delta_w_energy_rank",
-    "effective_rank": "delta_w_effective_rank",
-    "stable_rank": "delta_w_stable_rank",
-    "amplification": "delta_w_amplification",
-    "delta_w_relative_norm": "delta_w_relative_norm",
-    "a_init_similarity": "a_init_similarity",
-    "intruder_dimensions": "intruder_dimensions",
-    # Of some peft variants' modules only: snapshots.VARIANT_SCALAR_NAMES (DoRA's magnitude
-    # part (D − I)·W₀ and directional term, the spread of D; AdaLoRA's kept rank).
-    "dora_magnitude_norm": "dora_magnitude_norm",
-    "dora_direction_norm": "dora_direction_norm",
-    "dora_scale_std": "dora_scale_std",
-    "adalora_kept_rank": "adalora_kept_rank",
-}
 #: Per-projection medians in ``LoRA_summary``, most telling first: as many as fit the budget.
-SUMMARY_METRICS = ("shared_directions", "energy_rank", "phi_top", "delta_w_relative_norm", "a_init_similarity")
+SUMMARY_METRICS = ("shared_directions", "delta_w_energy_rank", "phi_top", "delta_w_relative_norm", "a_init_similarity")
 
 #: The φ heatmaps of one drawn layer: ``lora_monitor.phi_heatmaps/layer_<L>`` (image).
 HEATMAP_GROUP = f"{LAYER_GROUP_PREFIX}.phi_heatmaps"
@@ -99,20 +96,14 @@ RECOMMENDATION_PLACE = f"TensorBoard → Text → {RECOMMENDATION_TAG}"
 _RANK_CARDS = 3
 
 
-def _layer_name(key: ModuleKey) -> str:
-    layer, projection = key
-    return f"layer_{layer:02d}.{projection}"
-
-
 def scalar_tag(name: str, key: ModuleKey) -> str:
-    """``lora_monitor.<metric>/layer_<L>.<p>`` of the per-module scalar ``name`` (a
-    :data:`SCALAR_NAMES` entry)."""
-    return f"{LAYER_GROUP_PREFIX}.{TAG_METRICS[name]}/{_layer_name(key)}"
+    """``lora_monitor.<name>/layer_<L>.<p>`` of the per-module scalar ``name``."""
+    return f"{LAYER_GROUP_PREFIX}.{name}/{layer_name(key)}"
 
 
 def summary_tag(name: str, projection: str) -> str:
     """``LoRA_summary/median_<metric>.<p>``: the median over layers of ``name``."""
-    return f"{SUMMARY_GROUP}/median_{TAG_METRICS[name]}.{projection}"
+    return f"{SUMMARY_GROUP}/median_{name}.{projection}"
 
 
 def heatmap_tag(layer: int) -> str:
@@ -186,16 +177,16 @@ def custom_scalars_layout(keys: Sequence[ModuleKey]) -> dict[str, dict[str, list
             "weak evidence (1: weak, 0: consistent)": ["Multiline", [_exactly(WEAK_EVIDENCE_TAG)]],
         },
         f"{SUMMARY_GROUP}: medians over layers": {
-            f"median {TAG_METRICS[name]}": [
+            f"median {name}": [
                 "Multiline", [_exactly(summary_tag(name, p)) for p in projections]
             ]
             for name in summary_metrics(len(projections))
         },
     }
     for name in SCALAR_NAMES + OPTIONAL_SCALAR_NAMES:
-        group = f"{LAYER_GROUP_PREFIX}.{TAG_METRICS[name]}"
+        group = f"{LAYER_GROUP_PREFIX}.{name}"
         layout[f"{group}: per layer"] = {
-            f"{TAG_METRICS[name]} of {p}, layers as lines": [
+            f"{name} of {p}, layers as lines": [
                 "Multiline", [rf"^{re.escape(group)}/layer_\d+\.{re.escape(p)}$"]
             ]
             for p in projections

@@ -1,0 +1,17 @@
+"""The framework-free engine: :class:`LoRAMonitor` and the pieces it ties together.
+
+- :mod:`~lora_monitor.engine.options` — :class:`MonitorOptions`, validated on construction;
+- :mod:`~lora_monitor.engine.references` — what each snapshot is compared with, resume state;
+- :mod:`~lora_monitor.engine.runner` — where the analysis runs (training thread, spread over
+  ranks, or a worker thread: :mod:`~lora_monitor.engine.background`);
+- :mod:`~lora_monitor.engine.reporter` — outputs, warnings, strict mode, the console line;
+- :mod:`~lora_monitor.engine.distributed` — processes and sharded strategies;
+- :mod:`~lora_monitor.engine.monitor` — :class:`LoRAMonitor`, the lifecycle (attach, step,
+  close).
+"""
+
+from lora_monitor.engine.monitor import LoRAMonitor, default_layers
+from lora_monitor.engine.options import MonitorOptions
+from lora_monitor.engine.reporter import AnalysisWarning
+
+__all__ = ["AnalysisWarning", "LoRAMonitor", "MonitorOptions", "default_layers"]

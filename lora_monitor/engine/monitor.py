@@ -1,0 +1,350 @@
+"""The monitor itself, framework-free: :class:`LoRAMonitor`, the lifecycle of a monitored run.
+
+It decides when snapshots are taken and ties the pieces together: :class:`References` (what
+each snapshot is compared with), :class:`AnalysisRunner` (where the analysis runs) and
+:class:`Reporter` (what is said and written). Front-ends (``lora_monitor.integrations``:
+Lightning, transformers) only tell it when steps end and where it runs; a plain training loop
+calls :meth:`LoRAMonitor.step` itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from lora_monitor.adapters import LoRAFactors, LoRAMonitorError, ModuleKey, find_lora_factors, select_factors
+from lora_monitor.analysis import ModuleAnalysis, Snapshot, analyze, shares_lora_A
+from lora_monitor.analysis.rank import RankRecommendation, recommend_rank
+from lora_monitor.engine.distributed import Process, full_factors
+from lora_monitor.engine.options import MonitorOptions, Reference
+from lora_monitor.engine.references import References
+from lora_monitor.engine.reporter import Reporter
+from lora_monitor.engine.runner import AnalysisRunner, Job, Outcome
+from lora_monitor.functional.bases import Basis
+from lora_monitor.outputs.writers import Output, SummaryWriterOutput
+
+
+def default_layers(layer_indices: Sequence[int], count: int = 4) -> list[int]:
+    """``count`` layers spread evenly over depth, first and last included (paper: 1/32/64/96)."""
+    ordered = sorted(set(layer_indices))
+    positions = np.linspace(0, len(ordered) - 1, min(count, len(ordered))).round().astype(int)
+    return [ordered[p] for p in dict.fromkeys(positions.tolist())]
+
+
+class LoRAMonitor:
+    r"""Watch the low-rank updates ΔW of a peft LoRA model while it trains, anywhere.
+
+    Every ``every_n_steps`` optimizer steps, and once when training ends, the monitor copies
+    the LoRA factors of the monitored projections (never ΔW), computes on the model's device
+    the normalized subspace similarity of the LoRA paper (Hu et al. 2021, §7)
+
+    .. math:: \phi(X, Y, i, j) = \|U_X^{i\top} U_Y^{j}\|_F^2 / \min(i, j)
+
+    between a reference X and the current update Y, with spectra, amplification and a rank
+    suggestion, and writes them to its outputs (TensorBoard by default). Every tag and what it
+    means: :mod:`lora_monitor.outputs.tags`. The Lightning callback
+    (:class:`~lora_monitor.LoRASubspaceMonitor`) and the transformers callback
+    (:class:`~lora_monitor.LoRASubspaceCallback`) run this engine; in a plain PyTorch loop, use
+    it directly:
+
+    Example::
+
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> from lora_monitor import LoRAMonitor
+        >>> config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+        ...                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        >>> model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        >>> optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        >>> with LoRAMonitor(model, log_dir="runs/plain", every_n_steps=2) as monitor:
+        ...     for step in range(1, 5):
+        ...         tokens = torch.randint(0, 64, (4, 8))
+        ...         model(input_ids=tokens, labels=tokens).loss.backward()
+        ...         optimizer.step(); optimizer.zero_grad()
+        ...         monitor.step(step)
+        LoRAMonitor: ... LoRA rank ...
+        >>> sorted(monitor.latest_analysis)
+        [(0, 'q'), (0, 'v'), (1, 'q'), (1, 'v')]
+
+    Args:
+        model: the model holding peft LoRA layers (a ``PeftModel``, or any module holding one);
+            given here, the monitor is set up at once and takes its step-0 state now.
+            Front-ends pass it later, to :meth:`attach`.
+        log_dir: write a TensorBoard run there (a ``SummaryWriter`` the monitor opens and
+            closes, on global rank zero only).
+        writer: an existing ``SummaryWriter`` to write into (flushed, not closed).
+        outputs: other :class:`~lora_monitor.outputs.writers.Output` s to write to.
+        every_n_steps: snapshot period, in optimizer steps.
+        reference: what the current update is compared with: ``"first"`` — the first snapshot
+            of the run; ``"previous"`` — the snapshot before; or the path of an adapter
+            directory written by peft's ``save_pretrained`` (another rank or seed), whose shapes
+            are checked layer by layer at setup.
+        target_modules: which projections to monitor: canonical names ``"q"``, ``"k"``,
+            ``"v"``, ``"o"`` (matching ``q_proj``, ``query``, GPT-2's fused ``c_attn``, ...)
+            or a module's own name, as in peft's ``LoraConfig.target_modules``.
+        layers: layer indices drawn as heatmaps; scalars are logged for every monitored
+            layer. Default: four layers spread over depth, like the paper's 1/32/64/96.
+        basis: the singular vectors φ is computed in
+            (:data:`lora_monitor.functional.bases.BASES`): ``"A"`` (right singular vectors of
+            ``lora_A``, the paper's choice), ``"B"``, ``"delta_w_left"``, ``"delta_w_right"``.
+        adapter_name: the peft adapter to monitor; default the active one.
+        log_images: draw and log the figures (scalars are always logged).
+        strict: raise instead of warning when a snapshot cannot be analysed (for tests and
+            CI). Errors in the configuration are raised at setup either way.
+        intruder_top_k: count the intruder dimensions (Shuttleworth et al. 2024) among the top
+            ``intruder_top_k`` singular vectors of W₀ + ΔW. Off (None) by default: it takes two
+            dense SVDs per module and snapshot.
+        asynchronous: analyse and draw each snapshot in a worker thread (on a CUDA side stream
+            on a GPU) while training goes on; its results are written at a later step, under
+            their own step, and all of them when training ends. Default (None): on when the
+            monitored factors are on a CUDA device.
+
+    With several processes (DDP, FSDP, DeepSpeed, ``torchrun``), every rank takes each
+    snapshot, a synchronous analysis is split across the ranks, and only global rank zero
+    draws and writes. Resume: :meth:`state_dict` / :meth:`load_state_dict`.
+    """
+
+    def __init__(
+        self,
+        model: Optional[torch.nn.Module] = None,
+        *,
+        log_dir: Optional[Union[str, os.PathLike]] = None,
+        writer: Any = None,
+        outputs: Sequence[Output] = (),
+        every_n_steps: int = 50,
+        reference: Reference = "first",
+        target_modules: Sequence[str] = ("q", "v"),
+        layers: Optional[Sequence[int]] = None,
+        basis: Basis = "A",
+        adapter_name: Optional[str] = None,
+        log_images: bool = True,
+        strict: bool = False,
+        intruder_top_k: Optional[int] = None,
+        asynchronous: Optional[bool] = None,
+        options: Optional[MonitorOptions] = None,
+    ) -> None:
+        if options is None:
+            options = MonitorOptions.of(locals(), owner="LoRAMonitor")
+        self.options = options
+        if log_dir is not None and writer is not None:
+            raise ValueError(f"{options.owner}: pass log_dir= or writer=, not both")
+        self._log_dir, self._writer, self._outputs = log_dir, writer, list(outputs)
+        self.process = Process()
+        self.references = References(options)
+        self.reporter = Reporter(options)
+        self.runner: Optional[AnalysisRunner] = None
+        self._model: Optional[torch.nn.Module] = None
+        self._last_step: Optional[int] = None
+        #: The latest step :meth:`step` was told of (the plain loop's end of training).
+        self._seen_step: Optional[int] = None
+        #: The analysis of the latest snapshot, ``(layer, projection) → ModuleAnalysis``.
+        self.latest_analysis: dict[ModuleKey, ModuleAnalysis] = {}
+        #: The rank suggested when training ended, from the latest analysis (None before).
+        self.recommendation: Optional[RankRecommendation] = None
+        if model is not None:
+            self.attach(model)
+            self.start(0)
+
+    # -------------------------------------------------------------------- plain-loop API
+    def step(self, step: int) -> None:
+        """Call after each optimizer step with the number of optimizer steps taken so far."""
+        if self._model is None:
+            raise LoRAMonitorError(
+                f"{self.options.owner}.step() before the model is known: pass it, "
+                f"LoRAMonitor(model, log_dir=...)"
+            )
+        self._seen_step = step
+        self.on_step(step)
+
+    def close(self) -> None:
+        """Take the final snapshot (if the last step was not one), write everything still
+        pending and the rank recommendation, and close the outputs the monitor opened."""
+        try:
+            if self._model is not None and self._seen_step is not None:
+                self.finish(self._seen_step)
+        finally:
+            self.close_worker()
+            self.reporter.close()
+
+    def __enter__(self) -> LoRAMonitor:
+        return self
+
+    def __exit__(self, kind: Any, error: Optional[BaseException], traceback: Any) -> None:
+        if error is None:
+            self.close()
+            return
+        # The error that stops training must stay the one raised; what was analysed is written.
+        try:
+            with contextlib.suppress(LoRAMonitorError):
+                self.abort()
+        finally:
+            self.reporter.close()
+
+    # ------------------------------------------------------------------ front-end hooks
+    def attach(
+        self,
+        model: torch.nn.Module,
+        *,
+        process: Optional[Process] = None,
+        outputs: Optional[Sequence[Output]] = None,
+    ) -> None:
+        """Set up on ``model``: find its LoRA factors, check the reference, choose the drawn
+        layers. Configuration errors (:class:`LoRAMonitorError`) are raised here, before any
+        training step. ``process`` says where the monitor runs (default: torch's process
+        group); ``outputs``, when given, replace the outputs the monitor writes to."""
+        self.process = process if process is not None else Process.from_torch_distributed()
+        self._model = model
+        options = self.options
+        monitored = self._monitored_factors()
+        if options.layers is not None:
+            select_factors(monitored, None, options.layers)  # raises if an entry matches nothing
+        self.references.load(monitored)
+        self.reporter.bind(self._outputs_of_process(outputs), speaks=self.process.is_main)
+        self.reporter.drawn_layers = (
+            list(options.layers) if options.layers is not None else default_layers([layer for layer, _ in monitored])
+        )
+        self.runner = AnalysisRunner(
+            self._analyse, self.reporter.prepare, self.process, options.asynchronous, writes=self.reporter.speaks
+        )
+        if options.basis == "A" and shares_lora_A(monitored):
+            self.reporter.warn(
+                "q, k and v of a fused q|k|v module (c_attn, qkv_proj, query_key_value) share one "
+                "lora_A, so basis='A' cannot tell them apart; use basis='delta_w_left' or "
+                "'delta_w_right'."
+            )
+        self.reporter.write_layout(list(monitored))
+
+    def start(self, step: int) -> None:
+        """Training starts at ``step``: from a fresh start (0), keep the factors before the
+        first optimizer step (``a_init_similarity``, a PiSSA-like initialization's B₀, A₀)."""
+        if self.references.initial is None:
+            note = self.references.start(self._capture(step), step)
+            if note is not None:
+                self.reporter.warn(note)
+
+    def on_step(self, step: int) -> None:
+        """An optimizer step ended, ``step`` steps taken: write what the worker finished, and
+        take a snapshot when one is due."""
+        due = step > 0 and step % self.options.every_n_steps == 0 and step != self._last_step
+        # A snapshot waits for the one before it: a worker slower than every_n_steps steps then
+        # slows training down, rather than piling snapshots up in memory.
+        self._collect(wait=due)
+        if due:
+            self._take_snapshot(step)
+
+    def finish(self, step: int) -> None:
+        """Training ended at ``step``: a last snapshot, every pending result written, and the
+        rank recommendation."""
+        if step != self._last_step:
+            self._take_snapshot(step)
+        self._collect(wait=True)
+        if self.latest_analysis:
+            with self.reporter.contained(f"step {step}: the rank recommendation"):
+                self.recommendation = recommend_rank(
+                    self.latest_analysis, self.options.basis, reference_is_run=self.options.compares_runs
+                )
+                self.reporter.write_recommendation(self.recommendation, step)
+
+    def abort(self) -> None:
+        """Training stopped with an error: write what was analysed, then stop the worker."""
+        try:
+            self._collect(wait=True)
+        finally:
+            self.close_worker()
+
+    def close_worker(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+
+    # ------------------------------------------------------------------------- internals
+    def _outputs_of_process(self, outputs: Optional[Sequence[Output]]) -> list[Output]:
+        """The given ``outputs``, or the monitor's own: its ``SummaryWriter`` is opened only
+        where it is written (global rank zero), once."""
+        if outputs is not None:
+            return list(outputs)
+        if self.process.is_main and (self._log_dir is not None or self._writer is not None):
+            self._outputs.insert(0, SummaryWriterOutput(writer=self._writer, log_dir=self._log_dir))
+            self._log_dir = self._writer = None
+        return list(self._outputs)
+
+    def _monitored_factors(self) -> dict[ModuleKey, LoRAFactors]:
+        assert self._model is not None
+        factors = find_lora_factors(self._model, self.options.adapter_name)
+        return select_factors(factors, self.options.target_modules, None)
+
+    def _capture(self, step: int) -> Snapshot:
+        """A snapshot of the monitored factors, whole on every rank (every rank must take it:
+        sharded strategies gather the LoRA factors collectively, and copies are made while
+        they are whole)."""
+        with self.process.gathered():
+            return Snapshot.capture(full_factors(self._monitored_factors()), step)
+
+    def _collect(self, wait: bool) -> None:
+        """Keep, report and write the outcomes the runner finished (all of them if ``wait``)."""
+        if self.runner is None:
+            return
+        for outcome in self.runner.results(wait):
+            self._publish(outcome)
+
+    def _publish(self, outcome: Outcome) -> None:
+        if outcome.analyses is not None:
+            self.latest_analysis = outcome.analyses
+        self.reporter.publish(outcome)
+
+    def _take_snapshot(self, step: int) -> None:
+        assert self.runner is not None
+        self._last_step = step
+        try:
+            snapshot = self._capture(step)
+        except LoRAMonitorError as error:  # e.g. the adapter was merged or unloaded mid-run
+            self.reporter.report(f"step {step}: no snapshot taken: {error}")
+            return
+        # What the snapshot is compared with is decided here, at its step, whether it is then
+        # analysed here or in the worker: checkpoints and resume see only this thread's state.
+        reference, reference_step = self.references.for_snapshot()
+        if step % self.options.every_n_steps == 0:
+            # The end-of-training snapshot off the schedule is compared but never becomes the
+            # reference: a run stopped there and resumed must compare with what an
+            # uninterrupted run compares with.
+            self.references.remember(snapshot)
+        self.runner.submit(Job(snapshot, reference, reference_step, self.references.initial_factors))
+        self._collect(wait=False)  # a synchronous analysis is done: published at its own step
+
+    def _analyse(self, job: Job) -> Outcome:
+        """The analyses of ``job``'s modules, and its problems (the analysis's own errors
+        included: an analysis fault must never end a training run). Runs in whichever thread
+        analyses; writes only the reference bases' cache."""
+        step = job.snapshot.step
+        outcome = Outcome(step)
+        try:
+            outcome.analyses = analyze(
+                job.snapshot,
+                job.reference,
+                self.options.basis,
+                initial=job.initial,
+                intruder_top_k=self.options.intruder_top_k,
+                reference_bases=self.references.bases_of(job.reference, job.snapshot),
+            )
+        except Exception as error:
+            outcome.problems.append(f"step {step}: the analysis failed with {type(error).__name__}: {error}")
+            return outcome
+        for analysis in outcome.analyses.values():
+            for problem in analysis.problems:
+                layer, projection = analysis.key
+                outcome.problems.append(f"step {step}, layer {layer} projection {projection!r}: {problem}; skipped")
+        return outcome
+
+    # ------------------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        """The references ("first", "previous", the factors before the first step) and the
+        last snapshot's step."""
+        return {"last_step": self._last_step, **self.references.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = state_dict.get("last_step")
+        self.references.load_state_dict(state_dict)

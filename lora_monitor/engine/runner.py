@@ -1,0 +1,138 @@
+"""Where a snapshot's analysis runs: :class:`AnalysisRunner`, one ``submit`` and ``results``.
+
+Three ways, one interface: in the training thread; split across the ranks when several
+processes train together (each analyses every ``world_size``-th module, the small results are
+gathered on all); or in a worker thread (on a CUDA side stream on a GPU) while training goes
+on. The caller submits a :class:`Job` at its step and collects :class:`Outcome` s, in order.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+
+from lora_monitor.adapters import LoRAFactors, ModuleKey
+from lora_monitor.analysis import ModuleAnalysis, Snapshot
+from lora_monitor.engine.background import Background
+from lora_monitor.engine.distributed import Process, all_gather_objects, rank_share
+
+Factors = dict[ModuleKey, LoRAFactors]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One snapshot to analyse, with what it is compared with (decided at its step)."""
+
+    snapshot: Snapshot
+    reference: Optional[Factors]
+    reference_step: Optional[int]
+    initial: Optional[Factors]
+
+
+@dataclass
+class Outcome:
+    """What the analysis of one snapshot hands to the training thread, which reports and writes
+    it: outputs (Lightning's CSVLogger among them) are not safe to call from another thread."""
+
+    step: int
+    #: None when the analysis failed.
+    analyses: Optional[dict[ModuleKey, ModuleAnalysis]] = None
+    scalars: dict[str, float] = field(default_factory=dict)
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    #: Warnings to give (errors with ``strict``), in the order they arose.
+    problems: list[str] = field(default_factory=list)
+
+
+#: Analyses a job's snapshot (or the part of it given): an outcome with analyses and problems.
+Analyse = Callable[[Job], Outcome]
+#: Fills an outcome's scalars and images from its analyses (on the process that writes).
+Prepare = Callable[[Outcome, Job], None]
+
+
+class AnalysisRunner:
+    """Runs ``analyse`` then ``prepare`` for each submitted job, where it belongs.
+
+    Args:
+        analyse: the analysis of a job; it must collect its problems, never raise.
+        prepare: what is written for an outcome (scalars, figures); called only where
+            ``writes``.
+        process: where the monitor runs; several ranks in one process group split a
+            synchronous analysis.
+        asynchronous: run in a worker thread; None: when the factors are on a CUDA device.
+        writes: whether this process writes (global rank zero).
+    """
+
+    def __init__(
+        self,
+        analyse: Analyse,
+        prepare: Prepare,
+        process: Process,
+        asynchronous: Optional[bool],
+        writes: bool,
+    ) -> None:
+        self.analyse, self.prepare, self.process = analyse, prepare, process
+        self.asynchronous, self.writes = asynchronous, writes
+        self._done: deque[Outcome] = deque()
+        #: The worker of an asynchronous runner, from its first job to :meth:`close`.
+        self.background: Optional[Background[Outcome]] = None
+
+    def submit(self, job: Job) -> None:
+        """Analyse ``job`` now (synchronous: every rank must call it, a collective when split)
+        or hand it to the worker."""
+        device = next(iter(job.snapshot.factors.values())).lora_A.device
+        asynchronous = self.asynchronous if self.asynchronous is not None else device.type == "cuda"
+        if not asynchronous:
+            self._done.append(self._spread(job) if self.process.spreads_analysis else self._whole(job))
+            return
+        if self.background is None:
+            self.background = Background(device)
+        tensors = [
+            tensor
+            for factors in (job.snapshot.factors, job.reference or {}, job.initial or {})
+            for f in factors.values()
+            for tensor in (f.lora_A, f.lora_B, f.base_weight, f.magnitude, f.lora_E)
+            if tensor is not None
+        ]
+        self.background.submit(lambda: self._whole(job), tensors)
+
+    def results(self, wait: bool) -> Iterator[Outcome]:
+        """The outcomes in submission order: all of them (``wait``), or those ready."""
+        while self._done:
+            yield self._done.popleft()
+        if self.background is not None:
+            yield from self.background.results(wait)
+
+    def close(self) -> None:
+        """Stop the worker (waiting for what runs); outcomes not collected are lost."""
+        if self.background is not None:
+            self.background.close()
+            self.background = None
+
+    def _whole(self, job: Job) -> Outcome:
+        """The whole analysis, and what is written, in whichever thread runs it."""
+        outcome = self.analyse(job)
+        if self.writes and outcome.analyses is not None:
+            self.prepare(outcome, job)
+        return outcome
+
+    def _spread(self, job: Job) -> Outcome:
+        """The analysis with the modules split across the ranks, every rank in the training
+        thread (a collective). All ranks get every analysis and every problem, so they keep the
+        same state, and in strict mode they all stop at once instead of waiting for each other."""
+        snapshot = job.snapshot
+        keys = rank_share(snapshot.factors, self.process.rank, self.process.world_size)
+        share = Snapshot(step=snapshot.step, factors={key: snapshot.factors[key] for key in keys})
+        shares: list[Outcome] = all_gather_objects(
+            self.analyse(Job(share, job.reference, job.reference_step, job.initial))
+        )
+        outcome = Outcome(snapshot.step, problems=[problem for s in shares for problem in s.problems])
+        analysed = [s.analyses for s in shares if s.analyses is not None]
+        if analysed:
+            outcome.analyses = dict(sorted(item for analyses in analysed for item in analyses.items()))
+            if self.writes:
+                self.prepare(outcome, job)
+        return outcome
+
