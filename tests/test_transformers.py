@@ -217,3 +217,50 @@ def test_report_to_mlflow_gets_the_same_scalars(tokenizer, tmp_path, monkeypatch
     for step, value in history.items():
         assert value == pytest.approx(expected[tag][step], rel=1e-6)
 
+
+#: Run in a fresh interpreter where importing Lightning fails, as if it were not installed.
+WITHOUT_LIGHTNING = """
+import json, sys
+for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
+    sys.modules[name] = None  # `import lightning` now raises ImportError
+sys.path.insert(0, {tests!r})
+import torch
+from hf_setup import TokenDataset, minilm_tokenizer, read_run, tiny_llama
+from peft import LoraConfig, get_peft_model
+from transformers import Trainer, TrainingArguments
+from lora_monitor import LoRASubspaceCallback
+
+tokenizer = minilm_tokenizer()
+torch.manual_seed(0)
+model = get_peft_model(tiny_llama(len(tokenizer)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+args = TrainingArguments(output_dir={output!r}, max_steps=4, per_device_train_batch_size=4, report_to=["tensorboard"],
+                         save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=1)
+Trainer(model=model, args=args, train_dataset=TokenDataset(tokenizer),
+        callbacks=[LoRASubspaceCallback(every_n_steps=2, log_dir={log_dir!r}, strict=True)]).train()
+try:
+    import lora_monitor
+    lora_monitor.LoRASubspaceMonitor
+    message = None
+except ModuleNotFoundError as error:
+    message = str(error)
+loaded = sorted(m for m, module in sys.modules.items() if m.split(".")[0] in ("lightning", "pytorch_lightning") and module)
+print(json.dumps({{"tags": read_run({log_dir!r}).Tags()["scalars"], "lightning": loaded, "message": message}}))
+"""
+
+
+def test_the_transformers_front_end_runs_without_lightning(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = WITHOUT_LIGHTNING.format(
+        tests=str(Path(__file__).parent), output=str(tmp_path / "out"), log_dir=str(tmp_path / "tb")
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["lightning"] == []
+    assert scalar_tag("delta_w_norm", (0, "q")) in result["tags"]
+    assert "LoRA_rank/suggested.model" in result["tags"]
+    assert "pip install 'lora-monitor[lightning]'" in result["message"]

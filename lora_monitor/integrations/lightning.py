@@ -6,10 +6,18 @@ import contextlib
 import os
 from typing import Any, ContextManager, Literal, Optional, Sequence, Union
 
-import lightning.pytorch as pl
+try:
+    import lightning.pytorch as pl
+except ImportError as error:  # an extra: the core and the transformers front-end do without it
+    raise ModuleNotFoundError(
+        "LoRASubspaceMonitor is the PyTorch Lightning front-end and needs Lightning, which is not "
+        "installed: pip install 'lora-monitor[lightning]' (or use LoRASubspaceCallback with "
+        "transformers' Trainer, or LoRAMonitor in a plain loop)"
+    ) from error
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
 
 from lora_monitor.adapters import LoRAMonitorError, ModuleKey
 from lora_monitor.engine.distributed import Process, deepspeed_gathered, fsdp_gathered
@@ -110,11 +118,13 @@ class LoRASubspaceMonitor(Callback):
         return self.engine.recommendation
 
     @property
+    @override
     def state_key(self) -> str:
         # Two monitors in one Trainer (say one against "first", one against a directory) must
         # not overwrite each other's state in the checkpoint.
         return self._generate_state_key(**self.engine.options.identity())
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -130,26 +140,33 @@ class LoRASubspaceMonitor(Callback):
         )
         self.engine.attach(pl_module, process=process, outputs=logger_outputs(trainer.loggers))
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.engine.start(trainer.global_step)
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self.engine.on_step(trainer.global_step)
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.engine.finish(trainer.global_step)
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Lightning calls no teardown after an exception. What was analysed is still logged,
         # but the error that stops fit must stay the one raised.
         with contextlib.suppress(LoRAMonitorError):
             self.engine.abort()
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.engine.close_worker()
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return self.engine.state_dict()
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.engine.load_state_dict(state_dict)

@@ -14,6 +14,7 @@ from typing import Any, ContextManager, Literal, Optional, Sequence, Union
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from typing_extensions import override
 
 from lora_monitor.adapters import ModuleKey
 from lora_monitor.engine.distributed import Process, deepspeed_gathered, fsdp_gathered
@@ -151,6 +152,7 @@ class LoRASubspaceCallback(TrainerCallback):
         return STATE_FILE.format(key=key)
 
     # ------------------------------------------------------------------------------ events
+    @override
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
     ) -> None:
@@ -169,15 +171,18 @@ class LoRASubspaceCallback(TrainerCallback):
             self._resume(args, state)
         self.engine.start(state.global_step)
 
+    @override
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         self.engine.on_step(state.global_step)
 
+    @override
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         # Every process saves its own state: each restores its own, whatever the file system.
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         checkpoint.mkdir(parents=True, exist_ok=True)
         torch.save(self.engine.state_dict(), checkpoint / self.state_file(args))
 
+    @override
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         try:
             self.engine.finish(state.global_step)
