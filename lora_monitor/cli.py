@@ -20,12 +20,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence, TextIO
+from typing import TYPE_CHECKING, Optional, TextIO
 
-from lora_monitor.functional.bases import BASES
+from lora_monitor.functional.bases import BASES, Basis
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -140,7 +140,7 @@ def _parts(adapters: Sequence[dict[ModuleKey, LoRAFactors]], chunk_bytes: int) -
 def analyze_saved(
     current: SavedFactors,
     reference: Optional[SavedFactors] = None,
-    basis: str = "A",
+    basis: Basis = "A",
     *,
     chunk_bytes: int = CHUNK_BYTES,
 ) -> dict[ModuleKey, ModuleAnalysis]:
@@ -179,7 +179,7 @@ def compare_adapters(
     reference_dir: str | Path,
     directory: str | Path,
     *,
-    basis: str = "A",
+    basis: Basis = "A",
     projections: Optional[Sequence[str]] = ("q", "v"),
     layers: Optional[Sequence[int]] = None,
     output: Optional[str | Path] = None,
@@ -254,8 +254,7 @@ def _figure_format(output: Optional[str | Path]) -> Optional[str]:
         from lora_monitor.adapters import LoRAMonitorError
 
         raise LoRAMonitorError(
-            f"cannot write a figure to {output}: the extension must be one of "
-            f"{', '.join(FIGURE_FORMATS)} (PNG or SVG)"
+            f"cannot write a figure to {output}: the extension must be one of {', '.join(FIGURE_FORMATS)} (PNG or SVG)"
         )
     return suffix[1:]
 
@@ -333,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
         "evidence as a Markdown table.",
     )
     comparing.add_argument("reference", metavar="REF_DIR", help="reference adapter directory (e.g. rank 8, or seed 0)")
-    comparing.add_argument("directory", metavar="DIR", help="adapter directory to compare with it (e.g. rank 64, or seed 1)")
+    comparing.add_argument(
+        "directory", metavar="DIR", help="adapter directory to compare with it (e.g. rank 64, or seed 1)"
+    )
     comparing.add_argument(
         "--basis",
         choices=list(BASES),
@@ -414,6 +415,7 @@ def _comparison_header(args: argparse.Namespace, result: Comparison) -> str:
 
     phi = [a.phi for a in result.analyses.values() if a.phi is not None]
     dimension = next(a.dimension for a in result.analyses.values() if a.phi is not None)
+    assert dimension is not None  # every analysis with φ knows its space
     chance = float(random_subspace_similarity(dimension, 1, 1)[0, 0])
     mean_top = sum(float(p[0, 0]) for p in phi) / len(phi)
     return (

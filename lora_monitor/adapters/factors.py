@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional, Union, overload
 
 from torch import Tensor
 
@@ -194,6 +194,14 @@ def _qualify(group: list[_Entry]) -> None:
         _qualify(subgroup)
 
 
+@overload
+def _select_rows(tensor: Tensor, rows: Optional[Rows]) -> Tensor: ...
+
+
+@overload
+def _select_rows(tensor: Optional[Tensor], rows: Optional[Rows]) -> Optional[Tensor]: ...
+
+
 def _select_rows(tensor: Optional[Tensor], rows: Optional[Rows]) -> Optional[Tensor]:
     """``tensor``'s rows ``rows``: a view for a slice, a gathered copy for an index tensor."""
     if tensor is None or rows is None:
@@ -208,9 +216,9 @@ def _factors_of(entry: _Entry, projection: str) -> LoRAFactors:
     base_weight, base_reader = entry.base_weight, None
     if base_weight is not None and rows is not None and not isinstance(rows, slice):
         # Per-head rows are no view of W₀: read them when analysed instead of keeping a copy.
+        reader, index = base_weight, rows
         base_weight = None
-        reader = entry.base_weight
-        base_reader = lambda: reader.index_select(0, rows.to(reader.device))  # noqa: E731
+        base_reader = lambda: reader.index_select(0, index.to(reader.device))  # noqa: E731
     elif entry.base_reader is not None:
         read = entry.base_reader
         base_reader = lambda: read(rows)  # noqa: E731

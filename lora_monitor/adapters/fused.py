@@ -170,8 +170,8 @@ def fused_split(
     elif config is not None and config.get("model_type") is not None:
         model_type = _ALIASES.get(config["model_type"], config["model_type"])
     else:
-        model_type, config = _guess_model_type(last, out_features, in_features), {}
-        if model_type is None:
+        guessed, config = _guess_model_type(last, out_features, in_features), {}
+        if guessed is None:
             return FusedSplit(
                 reason=(
                     f"the base model's config is not known, and the q|k|v layout of a {last!r} "
@@ -180,6 +180,7 @@ def fused_split(
                     f"the base model's config.json (base_config=) to split it"
                 )
             )
+        model_type = guessed
     if _ARCHITECTURES.get(model_type) != last:
         return FusedSplit(
             reason=(
@@ -206,9 +207,7 @@ def fused_split(
 def split_entry(entry: _Entry, config: Optional[Mapping[str, Any]], fan_in_fan_out: bool) -> list[_Entry]:
     """A fused module's entry as one entry per projection (its rows), else the entry itself;
     a module named like a fused one that cannot be split is kept whole with a warning."""
-    split = fused_split(
-        entry.module_name, entry.lora_B.shape[0], entry.lora_A.shape[1], config, fan_in_fan_out
-    )
+    split = fused_split(entry.module_name, entry.lora_B.shape[0], entry.lora_A.shape[1], config, fan_in_fan_out)
     if split.reason is not None:
         last = entry.module_name.rsplit(".", 1)[-1]
         warnings.warn(
@@ -218,7 +217,4 @@ def split_entry(entry: _Entry, config: Optional[Mapping[str, Any]], fan_in_fan_o
         )
     if split.rows is None:
         return [entry]
-    return [
-        dataclasses.replace(entry, projection=name, rows=rows, qualifiers=[])
-        for name, rows in split.rows.items()
-    ]
+    return [dataclasses.replace(entry, projection=name, rows=rows, qualifiers=[]) for name, rows in split.rows.items()]

@@ -77,8 +77,7 @@ def _resolve_adapter(layers: list[tuple[str, Any]], adapter_name: Optional[str])
     if adapter_name is not None:
         if adapter_name not in available:
             raise LoRAMonitorError(
-                f"adapter {adapter_name!r} not found in the model's LoRA layers; adapters "
-                f"present: {sorted(available)}"
+                f"adapter {adapter_name!r} not found in the model's LoRA layers; adapters present: {sorted(available)}"
             )
         return adapter_name
     active: set[str] = set()
@@ -97,9 +96,7 @@ def _resolve_adapter(layers: list[tuple[str, Any]], adapter_name: Optional[str])
     )
 
 
-def find_lora_factors(
-    model: torch.nn.Module, adapter_name: Optional[str] = None
-) -> dict[ModuleKey, LoRAFactors]:
+def find_lora_factors(model: torch.nn.Module, adapter_name: Optional[str] = None) -> dict[ModuleKey, LoRAFactors]:
     """The LoRA factors of every Linear LoRA layer of a live model, by (layer, projection).
 
     Args:
@@ -161,8 +158,7 @@ def find_lora_factors(
         entries.extend(split_entry(entry, base_config, stores_transposed(layer)))
     if skipped:
         warnings.warn(
-            f"lora_monitor: skipped LoRA layers that are not plain Linear factors: "
-            f"{', '.join(skipped)}",
+            f"lora_monitor: skipped LoRA layers that are not plain Linear factors: {', '.join(skipped)}",
             stacklevel=2,
         )
     if not entries:
@@ -173,4 +169,3 @@ def find_lora_factors(
             f"rsLoRA, DoRA, AdaLoRA)"
         )
     return _assemble(entries)
-

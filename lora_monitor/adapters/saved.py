@@ -174,20 +174,17 @@ def load_adapter(
         path = path.parent
     if not path.exists():
         raise LoRAMonitorError(
-            f"adapter directory not found: {path}; pass the directory given to "
-            f"model.save_pretrained(...)"
+            f"adapter directory not found: {path}; pass the directory given to model.save_pretrained(...)"
         )
     if not path.is_dir():
         raise LoRAMonitorError(
-            f"{path} is a file, not an adapter directory; pass the directory given to "
-            f"model.save_pretrained(...)"
+            f"{path} is a file, not an adapter directory; pass the directory given to model.save_pretrained(...)"
         )
     config_file = path / "adapter_config.json"
     if not config_file.is_file():
         nested = sorted(p.parent.name for p in path.glob("*/adapter_config.json"))
         hint = (
-            f"; adapters saved in its subdirectories (peft saves non-default adapters under "
-            f"their name): {nested}"
+            f"; adapters saved in its subdirectories (peft saves non-default adapters under their name): {nested}"
             if nested
             else ""
         )

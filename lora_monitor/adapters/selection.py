@@ -8,7 +8,6 @@ from typing import Optional
 from lora_monitor.adapters.factors import LoRAFactors, LoRAMonitorError, ModuleKey, _describe
 
 
-
 def _entry_matches(entry: str, factors: LoRAFactors) -> bool:
     module = factors.module_name
     return (
@@ -40,21 +39,14 @@ def select_factors(
     if isinstance(target_modules, str):
         target_modules = [target_modules]
     if target_modules is not None:
-        unmatched = [
-            t for t in target_modules if not any(_entry_matches(t, f) for f in factors.values())
-        ]
+        unmatched = [t for t in target_modules if not any(_entry_matches(t, f) for f in factors.values())]
         if unmatched:
-            raise LoRAMonitorError(
-                f"target_modules {unmatched} match no LoRA module; available: "
-                f"{_describe(factors)}"
-            )
+            raise LoRAMonitorError(f"target_modules {unmatched} match no LoRA module; available: {_describe(factors)}")
     if layers is not None:
         present = {f.layer for f in factors.values()}
         unmatched_layers = [layer for layer in layers if layer not in present]
         if unmatched_layers:
-            raise LoRAMonitorError(
-                f"layers {unmatched_layers} have no LoRA module; available: {_describe(factors)}"
-            )
+            raise LoRAMonitorError(f"layers {unmatched_layers} have no LoRA module; available: {_describe(factors)}")
     selected = {
         key: f
         for key, f in factors.items()
@@ -88,9 +80,7 @@ def check_reference_compatible(
         LoRAMonitorError: unknown basis, keys missing from the reference, shapes differ.
     """
     if basis not in _BASIS_SIDE:
-        raise LoRAMonitorError(
-            f"unknown basis {basis!r}; expected one of {', '.join(map(repr, _BASIS_SIDE))}"
-        )
+        raise LoRAMonitorError(f"unknown basis {basis!r}; expected one of {', '.join(map(repr, _BASIS_SIDE))}")
     missing = [key for key in current if key not in reference]
     if missing:
         raise LoRAMonitorError(

@@ -103,7 +103,7 @@ def _dequantized(base: torch.nn.Module, transpose: bool, rows: Optional[Rows]) -
     from peft.utils.integrations import dequantize_module_weight
 
     with torch.no_grad():
-        weight = dequantize_module_weight(base)
+        weight: Tensor = dequantize_module_weight(base)
     weight = weight.T if transpose else weight
     if rows is None:
         return weight
@@ -158,7 +158,7 @@ def initialization_in_base(config: Any) -> Optional[str]:
 def model_config(model: torch.nn.Module) -> Optional[dict[str, Any]]:
     """The transformers config of the base model inside ``model``, as a dict (None if none)."""
     for module in model.modules():
-        config = getattr(module, "config", None)
+        config: Any = getattr(module, "config", None)
         if hasattr(config, "to_dict") and hasattr(config, "model_type"):
             return config.to_dict()
     return None

@@ -8,8 +8,9 @@ move to the host once (:func:`to_host`).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -162,7 +163,9 @@ def device_results(
             if not updates[key].known or not f.has_base_weight:
                 continue
             W0 = f.read_base_weight()  # a fresh tensor for quantized or per-head W₀: dropped below
+            assert W0 is not None
             if f.initial_in_base is not None:
+                assert initial is not None  # else the update is not known
                 # The pretrained weight: the base layer holds W − s·B₀·A₀ (formed for this module).
                 start = initial[key]
                 W0 = W0.to(device) + f.scaling * (start.lora_B.to(device) @ start.lora_A.to(device)).to(W0.dtype)
@@ -192,6 +195,7 @@ def _dora_results(f: LoRAFactors, W0: Tensor, intruder_top_k: Optional[int]) -> 
     """DoRA's ΔW = (D − I)·W₀ + D·s·B·A, formed for this module alone and decomposed densely:
     its true spectrum (full length), amplification against its top-r directions, the norms of
     its two parts and the spread of D."""
+    assert f.magnitude is not None
     dora = dora_update(f.lora_B, f.lora_A, f.scaling, f.magnitude, W0)
     U, S, Vh = torch.linalg.svd(dora.delta, full_matrices=False)
     r = f.rank

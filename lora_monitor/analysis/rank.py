@@ -24,18 +24,18 @@ comparison whose smaller rank is fully shared (that rank may be too small).
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from statistics import median
-from typing import Mapping, Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from lora_monitor.adapters import ModuleKey
-from lora_monitor.functional.spectra import effective_rank, energy_rank, frobenius_norm, stable_rank
 from lora_monitor.analysis.results import ModuleAnalysis
 from lora_monitor.functional.bases import basis_info
+from lora_monitor.functional.spectra import effective_rank, energy_rank, frobenius_norm, stable_rank
 
 #: σ_k / σ_{k+1} below this (a gap under 10 %): directions k and k+1 are too close to be
 #: ordered, so a cut between them, or φ(1, 1) when k = 1, is not meaningful.
@@ -144,7 +144,10 @@ class ModuleEvidence:
         phi = analysis.phi if use_phi else None
         shared = analysis.shared_directions if phi is not None else None
         energy = int(energy_rank(spectrum, ENERGY))
-        suggested = energy if shared is None else _overlap_rank(phi, shared, analysis.dimension)
+        if phi is None or shared is None or analysis.dimension is None:
+            suggested = energy
+        else:
+            suggested = _overlap_rank(phi, shared, analysis.dimension)
         return cls(
             key=analysis.key,
             rank=spectrum.numel(),
@@ -160,9 +163,9 @@ class ModuleEvidence:
             delta_w_stable_rank=float(stable_rank(spectrum)),
             delta_w_top_gap=_gap(spectrum, 1),
             top_gap=_smallest_gap(analysis, 1) if phi is not None else None,
-            cut_gap=None if not suggested else (
-                _smallest_gap(analysis, suggested) if phi is not None else _gap(spectrum, suggested)
-            ),
+            cut_gap=None
+            if not suggested
+            else (_smallest_gap(analysis, suggested) if phi is not None else _gap(spectrum, suggested)),
             delta_w_relative_norm=analysis.delta_w_relative_norm,
             a_init_similarity=analysis.a_init_similarity,
             suggested=suggested,
@@ -237,15 +240,20 @@ def _cautions(modules: list[ModuleEvidence], basis: str, compared: bool) -> list
         )
     diffuse = [m for m in modules if m.block_overlap is not None and m.block_overlap < 0.5]
     if diffuse:
-        listed = _few(diffuse, lambda m: f"{layer_name(m.key)} (φ({m.suggested}, {m.suggested}) = {m.block_overlap:.2f})")
+        listed = _few(
+            diffuse, lambda m: f"{layer_name(m.key)} (φ({m.suggested}, {m.suggested}) = {m.block_overlap:.2f})"
+        )
         cautions.append(
             f"partly shared: the top-k blocks share less than half of their dimensions in "
             f"{listed}: far above chance, but the runs agree on a direction only in part; "
             f"the suggested rank marks where the shared overlap ends, not a crisp cut"
         )
     full = [
-        m for m in modules
-        if m.shared_directions and m.reference_rank is not None and m.shared_directions == min(m.rank, m.reference_rank) > 1
+        m
+        for m in modules
+        if m.shared_directions
+        and m.reference_rank is not None
+        and m.shared_directions == min(m.rank, m.reference_rank) > 1
     ]
     if full:
         cautions.append(

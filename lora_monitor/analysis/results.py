@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -186,7 +187,11 @@ def assemble(
         )
         roles = (
             ("", values["singular_values"], values["basis_singular_values"]),
-            ("the reference's ", values.get("reference_singular_values"), values.get("reference_basis_singular_values")),
+            (
+                "the reference's ",
+                values.get("reference_singular_values"),
+                values.get("reference_basis_singular_values"),
+            ),
         )
         for role, spectrum, basis_spectrum in roles:
             if spectrum is None or basis_spectrum is None:
@@ -224,5 +229,3 @@ def new_notes(analyses: Mapping[ModuleKey, ModuleAnalysis], given: set[str]) -> 
                 modules[note].append(f"layer {layer} {projection!r}")
     given.update(modules)
     return [f"{', '.join(names)}: {note}" for note, names in modules.items()]
-
-

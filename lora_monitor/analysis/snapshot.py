@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import Tensor
@@ -100,7 +101,7 @@ def group_by_shape(
     device (and, given, the same reference shapes and update kind)."""
     groups: dict[tuple, list[ModuleKey]] = defaultdict(list)
     for key, f in current.items():
-        shape = (tuple(f.lora_A.shape), tuple(f.lora_B.shape), f.lora_A.device)
+        shape: tuple = (tuple(f.lora_A.shape), tuple(f.lora_B.shape), f.lora_A.device)
         if reference is not None:
             r = reference[key]
             shape += (tuple(r.lora_A.shape), tuple(r.lora_B.shape))

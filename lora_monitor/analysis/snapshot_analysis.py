@@ -8,7 +8,8 @@ Three steps, each in its own module: which factors carry each module's update
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from collections.abc import Mapping
+from typing import Optional
 
 from lora_monitor.adapters import LoRAFactors, ModuleKey
 from lora_monitor.analysis.device import ReferenceBases, device_results, to_host

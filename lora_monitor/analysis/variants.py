@@ -9,8 +9,9 @@ decomposes, or says why the update cannot be known from what the run has.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Optional
 
 from torch import Tensor
 
@@ -66,10 +67,13 @@ def update_of(f: LoRAFactors, initial: Optional[LoRAFactors], basis: Basis) -> U
         update.notes.append(reason)
         return update
     if f.initial_in_base is not None:
+        assert initial is not None  # else unknown_because says why
         update.B, update.A = since_initial(f.lora_B, f.lora_A, initial.lora_B, initial.lora_A)
     if f.magnitude is not None and basis_info(basis).of_update:
         # φ in ΔW's bases reads the directional term D·s·B·A; D needs W₀ (read and dropped).
-        update.B = dora_update(f.lora_B, f.lora_A, f.scaling, f.magnitude, f.read_base_weight()).direction_B
+        W0 = f.read_base_weight()
+        assert W0 is not None  # else unknown_because says why
+        update.B = dora_update(f.lora_B, f.lora_A, f.scaling, f.magnitude, W0).direction_B
     return update
 
 

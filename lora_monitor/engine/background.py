@@ -10,8 +10,9 @@ code runs without a stream, which is how the tests exercise it.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Generic, Iterable, Iterator, Optional, TypeVar
+from typing import Generic, Optional, TypeVar
 
 import torch
 from torch import Tensor

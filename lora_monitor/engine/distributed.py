@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -105,14 +107,14 @@ class Process:
 
     rank: int = 0
     world_size: int = 1
-    gathered: Callable[[], ContextManager[Any]] = contextlib.nullcontext
+    gathered: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     @classmethod
-    def from_torch_distributed(cls) -> "Process":
+    def from_torch_distributed(cls) -> Process:
         """The rank and world size of torch's default process group (one process without)."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return cls(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size())

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -155,8 +156,7 @@ class LoRAMonitor:
         """Call after each optimizer step with the number of optimizer steps taken so far."""
         if self._model is None:
             raise LoRAMonitorError(
-                f"{self.options.owner}.step() before the model is known: pass it, "
-                f"LoRAMonitor(model, log_dir=...)"
+                f"{self.options.owner}.step() before the model is known: pass it, LoRAMonitor(model, log_dir=...)"
             )
         self._seen_step = step
         self.on_step(step)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Union
 
 from lora_monitor.functional.bases import BASES, Basis
 
@@ -80,7 +81,7 @@ class MonitorOptions:
             object.__setattr__(self, "reference", Path(reference))
 
     @classmethod
-    def of(cls, arguments: dict[str, Any], owner: str) -> "MonitorOptions":
+    def of(cls, arguments: dict[str, Any], owner: str) -> MonitorOptions:
         """The options among a front-end's constructor ``arguments`` (its ``locals()``): every
         front-end takes the same ones, spelled out in its own signature for its users' tools
         (LightningCLI, IDEs)."""

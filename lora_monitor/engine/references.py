@@ -3,7 +3,8 @@ a resume."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 from lora_monitor.adapters import (
     LoRAFactors,

@@ -9,8 +9,9 @@ rest of the engine never asks which process it is on.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Optional
 
 from lora_monitor.adapters import LoRAMonitorError, ModuleKey
 from lora_monitor.analysis import new_notes
@@ -18,7 +19,12 @@ from lora_monitor.analysis.rank import RankRecommendation, recommend_rank
 from lora_monitor.engine.options import MonitorOptions
 from lora_monitor.engine.runner import Job, Outcome
 from lora_monitor.outputs.report import report_markdown, summary_line
-from lora_monitor.outputs.tags import RECOMMENDATION_TAG, custom_scalars_layout, recommendation_scalars, snapshot_scalars
+from lora_monitor.outputs.tags import (
+    RECOMMENDATION_TAG,
+    custom_scalars_layout,
+    recommendation_scalars,
+    snapshot_scalars,
+)
 from lora_monitor.outputs.writers import Output, write_layout, write_snapshot, write_text
 
 

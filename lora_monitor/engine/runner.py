@@ -9,8 +9,9 @@ on. The caller submits a :class:`Job` at its step and collects :class:`Outcome` 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -135,4 +136,3 @@ class AnalysisRunner:
             if self.writes:
                 self.prepare(outcome, job)
         return outcome
-

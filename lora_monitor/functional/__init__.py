@@ -53,7 +53,31 @@ _SUBMODULE = {
     **dict.fromkeys(("amplification_factor", "intruder_dimensions"), "weights"),
 }
 
-__all__ = sorted(["BASES", "Basis", "BasisInfo", "basis_info", *_SUBMODULE])
+__all__ = [
+    "BASES",
+    "Basis",
+    "BasisInfo",
+    "DoraUpdate",
+    "Scaling",
+    "amplification_factor",
+    "basis_info",
+    "column_space_similarity",
+    "compute_dtype",
+    "dora_update",
+    "effective_rank",
+    "energy_rank",
+    "factored_basis",
+    "factored_svd",
+    "frobenius_norm",
+    "intruder_dimensions",
+    "random_subspace_similarity",
+    "sample_random_subspace_similarity",
+    "shared_directions",
+    "since_initial",
+    "singular_basis",
+    "stable_rank",
+    "subspace_similarity",
+]
 
 
 def __getattr__(name: str) -> Any:

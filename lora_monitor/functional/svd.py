@@ -132,6 +132,7 @@ def factored_basis(
     p_a, t_a, r_a, exp_a, finite_a = thin_qr.orthogonal_factor(A.mT, with_q=not on_b)
     finite = finite_b & finite_a & torch.isfinite(scaling)
     Q, T = (p_b, t_b) if on_b else (p_a, t_a)
+    assert Q is not None  # formed for the factor the basis lives on
     core = r_b @ r_a.mT
     magnitude = scaling.abs()[..., None] * exp_b[..., None] * exp_a[..., None]
     if info.of_update:
@@ -148,5 +149,3 @@ def factored_basis(
     nan = torch.full((), float("nan"), dtype=dtype, device=S.device)
     S, basis_S = torch.where(finite[..., None], S, nan), torch.where(finite[..., None], basis_S, nan)
     return S, Q, thin_qr.solve(T, W), basis_S
-
-

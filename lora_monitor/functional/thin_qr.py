@@ -10,7 +10,7 @@ tensors out, on the inputs' device, no I/O.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Literal, Optional, overload
 
 import torch
 from torch import Tensor
@@ -30,9 +30,7 @@ def _max_abs(X: Tensor) -> Tensor:
     return torch.linalg.vector_norm(X, float("inf"), dim=(-2, -1))
 
 
-def _normalized_qr(
-    X: Tensor, max_abs: Tensor, finite: Tensor, with_q: bool
-) -> tuple[Optional[Tensor], Tensor, Tensor]:
+def _normalized_qr(X: Tensor, max_abs: Tensor, finite: Tensor, with_q: bool) -> tuple[Optional[Tensor], Tensor, Tensor]:
     """Thin Householder QR of ``X: (..., n, r)`` brought to magnitude ~1 by an exact power of two
     and zeroed where ``finite`` is False (LAPACK raises on NaN/Inf): ``(Q or None, R, 2^e)``.
 
@@ -66,10 +64,11 @@ def exact_matmul(device: torch.device) -> bool:
     bfloat16 (which ``torch.set_float32_matmul_precision`` or a backend's ``fp32_precision``
     allow): the Gram path's accuracy rests on it. Any doubt reads as no."""
     try:
-        backend = torch.backends.cuda.matmul if device.type == "cuda" else torch.backends.mkldnn.matmul
+        # torch's stubs do not declare these newer settings.
+        backend = torch.backends.cuda.matmul if device.type == "cuda" else torch.backends.mkldnn.matmul  # type: ignore[attr-defined]
         precision = backend.fp32_precision
         if precision == "none":  # not set for this backend: the global setting applies
-            precision = torch.backends.fp32_precision
+            precision = torch.backends.fp32_precision  # type: ignore[attr-defined]
         return precision in ("none", "ieee")
     except (AttributeError, RuntimeError):  # a torch without the per-backend settings
         try:
@@ -115,9 +114,15 @@ def gram_cholesky(X: Tensor) -> tuple[Optional[Tensor], Tensor]:
     return factors[0], in_range & (info == 0).all(0)
 
 
-def orthogonal_factor(
-    X: Tensor, with_q: bool
-) -> tuple[Optional[Tensor], Optional[Tensor], Tensor, Tensor, Tensor]:
+@overload
+def orthogonal_factor(X: Tensor, with_q: Literal[True]) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor]: ...
+
+
+@overload
+def orthogonal_factor(X: Tensor, with_q: bool) -> tuple[Optional[Tensor], Optional[Tensor], Tensor, Tensor, Tensor]: ...
+
+
+def orthogonal_factor(X: Tensor, with_q: bool) -> tuple[Optional[Tensor], Optional[Tensor], Tensor, Tensor, Tensor]:
     """Thin QR of ``X: (..., n, r)`` (in the compute dtype), by whichever path is exact for each
     matrix of the batch: ``(P, T, R, 2^e, finite)`` with ``X = 2^e·Q R`` and ``Q = P T⁻¹``
     orthonormal.
@@ -141,9 +146,10 @@ def orthogonal_factor(
         max_abs = _max_abs(flat)
         finite = torch.isfinite(max_abs)
         P, R, power = _normalized_qr(flat, max_abs, finite, with_q)
-        T = None
+        T: Optional[Tensor] = None
     else:
-        P, T = (flat if with_q else None), R
+        assert R is not None  # some matrices took the Gram path
+        P, gram_R = (flat if with_q else None), R
         power = torch.ones(count, dtype=X.dtype, device=X.device)
         finite = torch.ones(count, dtype=torch.bool, device=X.device)
         if len(householder):
@@ -152,17 +158,19 @@ def orthogonal_factor(
             rest_finite = torch.isfinite(max_abs)
             rest_q, rest_r, rest_power = _normalized_qr(rest, max_abs, rest_finite, with_q)
             eye = torch.eye(r, dtype=X.dtype, device=X.device).expand(len(householder), r, r)
-            R = R.index_copy(0, householder, rest_r)
-            T = T.index_copy(0, householder, eye)
+            R = gram_R.index_copy(0, householder, rest_r)
+            gram_R = gram_R.index_copy(0, householder, eye)
             power = power.index_copy(0, householder, rest_power)
             finite = finite.index_copy(0, householder, rest_finite)
             if with_q:
+                assert rest_q is not None
                 P = flat.index_copy(0, householder, rest_q)
+        T = gram_R
 
     def unflatten(t: Optional[Tensor]) -> Optional[Tensor]:
         return None if t is None else t.reshape(*batch, *t.shape[1:])
 
-    return unflatten(P), unflatten(T), unflatten(R), power.reshape(batch), finite.reshape(batch)
+    return unflatten(P), unflatten(T), R.reshape(*batch, *R.shape[1:]), power.reshape(batch), finite.reshape(batch)
 
 
 def solve(T: Optional[Tensor], W: Tensor, left: bool = True) -> Tensor:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, ContextManager, Literal, Optional, Sequence, Union
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Literal, Optional, Union
 
 try:
     import lightning.pytorch as pl
@@ -20,15 +22,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lora_monitor.adapters import LoRAMonitorError, ModuleKey
-from lora_monitor.engine.distributed import Process, deepspeed_gathered, fsdp_gathered
+from lora_monitor.analysis import ModuleAnalysis
+from lora_monitor.analysis.rank import RankRecommendation
 from lora_monitor.engine import LoRAMonitor, MonitorOptions
+from lora_monitor.engine.distributed import Process, deepspeed_gathered, fsdp_gathered
 from lora_monitor.functional.bases import Basis
 from lora_monitor.integrations.lightning_loggers import logger_outputs
-from lora_monitor.analysis.rank import RankRecommendation
-from lora_monitor.analysis import ModuleAnalysis
 
 
-def _gathered(trainer: pl.Trainer, pl_module: pl.LightningModule) -> ContextManager[Any]:
+def _gathered(trainer: pl.Trainer, pl_module: pl.LightningModule) -> AbstractContextManager[Any]:
     """Inside it the LoRA parameters are whole on every rank: FSDP and DeepSpeed ZeRO-3 gather
     them (a collective); single device, DDP and FSDP2 (whose DTensors the engine gathers) need
     nothing."""
@@ -36,6 +38,7 @@ def _gathered(trainer: pl.Trainer, pl_module: pl.LightningModule) -> ContextMana
 
     strategy = trainer.strategy
     if isinstance(strategy, FSDPStrategy):
+        assert strategy.model is not None  # wrapped at setup, before any hook that snapshots
         return fsdp_gathered(strategy.model)
     if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
         return deepspeed_gathered(pl_module)

@@ -15,8 +15,9 @@ Every logger gets the scalars through ``log_metrics``; images go where each logg
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
@@ -48,9 +49,7 @@ def _log_mlflow_image(logger: MLFlowLogger, tag: str, image: np.ndarray, step: i
 def image_writer(logger: Logger) -> Optional[ImageWriter]:
     """How ``logger`` shows an image, or None if it cannot."""
     if isinstance(logger, TensorBoardLogger):
-        return lambda tag, image, step: logger.experiment.add_image(
-            tag, image, global_step=step, dataformats="HWC"
-        )
+        return lambda tag, image, step: logger.experiment.add_image(tag, image, global_step=step, dataformats="HWC")
     if isinstance(logger, CSVLogger):
         return lambda tag, image, step: _write_png(logger.log_dir, tag, image, step)
     if isinstance(logger, WandbLogger):

@@ -9,26 +9,28 @@ import json
 import os
 import time
 import warnings
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, ContextManager, Literal, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from typing_extensions import override
 
 from lora_monitor.adapters import ModuleKey
-from lora_monitor.engine.distributed import Process, deepspeed_gathered, fsdp_gathered
+from lora_monitor.analysis import ModuleAnalysis
+from lora_monitor.analysis.rank import RankRecommendation
 from lora_monitor.engine import AnalysisWarning, LoRAMonitor, MonitorOptions
+from lora_monitor.engine.distributed import Process, deepspeed_gathered, fsdp_gathered
 from lora_monitor.functional.bases import Basis
 from lora_monitor.outputs.writers import MLflowOutput, Output, SummaryWriterOutput, WandbOutput
-from lora_monitor.analysis.rank import RankRecommendation
-from lora_monitor.analysis import ModuleAnalysis
 
 #: The checkpoint file of a monitor's state, inside each ``checkpoint-N`` directory.
 STATE_FILE = "lora_monitor_state-{key}.pt"
 
 
-def _gathered(model: torch.nn.Module) -> ContextManager[Any]:
+def _gathered(model: torch.nn.Module) -> AbstractContextManager[Any]:
     """Inside it the LoRA factors are whole on every rank: FSDP (the Trainer's model is then the
     wrapped root) and DeepSpeed ZeRO-3 gather them; DDP and FSDP2 (DTensors, gathered by the
     engine) need nothing."""
@@ -43,6 +45,11 @@ def _gathered(model: torch.nn.Module) -> ContextManager[Any]:
     return contextlib.nullcontext()
 
 
+def _output_dir(args: TrainingArguments) -> Path:
+    assert args.output_dir is not None  # TrainingArguments fills in its default
+    return Path(args.output_dir)
+
+
 def tensorboard_run_dir(args: TrainingArguments, since: float) -> Path:
     """The directory transformers' ``TensorBoardCallback`` writes ``train/loss`` into:
     ``TENSORBOARD_LOGGING_DIR``, else the ``<output_dir>/runs/<date>_<host>`` it opened at this
@@ -50,14 +57,14 @@ def tensorboard_run_dir(args: TrainingArguments, since: float) -> Path:
     configured = os.getenv("TENSORBOARD_LOGGING_DIR")
     if configured:
         return Path(os.path.expanduser(configured))
-    runs = Path(args.output_dir) / "runs"
+    runs = _output_dir(args) / "runs"
     # TensorBoardCallback names its directory by the second it started; it has just made it.
     fresh = [p for p in runs.glob("*") if p.is_dir() and p.stat().st_mtime >= since - 1]
     if fresh:
         return max(fresh, key=lambda p: p.stat().st_mtime)
     from transformers.integrations.integration_utils import default_logdir
 
-    return Path(args.output_dir) / default_logdir()
+    return _output_dir(args) / default_logdir()
 
 
 def _report_to_outputs(args: TrainingArguments) -> list[Output]:
@@ -158,9 +165,7 @@ class LoRASubspaceCallback(TrainerCallback):
     ) -> None:
         if model is None:
             raise ValueError("LoRASubspaceCallback: the Trainer passed no model to on_train_begin")
-        process = Process(
-            rank=args.process_index, world_size=args.world_size, gathered=lambda: _gathered(model)
-        )
+        process = Process(rank=args.process_index, world_size=args.world_size, gathered=lambda: _gathered(model))
         outputs: list[Output] = []
         if state.is_world_process_zero:
             directory = self.log_dir or tensorboard_run_dir(args, self._created)
@@ -178,7 +183,7 @@ class LoRASubspaceCallback(TrainerCallback):
     @override
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         # Every process saves its own state: each restores its own, whatever the file system.
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        checkpoint = _output_dir(args) / f"checkpoint-{state.global_step}"
         checkpoint.mkdir(parents=True, exist_ok=True)
         torch.save(self.engine.state_dict(), checkpoint / self.state_file(args))
 
@@ -194,7 +199,7 @@ class LoRASubspaceCallback(TrainerCallback):
 
     def _resume(self, args: TrainingArguments, state: TrainerState) -> None:
         """Load the state saved in the checkpoint training resumes from (found by its step)."""
-        candidates = [Path(args.output_dir) / f"checkpoint-{state.global_step}"]
+        candidates = [_output_dir(args) / f"checkpoint-{state.global_step}"]
         if isinstance(args.resume_from_checkpoint, str):
             candidates.insert(0, Path(args.resume_from_checkpoint))
         name = self.state_file(args)

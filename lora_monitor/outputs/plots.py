@@ -8,16 +8,16 @@ training process without a display and without touching other figures.
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Optional
 
+import matplotlib
+import matplotlib.ticker
 import numpy as np
+import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
-import matplotlib
-import matplotlib.ticker
-
-import torch
 
 from lora_monitor.adapters import ModuleKey
 from lora_monitor.analysis.rank import RankRecommendation
@@ -225,7 +225,9 @@ def _card_figure(
             if zoomed:
                 side = min(phi.shape)
                 phi = phi[:side, :side]
-            image = _draw_panel(ax, phi, cmap, zoomed, x_ticks=True, y_ticks=column == 0 or zoomed, labelsize=CARD_FONT - 2)
+            image = _draw_panel(
+                ax, phi, cmap, zoomed, x_ticks=True, y_ticks=column == 0 or zoomed, labelsize=CARD_FONT - 2
+            )
             label = projection_label(projection) + (r"$,\ i, j \leq$" + f"{min(p, q)}" if zoomed else "")
             ax.set_title(label, fontsize=CARD_FONT, pad=3)
             if column == 0:
@@ -238,6 +240,7 @@ def _card_figure(
     # steps change at every snapshot and every mathtext title costs a parse.
     if title_prefix:
         figure.text(0.01, title_y, title_prefix.rstrip(": "), fontsize=CARD_FONT + 1, ha="left", va="top")
+    assert image is not None  # every card draws a panel
     figure.colorbar(image, cax=figure.add_subplot(grid[:, -1])).ax.tick_params(labelsize=CARD_FONT - 2)
     return figure
 
@@ -357,8 +360,14 @@ def overview_figure(recommendation: RankRecommendation) -> Figure:
     top_rank = max((m.rank for m in recommendation.modules), default=1)
     axes_height = (panel * rows - 0.2 - gap * (rows - 1)) / rows
     grid = figure.add_gridspec(
-        rows, columns, left=0.36 / width, right=1 - 0.1 / width, wspace=0.08,
-        bottom=foot / height, top=1 - (heading + 0.2) / height, hspace=gap / axes_height,
+        rows,
+        columns,
+        left=0.36 / width,
+        right=1 - 0.1 / width,
+        wspace=0.08,
+        bottom=foot / height,
+        top=1 - (heading + 0.2) / height,
+        hspace=gap / axes_height,
     )
     source = "shared with the reference run" if recommendation.compared else "ΔW's 90 %-energy rank"
     for index, projection in enumerate(projections):
@@ -397,7 +406,9 @@ def overview_figure(recommendation: RankRecommendation) -> Figure:
             ax.set_xlabel("layer", fontsize=CARD_FONT - 1, labelpad=0)
     head = "no rank supported" if recommendation.rank is None else f"suggested LoRA rank {recommendation.rank}"
     strength = "weak evidence" if recommendation.weak else "evidence consistent"
-    figure.text(0.5, 1 - 0.08 / height, f"{head} ({strength})", ha="center", va="top", fontsize=CARD_FONT + 1, weight="bold")
+    figure.text(
+        0.5, 1 - 0.08 / height, f"{head} ({strength})", ha="center", va="top", fontsize=CARD_FONT + 1, weight="bold"
+    )
     legend = f"bars: rank each layer supports ({source})"
     if recommendation.compared:
         legend += "\ndots: ΔW's 90 %-energy rank; "

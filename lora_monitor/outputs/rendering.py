@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Hashable, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -64,18 +65,15 @@ def _pixel_indices(start: float, stop: float, cells: int) -> tuple[slice, np.nda
     return slice(first, last), np.clip(cell, 0, cells - 1)
 
 
-def _build_frame(
-    inputs: Sequence[tuple[Hashable, tuple[int, int]]], grids_keys: int, layout: dict
-) -> _Frame:
+def _build_frame(inputs: Sequence[tuple[Hashable, tuple[int, int]]], grids_keys: int, layout: dict) -> _Frame:
     # Draw the real figure once with grids whose values are the flat positions of the inputs'
     # cells: whatever phi_figure does to a grid (zoom, mask, transpose, extra rows) is then
     # read back from its images, and later calls only look values up.
     offsets = np.cumsum([0] + [p * q for _, (p, q) in inputs])
     ids = [
-        np.arange(offsets[n], offsets[n + 1], dtype=np.float64).reshape(shape)
-        for n, (_, shape) in enumerate(inputs)
+        np.arange(offsets[n], offsets[n + 1], dtype=np.float64).reshape(shape) for n, (_, shape) in enumerate(inputs)
     ]
-    grids = {key: ids[n] for n, (key, _) in enumerate(inputs[:grids_keys])}
+    grids: dict[Any, np.ndarray] = {key: ids[n] for n, (key, _) in enumerate(inputs[:grids_keys])}
     extra = {key: ids[grids_keys + n] for n, (key, _) in enumerate(inputs[grids_keys:])}
     if extra:
         layout = {**layout, "extra_rows": extra}
@@ -100,8 +98,9 @@ def _build_frame(
     panels = []
     for ax, image in images:
         box = ax.get_window_extent()
-        data = np.ma.getdata(image.get_array())
-        mask = np.ma.getmaskarray(image.get_array())
+        array = image.get_array()
+        assert array is not None  # every panel shows a grid
+        data, mask = np.ma.getdata(array), np.ma.getmaskarray(array)
         cells = np.where(mask, -1, np.rint(data)).astype(np.int64)
         rows, row_cells = _pixel_indices(height - box.y1, height - box.y0, cells.shape[0])
         columns, column_cells = _pixel_indices(box.x0, box.x1, cells.shape[1])
@@ -118,13 +117,13 @@ _TITLE_CACHE_SIZE = 256
 def _title_overlay(title: Text, text: str, width: int, height: int) -> tuple[np.ndarray, int]:
     """The text of ``title`` alone, drawn at its place in a strip as wide as the figure;
     (RGBA, rows). Call with :data:`_DRAWING` held."""
-    x, top = title.get_position()
+    x, top = (float(coordinate) for coordinate in title.get_position())
     key = (text, x, top, title.get_fontsize(), title.get_horizontalalignment(), width, height)
     cached = _TITLES.get(key)
     if cached is not None:
         _TITLES.move_to_end(key)
         return cached
-    strip = int(np.ceil((1 - top) * height + 4 * title.get_fontsize()))
+    strip = int(np.ceil((1 - top) * height + 4 * float(title.get_fontsize())))
     figure = Figure(figsize=(width / DPI, strip / DPI), dpi=DPI)
     figure.patch.set_visible(False)
     figure.text(
@@ -233,7 +232,11 @@ def snapshot_images(
         layer_grids = {key: grid for key, grid in grids.items() if key[0] == layer}
         if layer_grids:
             images[heatmap_tag(layer)] = phi_image(
-                layer_grids, row_symbol=row_symbol, column_symbol=column_symbol, card=True, title_prefix=f"Layer {layer}: "
+                layer_grids,
+                row_symbol=row_symbol,
+                column_symbol=column_symbol,
+                card=True,
+                title_prefix=f"Layer {layer}: ",
             )
     if recommendation is not None and recommendation.modules:
         images[OVERVIEW_TAG] = overview_image(recommendation)

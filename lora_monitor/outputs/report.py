@@ -7,8 +7,9 @@ TensorBoard's Text tab, ``lora-monitor compare`` and ``lora-monitor inspect``.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from statistics import median
-from typing import Optional, Sequence
+from typing import Optional
 
 from lora_monitor.analysis.rank import ModuleEvidence, RankRecommendation, layer_name
 from lora_monitor.functional.bases import basis_info
@@ -20,12 +21,12 @@ CAUTIONS_BELOW = "the cautions below"
 
 def summary_line(recommendation: RankRecommendation, details: str = RECOMMENDATION_PLACE) -> str:
     """The suggestion in one line, for the console; ``details`` says where the cautions are."""
-    source = "directions shared with the reference above chance" if recommendation.compared else (
-        "the 90 %-energy rank of ΔW (spectrum only)"
+    source = (
+        "directions shared with the reference above chance"
+        if recommendation.compared
+        else ("the 90 %-energy rank of ΔW (spectrum only)")
     )
-    per_projection = ", ".join(
-        f"{p}: {'none' if r is None else r}" for p, r in recommendation.projections.items()
-    )
+    per_projection = ", ".join(f"{p}: {'none' if r is None else r}" for p, r in recommendation.projections.items())
     if recommendation.rank is None:
         head = "no LoRA rank is supported by the evidence"
     else:
@@ -69,8 +70,8 @@ def report_markdown(recommendation: RankRecommendation) -> str:
             rows,
         ),
         "",
-        f"Per module (φ in basis {recommendation.basis!r}, the singular vectors of {basis_info(recommendation.basis).matrix}; "
-        f"k = the suggested rank; chance of φ(i, i) is i/n):",
+        f"Per module (φ in basis {recommendation.basis!r}, the singular vectors of "
+        f"{basis_info(recommendation.basis).matrix}; k = the suggested rank; chance of φ(i, i) is i/n):",
         "",
         evidence_table(recommendation.modules, recommendation.basis, compared=recommendation.compared),
     ]
@@ -111,7 +112,14 @@ COLUMNS = {
 }
 #: The columns of ``lora-monitor inspect``: ΔW's spectrum alone.
 SPECTRAL_COLUMNS = (
-    "module", "r", "‖ΔW‖_F", "ΔW σ₁", "ΔW σ₁/σ₂", "ΔW energy rank (90 %)", "ΔW effective rank", "ΔW stable rank",
+    "module",
+    "r",
+    "‖ΔW‖_F",
+    "ΔW σ₁",
+    "ΔW σ₁/σ₂",
+    "ΔW energy rank (90 %)",
+    "ΔW effective rank",
+    "ΔW stable rank",
 )
 
 
@@ -142,6 +150,8 @@ def spectrum_table(modules: Sequence[ModuleEvidence]) -> str:
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A GitHub/TensorBoard Markdown table, columns padded so that it also reads as plain text."""
     widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
+
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])

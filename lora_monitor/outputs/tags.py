@@ -64,8 +64,8 @@ written at every snapshot (drawn again only when what it shows changed).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from statistics import median
-from typing import Mapping, Sequence
 
 from lora_monitor.adapters import ModuleKey
 from lora_monitor.analysis.rank import RankRecommendation, layer_name
@@ -177,18 +177,14 @@ def custom_scalars_layout(keys: Sequence[ModuleKey]) -> dict[str, dict[str, list
             "weak evidence (1: weak, 0: consistent)": ["Multiline", [_exactly(WEAK_EVIDENCE_TAG)]],
         },
         f"{SUMMARY_GROUP}: medians over layers": {
-            f"median {name}": [
-                "Multiline", [_exactly(summary_tag(name, p)) for p in projections]
-            ]
+            f"median {name}": ["Multiline", [_exactly(summary_tag(name, p)) for p in projections]]
             for name in summary_metrics(len(projections))
         },
     }
     for name in SCALAR_NAMES + OPTIONAL_SCALAR_NAMES:
         group = f"{LAYER_GROUP_PREFIX}.{name}"
         layout[f"{group}: per layer"] = {
-            f"{name} of {p}, layers as lines": [
-                "Multiline", [rf"^{re.escape(group)}/layer_\d+\.{re.escape(p)}$"]
-            ]
+            f"{name} of {p}, layers as lines": ["Multiline", [rf"^{re.escape(group)}/layer_\d+\.{re.escape(p)}$"]]
             for p in projections
         }
     return layout
