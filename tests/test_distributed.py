@@ -110,16 +110,18 @@ def _dtensor_worker(rank: int, port: int) -> None:
         mesh = init_device_mesh("cpu", (2,))
         generator = torch.Generator().manual_seed(0)  # the same whole factors on both ranks
         A, B = torch.randn(4, 6, generator=generator), torch.randn(8, 4, generator=generator)
+        W0 = distribute_tensor(torch.zeros(8, 6), mesh, [Shard(0)])
         sharded = LoRAFactors(
             module_name="layers.0.q_proj", layer=0, projection="q",
             lora_A=distribute_tensor(A, mesh, [Shard(0)]), lora_B=distribute_tensor(B, mesh, [Shard(0)]),
-            scaling=2.0, base_weight=torch.zeros(8, 6),
+            scaling=2.0, base_weight=W0,
         )
         gathered = full_factors({(0, "q"): sharded})[(0, "q")]
         assert type(gathered.lora_A) is torch.Tensor and type(gathered.lora_B) is torch.Tensor
         torch.testing.assert_close(gathered.lora_A, A)
         torch.testing.assert_close(gathered.lora_B, B)
-        assert gathered.base_weight is None and gathered.scaling == 2.0
+        # W₀ is never gathered: its numbers are summed over the shards (sharded_base_results).
+        assert gathered.base_weight is W0 and gathered.base_is_sharded and gathered.scaling == 2.0
     finally:
         torch.distributed.destroy_process_group()
 

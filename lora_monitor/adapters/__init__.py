@@ -15,7 +15,7 @@ type, with what a variant adds (DoRA's magnitude, AdaLoRA's E, a PiSSA-like init
 - :mod:`~lora_monitor.adapters.selection`: choosing modules, checking a reference.
 """
 
-from lora_monitor.adapters.factors import LoRAFactors, LoRAMonitorError, ModuleKey
+from lora_monitor.adapters.factors import LoRAFactors, LoRAMonitorError, ModuleKey, Rows, is_sharded, select_rows
 from lora_monitor.adapters.fused import FusedSplit, fused_split
 from lora_monitor.adapters.live import find_lora_factors
 from lora_monitor.adapters.saved import SavedAdapter, load_adapter
@@ -26,10 +26,13 @@ __all__ = [
     "LoRAFactors",
     "LoRAMonitorError",
     "ModuleKey",
+    "Rows",
     "SavedAdapter",
     "check_reference_compatible",
     "find_lora_factors",
+    "is_sharded",
     "fused_split",
     "load_adapter",
+    "select_rows",
     "select_factors",
 ]

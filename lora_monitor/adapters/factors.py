@@ -65,6 +65,11 @@ class LoRAFactors:
             ``"loftq"``) that moved s·B₀·A₀ out of the base weight at initialization, so that
             the update since the pretrained weight is s·(B·A − B₀·A₀); None when the base layer
             holds the pretrained weight.
+        rows: the output rows of its module this projection owns, not selected yet: set only
+            where the module's tensors are sharded (DTensors, FSDP2), whose slicing would
+            gather them. ``lora_B``, ``magnitude`` and ``base_weight`` are then the whole
+            module's; gathering the factors selects the rows of B and m
+            (:func:`lora_monitor.engine.distributed.full_factors`), W₀ is never gathered.
     """
 
     module_name: str
@@ -78,6 +83,7 @@ class LoRAFactors:
     magnitude: Optional[Tensor] = None
     lora_E: Optional[Tensor] = None
     initial_in_base: Optional[str] = None
+    rows: Optional[Rows] = None
 
     @property
     def key(self) -> ModuleKey:
@@ -112,6 +118,20 @@ class LoRAFactors:
     @property
     def has_base_weight(self) -> bool:
         return self.base_weight is not None or self.base_reader is not None
+
+    @property
+    def base_is_sharded(self) -> bool:
+        """W₀ is split across processes (FSDP2): only collective products can read it."""
+        return is_sharded(self.base_weight)
+
+
+def is_sharded(tensor: object) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (split across processes by FSDP2 or a device mesh)."""
+    if tensor is None or type(tensor).__name__ != "DTensor":
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,14 +215,14 @@ def _qualify(group: list[_Entry]) -> None:
 
 
 @overload
-def _select_rows(tensor: Tensor, rows: Optional[Rows]) -> Tensor: ...
+def select_rows(tensor: Tensor, rows: Optional[Rows]) -> Tensor: ...
 
 
 @overload
-def _select_rows(tensor: Optional[Tensor], rows: Optional[Rows]) -> Optional[Tensor]: ...
+def select_rows(tensor: Optional[Tensor], rows: Optional[Rows]) -> Optional[Tensor]: ...
 
 
-def _select_rows(tensor: Optional[Tensor], rows: Optional[Rows]) -> Optional[Tensor]:
+def select_rows(tensor: Optional[Tensor], rows: Optional[Rows]) -> Optional[Tensor]:
     """``tensor``'s rows ``rows``: a view for a slice, a gathered copy for an index tensor."""
     if tensor is None or rows is None:
         return tensor
@@ -213,6 +233,21 @@ def _select_rows(tensor: Optional[Tensor], rows: Optional[Rows]) -> Optional[Ten
 
 def _factors_of(entry: _Entry, projection: str) -> LoRAFactors:
     rows = entry.rows
+    if rows is not None and any(is_sharded(t) for t in (entry.lora_B, entry.magnitude, entry.base_weight)):
+        # Slicing a DTensor gathers it (W₀ included): the rows are kept to select once gathered.
+        return LoRAFactors(
+            module_name=entry.module_name,
+            layer=entry.layer,
+            projection=projection,
+            lora_A=entry.lora_A,
+            lora_B=entry.lora_B,
+            scaling=entry.scaling,
+            base_weight=entry.base_weight,
+            magnitude=entry.magnitude,
+            lora_E=entry.lora_E,
+            initial_in_base=entry.initial_in_base,
+            rows=rows,
+        )
     base_weight, base_reader = entry.base_weight, None
     if base_weight is not None and rows is not None and not isinstance(rows, slice):
         # Per-head rows are no view of W₀: read them when analysed instead of keeping a copy.
@@ -227,11 +262,11 @@ def _factors_of(entry: _Entry, projection: str) -> LoRAFactors:
         layer=entry.layer,
         projection=projection,
         lora_A=entry.lora_A,
-        lora_B=_select_rows(entry.lora_B, rows),
+        lora_B=select_rows(entry.lora_B, rows),
         scaling=entry.scaling,
-        base_weight=_select_rows(base_weight, rows),
+        base_weight=select_rows(base_weight, rows),
         base_reader=base_reader,
-        magnitude=_select_rows(entry.magnitude, rows),
+        magnitude=select_rows(entry.magnitude, rows),
         lora_E=entry.lora_E,
         initial_in_base=entry.initial_in_base,
     )

@@ -116,13 +116,15 @@ def device_results(
     initial: Optional[Mapping[ModuleKey, LoRAFactors]] = None,
     intruder_top_k: Optional[int] = None,
     reference_bases: Optional[ReferenceBases] = None,
+    base_results: Optional[Mapping[ModuleKey, Mapping[str, Tensor]]] = None,
 ) -> tuple[dict[ModuleKey, dict[str, Tensor]], dict[ModuleKey, int]]:
     """Every module's results on its device, by name, and the dimension n of its basis space.
 
     Per batch of same-shaped modules: one QR of each factor and r×r SVDs (the current basis
     stays factored, so φ costs a product with the reference basis); ΔW's vectors on both sides
     only where a module carries W₀, whose products are made module by module
-    (:func:`_base_results`, :func:`_dora_results`).
+    (:func:`_base_results`, :func:`_dora_results`). A W₀ sharded across processes is never read
+    here: its numbers come summed over the shards, in ``base_results``.
     """
     results: dict[ModuleKey, dict[str, Tensor]] = {}
     dimensions: dict[ModuleKey, int] = {}
@@ -138,7 +140,7 @@ def device_results(
         if not plain:
             B, A = update_B, update_A  # ΔW from here on: its spectrum, its vectors
         # ΔW's vectors on both sides are needed only for the amplification against W₀.
-        if not plain or any(factors[k].has_base_weight for k in keys):
+        if not plain or any(factors[k].has_base_weight and not factors[k].base_is_sharded for k in keys):
             U, S_update, Vh = factored_svd(B, A, scaling)
             S = S_update if on_factors and not plain else S
         batch: dict[str, Tensor] = {"singular_values": S, "basis_singular_values": basis_spectrum}
@@ -160,7 +162,10 @@ def device_results(
             f = factors[key]
             if f.lora_E is not None:
                 results[key]["adalora_kept_rank"] = (f.lora_E != 0).sum()
-            if not updates[key].known or not f.has_base_weight:
+            if base_results is not None and key in base_results:  # W₀ read at the snapshot's step
+                results[key].update({name: value.to(device) for name, value in base_results[key].items()})
+                continue
+            if not updates[key].known or not f.has_base_weight or f.base_is_sharded:
                 continue
             W0 = f.read_base_weight()  # a fresh tensor for quantized or per-head W₀: dropped below
             assert W0 is not None
@@ -175,6 +180,18 @@ def device_results(
             svd = (U[index], S[index], Vh[index])
             results[key].update(_base_results(svd, W0, intruder_top_k))
     return results, dimensions
+
+
+def base_weight_results(factors: Mapping[ModuleKey, LoRAFactors]) -> dict[ModuleKey, dict[str, Tensor]]:
+    """Amplification and ‖ΔW‖_F/‖W₀‖_F of every module with a plain update (LoRA, rsLoRA,
+    AdaLoRA) whose W₀ is here and whole, now: for a W₀ that is whole only for a moment (FSDP's
+    ``summon_full_params``), read at the snapshot's step and not kept."""
+    results = {}
+    for key, f in factors.items():
+        W0 = f.base_weight if f.magnitude is None and f.initial_in_base is None and not f.base_is_sharded else None
+        if W0 is not None:
+            results[key] = _base_results(factored_svd(f.lora_B, f.lora_A, f.scaling), W0, None)
+    return results
 
 
 def _base_results(svd: tuple[Tensor, Tensor, Tensor], W0: Tensor, intruder_top_k: Optional[int]) -> dict[str, Tensor]:

@@ -57,6 +57,14 @@ class Snapshot:
         }
         return cls(step=step, factors=copies)
 
+    def without_base_weights(self) -> Snapshot:
+        """This snapshot without W₀ (its numbers taken already, or W₀ about to be freed)."""
+        factors = {
+            key: dataclasses.replace(f, base_weight=None, base_reader=None, rows=None)
+            for key, f in self.factors.items()
+        }
+        return Snapshot(step=self.step, factors=factors)
+
     @property
     def nbytes(self) -> int:
         return sum(

@@ -11,11 +11,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Optional
 
+from torch import Tensor
+
 from lora_monitor.adapters import LoRAFactors, ModuleKey
 from lora_monitor.analysis.device import ReferenceBases, device_results, to_host
 from lora_monitor.analysis.results import ModuleAnalysis, assemble
 from lora_monitor.analysis.snapshot import Snapshot
-from lora_monitor.analysis.variants import update_of, with_base_weights
+from lora_monitor.analysis.variants import sharded_base_notes, update_of, with_base_weights
 from lora_monitor.functional.bases import Basis
 
 
@@ -27,6 +29,7 @@ def analyze(
     initial: Optional[Mapping[ModuleKey, LoRAFactors]] = None,
     intruder_top_k: Optional[int] = None,
     reference_bases: Optional[ReferenceBases] = None,
+    base_results: Optional[Mapping[ModuleKey, Mapping[str, Tensor]]] = None,
 ) -> dict[ModuleKey, ModuleAnalysis]:
     """Spectra of every module of ``current`` and, given a reference, its φ grids.
 
@@ -48,7 +51,9 @@ def analyze(
     decomposed); with ``intruder_top_k`` also its intruder dimensions, which cost two dense
     SVDs per module. ``initial`` (the factors before the first optimizer step) gives
     φ(A₀, A, r, r). ``reference_bases`` (:meth:`ReferenceBases.compute` of ``reference`` in
-    the same basis) saves decomposing a reference that does not change.
+    the same basis) saves decomposing a reference that does not change. Where W₀ is sharded
+    across processes, its numbers are those of ``base_results``
+    (:func:`lora_monitor.engine.distributed.sharded_base_results`, summed over the shards).
 
     Cost per batch: one QR of each factor — from its Gram matrix (one GEMM) where that is exact,
     else Householder, Q formed for the factor the basis lives on only — and r×r SVDs; the
@@ -62,6 +67,8 @@ def analyze(
     if reference is not None:
         reference = with_base_weights(reference, factors)
     updates = {key: update_of(f, (initial or {}).get(key), basis) for key, f in factors.items()}
+    for key, f in factors.items():
+        updates[key].notes += sharded_base_notes(f, key in (base_results or {}), intruder_top_k)
     results, dimensions = device_results(
         factors,
         updates,
@@ -70,5 +77,6 @@ def analyze(
         initial=initial,
         intruder_top_k=intruder_top_k,
         reference_bases=reference_bases,
+        base_results=base_results,
     )
     return assemble(to_host(results), dimensions, updates, reference, initial, basis)

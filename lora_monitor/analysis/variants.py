@@ -50,12 +50,42 @@ def unknown_because(f: LoRAFactors, initial: Optional[LoRAFactors]) -> Optional[
                 f"first step, or the adapter was read from disk): ΔW = s·(B·A − B₀·A₀) cannot be "
                 f"computed, so no ΔW numbers are logged"
             )
+    if f.magnitude is not None and f.base_is_sharded:
+        return (
+            "DoRA rescales the rows of W₀ + s·B·A, and W₀ is sharded across processes (FSDP2): "
+            "lora_monitor does not compute this update from shards; no ΔW numbers"
+        )
     if f.magnitude is not None and not f.has_base_weight:
         return (
             "DoRA rescales the rows of W₀ + s·B·A, and W₀ is not known here (a saved "
-            "adapter, or quantized storage that cannot be read): no ΔW numbers"
+            "adapter, quantized storage that cannot be read, or a W₀ FSDP frees after gathering "
+            "it): no ΔW numbers"
         )
     return None
+
+
+def sharded_base_notes(f: LoRAFactors, computed: bool, intruder_top_k: Optional[int]) -> list[str]:
+    """What a module whose W₀ is sharded across processes leaves out (``computed``: its W₀
+    numbers were summed over the shards)."""
+    if not f.base_is_sharded or f.magnitude is not None:  # DoRA: unknown_because says it
+        return []
+    notes = []
+    if not computed:
+        why = (
+            f"its {f.initial_in_base} initialization keeps W − s·B₀·A₀ in the base layer"
+            if f.initial_in_base is not None
+            else "its device mesh does not span every process"
+        )
+        notes.append(
+            f"W₀ is sharded across processes and {why}: delta_w_amplification and "
+            f"delta_w_relative_norm are not computed"
+        )
+    if intruder_top_k is not None:
+        notes.append(
+            "W₀ is sharded across processes: intruder_dimensions needs a dense SVD of W₀ + ΔW "
+            "and is not computed (W₀ is never gathered)"
+        )
+    return notes
 
 
 def update_of(f: LoRAFactors, initial: Optional[LoRAFactors], basis: Basis) -> UpdateFactors:

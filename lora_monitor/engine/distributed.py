@@ -1,4 +1,4 @@
-"""Whole LoRA factors on every rank of a sharded strategy, for a snapshot.
+"""Whole LoRA factors on every rank of a sharded strategy, and W₀'s numbers without W₀ whole.
 
 Data parallelism (DDP) keeps a full replica of every parameter on each rank: nothing to do.
 Sharded strategies split parameters across ranks, and a snapshot needs whole factors. Only the
@@ -13,6 +13,10 @@ in ``lora_monitor.integrations``):
 - DeepSpeed ZeRO-3 (``DeepSpeedStrategy``, stage 3): ``deepspeed.zero.GatheredParameters`` of
   the LoRA parameters only.
 
+A W₀ sharded by FSDP2 stays sharded: what needs it — ‖W₀‖_F² and the amplification's
+Uᵀ W₀ V — is a sum over the ranks' blocks, one all-reduce of every module's m×m result
+(:func:`sharded_base_results`).
+
 With several ranks the analysis itself is spread: each rank analyses every ``world_size``-th
 module (:func:`rank_share`) and the small results — φ grids and spectra, kilobytes — are
 gathered on every rank (:func:`all_gather_objects`), instead of every rank repeating the whole
@@ -25,38 +29,147 @@ import contextlib
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from lora_monitor.adapters import LoRAFactors, ModuleKey
+from lora_monitor.adapters import LoRAFactors, ModuleKey, Rows, is_sharded, select_rows
+from lora_monitor.functional.spectra import frobenius_norm
+from lora_monitor.functional.svd import factored_svd
+from lora_monitor.functional.weights import amplification_from_projection, block_projection
 
 
 def _full(tensor: Tensor) -> Tensor:
     """The whole tensor behind a (possibly) sharded parameter; a collective for a DTensor."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without distributed tensors: nothing can be sharded that way
-        return tensor
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    return tensor.full_tensor() if is_sharded(tensor) else tensor  # type: ignore[attr-defined]
 
 
 def full_factors(factors: Mapping[ModuleKey, LoRAFactors]) -> dict[ModuleKey, LoRAFactors]:
     """``factors`` with every DTensor factor (FSDP2) replaced by the whole tensor.
 
     Collective when any factor is a DTensor: call it on every rank, in the same module order.
-    Plain tensors are returned as they are (no copy). ``base_weight`` is dropped for DTensors:
-    gathering W₀ would cost d·k per module.
+    lora_A, lora_B, DoRA's magnitude and AdaLoRA's E are gathered (the rows a fused module's
+    projection owns selected after gathering); a sharded W₀ is kept as it is, with its rows,
+    for :func:`sharded_base_results`: gathering it would cost d·k per module. Plain tensors are
+    returned as they are (no copy).
     """
     gathered = {}
     for key, f in factors.items():
-        A, B = _full(f.lora_A), _full(f.lora_B)
-        if A is f.lora_A and B is f.lora_B:
+        if f.rows is None and not any(is_sharded(t) for t in (f.lora_A, f.lora_B, f.magnitude, f.lora_E)):
             gathered[key] = f
-        else:
-            gathered[key] = dataclasses.replace(f, lora_A=A, lora_B=B, base_weight=None)
+            continue
+        base_weight, rows = f.base_weight, f.rows
+        if base_weight is not None and not f.base_is_sharded:
+            base_weight, rows = select_rows(base_weight, rows), None
+        gathered[key] = dataclasses.replace(
+            f,
+            lora_A=_full(f.lora_A),
+            lora_B=select_rows(_full(f.lora_B), f.rows),
+            magnitude=None if f.magnitude is None else select_rows(_full(f.magnitude), f.rows),
+            lora_E=None if f.lora_E is None else _full(f.lora_E),
+            base_weight=base_weight,
+            rows=rows,
+        )
     return gathered
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalBlock:
+    """This rank's block of a (d, k) weight: ``weight[row0 : row0 + m, col0 : col0 + n]``.
+
+    ``counts`` is False on the replicas of a replicated mesh dimension (HSDP): their block is
+    another rank's too, and must enter a sum once.
+    """
+
+    tensor: Tensor
+    row0: int
+    col0: int
+    counts: bool
+
+
+def local_block(weight: Tensor) -> LocalBlock:
+    """The block of a DTensor (d, k) weight this rank holds, and where it sits.
+
+    FSDP2 shards rows in ``ceil(d / world_size)`` chunks, the last ranks' short or empty
+    (``to_local()`` is the unpadded block); a transposed view (GPT-2's Conv1D) is sharded on
+    its columns instead. The offsets come from the function distributed checkpointing uses.
+    """
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh, placements = weight.device_mesh, weight.placements  # type: ignore[attr-defined]
+    local = weight.to_local()  # type: ignore[attr-defined]
+    _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, placements)
+    coordinate = mesh.get_coordinate() or []
+    counts = all(c == 0 for c, p in zip(coordinate, placements) if isinstance(p, Replicate))
+    return LocalBlock(local, int(offset[0]), int(offset[1]), counts)
+
+
+def _rows_in_block(rows: Optional[Rows], count: int, row0: int, m: int) -> tuple[Rows, Rows]:
+    """The rows of a projection (of ``count`` rows, owning ``rows`` of its module) that fall
+    in a block of module rows ``[row0, row0 + m)``: as rows of the block, and as the
+    projection's own rows (those of its U)."""
+    if rows is None:
+        rows = slice(0, count)
+    if isinstance(rows, slice):
+        start, stop = max(rows.start, row0), min(rows.stop, row0 + m)
+        start = min(start, stop)
+        return slice(start - row0, stop - row0), slice(start - rows.start, stop - rows.start)
+    inside = (rows >= row0) & (rows < row0 + m)
+    return rows[inside] - row0, inside.nonzero().view(-1)
+
+
+def shards_base(f: LoRAFactors) -> bool:
+    """Whether :func:`sharded_base_results` computes ``f``'s W₀ numbers: a plain update
+    (LoRA, rsLoRA, AdaLoRA) over a W₀ sharded across the whole world. DoRA's rescaled rows and
+    a PiSSA-like W₀ (the base layer holds W − s·B₀·A₀) are not summed shard by shard."""
+    if not f.base_is_sharded or f.magnitude is not None or f.initial_in_base is not None:
+        return False
+    mesh = f.base_weight.device_mesh  # type: ignore[union-attr]
+    return mesh.size() == torch.distributed.get_world_size()
+
+
+def sharded_base_results(factors: Mapping[ModuleKey, LoRAFactors]) -> dict[ModuleKey, dict[str, Tensor]]:
+    """``delta_w_amplification`` and ``delta_w_relative_norm`` of every module whose W₀ is
+    sharded (:func:`shards_base`), from the whole factors and this rank's block of W₀.
+
+    Every rank decomposes every such module's ΔW from its factors (O((d + k)·r²), small next
+    to the products), takes its block's share of ``Uᵀ W₀ V`` (m×m) and of ‖W₀‖_F², and one
+    all-reduce sums them all: W₀ is never whole anywhere. Collective: call it on every rank
+    with the same modules. Returns ``{}`` without a sharded W₀ (and calls nothing collective).
+    """
+    keys = sorted(key for key, f in factors.items() if shards_base(f))
+    if not keys:
+        return {}
+    spectra, shares = [], []
+    for key in keys:
+        f = factors[key]
+        U, S, Vh = factored_svd(f.lora_B, f.lora_A, f.scaling)
+        block = local_block(f.base_weight)  # type: ignore[arg-type]
+        m, n = block.tensor.shape
+        local_rows, own_rows = _rows_in_block(f.rows, f.out_features, block.row0, m)
+        W = block.tensor[local_rows] if isinstance(local_rows, slice) else block.tensor.index_select(0, local_rows)
+        columns = slice(block.col0, block.col0 + n)
+        if not block.counts:
+            W = W[:0]
+        U_rows = U[own_rows] if isinstance(own_rows, slice) else U.index_select(0, own_rows)
+        share = block_projection(U_rows, Vh, W, columns=columns)
+        spectra.append(S)
+        shares += [share.reshape(-1), W.to(S.dtype).square().sum().reshape(1)]
+    total = torch.cat(shares)
+    torch.distributed.all_reduce(total)
+    results, offset = {}, 0
+    for key, S in zip(keys, spectra):
+        m = S.numel()
+        projected = total[offset : offset + m * m].view(m, m)
+        squared_norm = total[offset + m * m]
+        offset += m * m + 1
+        results[key] = {
+            "delta_w_amplification": amplification_from_projection(S, projected),
+            "delta_w_relative_norm": frobenius_norm(S) / squared_norm.sqrt(),
+        }
+    return results
 
 
 def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -103,11 +216,15 @@ class Process:
         gathered: a context manager factory inside which the LoRA factors are whole on every
             rank (FSDP's ``summon_full_params``, DeepSpeed ZeRO-3's ``GatheredParameters``);
             entered on every rank, outside forward and backward.
+        keeps_base_weight: False where what ``gathered`` makes whole is freed when it exits
+            (FSDP's ``summon_full_params`` gathers W₀ with the factors): W₀'s numbers are then
+            computed inside it, at the snapshot's step.
     """
 
     rank: int = 0
     world_size: int = 1
     gathered: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
+    keeps_base_weight: bool = True
 
     @property
     def is_main(self) -> bool:
@@ -119,6 +236,18 @@ class Process:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return cls(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size())
         return cls()
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module) -> Process:
+        """:meth:`from_torch_distributed`, gathering through FSDP (1) when ``model`` is its
+        wrapped root (a plain loop hands the monitor what it trains)."""
+        process = cls.from_torch_distributed()
+        if process.world_size > 1:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            if isinstance(model, FullyShardedDataParallel):
+                return dataclasses.replace(process, gathered=lambda: fsdp_gathered(model), keeps_base_weight=False)
+        return process
 
     @property
     def spreads_analysis(self) -> bool:

@@ -16,11 +16,13 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from lora_monitor.adapters import LoRAFactors, LoRAMonitorError, ModuleKey, find_lora_factors, select_factors
 from lora_monitor.analysis import ModuleAnalysis, Snapshot, analyze, shares_lora_A
+from lora_monitor.analysis.device import base_weight_results
 from lora_monitor.analysis.rank import RankRecommendation, recommend_rank
-from lora_monitor.engine.distributed import Process, full_factors
+from lora_monitor.engine.distributed import Process, full_factors, sharded_base_results
 from lora_monitor.engine.options import MonitorOptions, Reference
 from lora_monitor.engine.references import References
 from lora_monitor.engine.reporter import Reporter
@@ -197,13 +199,15 @@ class LoRAMonitor:
         layers. Configuration errors (:class:`LoRAMonitorError`) are raised here, before any
         training step. ``process`` says where the monitor runs (default: torch's process
         group); ``outputs``, when given, replace the outputs the monitor writes to."""
-        self.process = process if process is not None else Process.from_torch_distributed()
+        self.process = process if process is not None else Process.for_model(model)
         self._model = model
         options = self.options
-        monitored = self._monitored_factors()
-        if options.layers is not None:
-            select_factors(monitored, None, options.layers)  # raises if an entry matches nothing
-        self.references.load(monitored)
+        # FSDP (1) holds flat shards outside its gather: the factors are read and checked in it.
+        with self.process.gathered():
+            monitored = self._monitored_factors()
+            if options.layers is not None:
+                select_factors(monitored, None, options.layers)  # raises if an entry matches nothing
+            self.references.load(monitored)
         self.reporter.bind(self._outputs_of_process(outputs), speaks=self.process.is_main)
         self.reporter.drawn_layers = (
             list(options.layers) if options.layers is not None else default_layers([layer for layer, _ in monitored])
@@ -223,7 +227,7 @@ class LoRAMonitor:
         """Training starts at ``step``: from a fresh start (0), keep the factors before the
         first optimizer step (``a_init_similarity``, a PiSSA-like initialization's B₀, A₀)."""
         if self.references.initial is None:
-            note = self.references.start(self._capture(step), step)
+            note = self.references.start(self._capture(step, base_numbers=False)[0], step)
             if note is not None:
                 self.reporter.warn(note)
 
@@ -277,12 +281,20 @@ class LoRAMonitor:
         factors = find_lora_factors(self._model, self.options.adapter_name)
         return select_factors(factors, self.options.target_modules, None)
 
-    def _capture(self, step: int) -> Snapshot:
+    def _capture(self, step: int, base_numbers: bool = True) -> tuple[Snapshot, dict[ModuleKey, dict[str, Tensor]]]:
         """A snapshot of the monitored factors, whole on every rank (every rank must take it:
         sharded strategies gather the LoRA factors collectively, and copies are made while
-        they are whole)."""
+        they are whole), and the W₀ numbers that can only be taken now (FSDP (1) frees the W₀
+        it gathers: they are computed inside its gather, and no reference to it is kept)."""
+        results: dict[ModuleKey, dict[str, Tensor]] = {}
         with self.process.gathered():
-            return Snapshot.capture(full_factors(self._monitored_factors()), step)
+            snapshot = Snapshot.capture(full_factors(self._monitored_factors()), step)
+            if self.process.keeps_base_weight:
+                return snapshot, results
+            if base_numbers:
+                with self.reporter.contained(f"step {step}: the W₀ numbers"):
+                    results = base_weight_results(snapshot.factors)
+            return snapshot.without_base_weights(), results
 
     def _collect(self, wait: bool) -> None:
         """Keep, report and write the outcomes the runner finished (all of them if ``wait``)."""
@@ -300,10 +312,12 @@ class LoRAMonitor:
         assert self.runner is not None
         self._last_step = step
         try:
-            snapshot = self._capture(step)
+            snapshot, base_results = self._capture(step)
         except LoRAMonitorError as error:  # e.g. the adapter was merged or unloaded mid-run
             self.reporter.report(f"step {step}: no snapshot taken: {error}")
             return
+        with self.reporter.contained(f"step {step}: the W₀ numbers of sharded modules"):
+            base_results |= sharded_base_results(snapshot.factors)  # every rank: a collective
         # What the snapshot is compared with is decided here, at its step, whether it is then
         # analysed here or in the worker: checkpoints and resume see only this thread's state.
         reference, reference_step = self.references.for_snapshot()
@@ -312,7 +326,7 @@ class LoRAMonitor:
             # reference: a run stopped there and resumed must compare with what an
             # uninterrupted run compares with.
             self.references.remember(snapshot)
-        self.runner.submit(Job(snapshot, reference, reference_step, self.references.initial_factors))
+        self.runner.submit(Job(snapshot, reference, reference_step, self.references.initial_factors, base_results))
         self._collect(wait=False)  # a synchronous analysis is done: published at its own step
 
     def _analyse(self, job: Job) -> Outcome:
@@ -329,6 +343,7 @@ class LoRAMonitor:
                 initial=job.initial,
                 intruder_top_k=self.options.intruder_top_k,
                 reference_bases=self.references.bases_of(job.reference, job.snapshot),
+                base_results=job.base_results,
             )
         except Exception as error:
             outcome.problems.append(f"step {step}: the analysis failed with {type(error).__name__}: {error}")

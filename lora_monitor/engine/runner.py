@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
+from torch import Tensor
 
 from lora_monitor.adapters import LoRAFactors, ModuleKey
 from lora_monitor.analysis import ModuleAnalysis, Snapshot
@@ -25,12 +26,14 @@ Factors = dict[ModuleKey, LoRAFactors]
 
 @dataclass(frozen=True)
 class Job:
-    """One snapshot to analyse, with what it is compared with (decided at its step)."""
+    """One snapshot to analyse, with what it is compared with (decided at its step) and the
+    W₀ numbers of modules whose W₀ is sharded (summed over the ranks at its step)."""
 
     snapshot: Snapshot
     reference: Optional[Factors]
     reference_step: Optional[int]
     initial: Optional[Factors]
+    base_results: dict[ModuleKey, dict[str, Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -127,7 +130,7 @@ class AnalysisRunner:
         keys = rank_share(snapshot.factors, self.process.rank, self.process.world_size)
         share = Snapshot(step=snapshot.step, factors={key: snapshot.factors[key] for key in keys})
         shares: list[Outcome] = all_gather_objects(
-            self.analyse(Job(share, job.reference, job.reference_step, job.initial))
+            self.analyse(Job(share, job.reference, job.reference_step, job.initial, job.base_results))
         )
         outcome = Outcome(snapshot.step, problems=[problem for s in shares for problem in s.problems])
         analysed = [s.analyses for s in shares if s.analyses is not None]

@@ -34,7 +34,12 @@ if TYPE_CHECKING:
     from lora_monitor.functional.spectra import effective_rank, energy_rank, frobenius_norm, stable_rank
     from lora_monitor.functional.svd import Scaling, compute_dtype, factored_basis, factored_svd, singular_basis
     from lora_monitor.functional.updates import DoraUpdate, dora_update, since_initial
-    from lora_monitor.functional.weights import amplification_factor, intruder_dimensions
+    from lora_monitor.functional.weights import (
+        amplification_factor,
+        amplification_from_projection,
+        block_projection,
+        intruder_dimensions,
+    )
 
 _SUBMODULE = {
     **dict.fromkeys(
@@ -50,7 +55,10 @@ _SUBMODULE = {
     **dict.fromkeys(("effective_rank", "energy_rank", "frobenius_norm", "stable_rank"), "spectra"),
     **dict.fromkeys(("Scaling", "compute_dtype", "factored_basis", "factored_svd", "singular_basis"), "svd"),
     **dict.fromkeys(("DoraUpdate", "dora_update", "since_initial"), "updates"),
-    **dict.fromkeys(("amplification_factor", "intruder_dimensions"), "weights"),
+    **dict.fromkeys(
+        ("amplification_factor", "amplification_from_projection", "block_projection", "intruder_dimensions"),
+        "weights",
+    ),
 }
 
 __all__ = [
@@ -60,7 +68,9 @@ __all__ = [
     "DoraUpdate",
     "Scaling",
     "amplification_factor",
+    "amplification_from_projection",
     "basis_info",
+    "block_projection",
     "column_space_similarity",
     "compute_dtype",
     "dora_update",

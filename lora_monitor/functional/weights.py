@@ -1,5 +1,6 @@
 """What an update does to the base weight W₀: amplification (the paper's §7.3) and intruder
-dimensions (Shuttleworth et al. 2024). The only functions here that read W₀ (d×k).
+dimensions (Shuttleworth et al. 2024). The only functions here that read W₀ (d×k), or blocks of
+it (a W₀ split across processes).
 """
 
 from __future__ import annotations
@@ -24,10 +25,28 @@ def amplification_factor(U: Tensor, S: Tensor, Vh: Tensor, W0: Tensor) -> Tensor
     ``Uᵀ W₀ V = 0``; float32 (float64 if an input is float64).
     """
     dtype = compute_dtype(U, S, Vh, W0)
-    projected = (U.to(dtype).mT @ W0.to(dtype)) @ Vh.to(dtype).mT
+    return amplification_from_projection(S, block_projection(U.to(dtype), Vh.to(dtype), W0.to(dtype)))
+
+
+def block_projection(
+    U: Tensor, Vh: Tensor, block: Tensor, rows: slice = slice(None), columns: slice = slice(None)
+) -> Tensor:
+    """``U[rows]ᵀ · block · Vh[:, columns]ᵀ``: the share of ``Uᵀ W₀ V`` that a block of W₀ holds.
+
+    ``block`` is ``W₀[rows, columns]``; summed over blocks that tile W₀ — each process's shard
+    of a W₀ split across processes — it is ``Uᵀ W₀ V`` (``(..., m, m)``), so that W₀ is never
+    whole anywhere. O(rows·columns·m).
+    """
+    dtype = compute_dtype(U, Vh, block)
+    return (U[..., rows, :].to(dtype).mT @ block.to(dtype)) @ Vh[..., :, columns].to(dtype).mT
+
+
+def amplification_from_projection(S: Tensor, projected: Tensor) -> Tensor:
+    """``‖ΔW‖_F / ‖Uᵀ W₀ V‖_F`` from ΔW's singular values ``S (..., m)`` and the projection
+    ``Uᵀ W₀ V (..., m, m)`` (:func:`block_projection`, or its sum over the blocks of W₀)."""
+    dtype = compute_dtype(S, projected)
     numerator = frobenius_norm(S.to(dtype))
-    denominator = frobenius_norm(projected.flatten(-2))
-    ratio = numerator / denominator
+    ratio = numerator / frobenius_norm(projected.to(dtype).flatten(-2))
     return torch.where(numerator == 0, torch.zeros_like(ratio), ratio)
 
 

@@ -136,10 +136,13 @@ class LoRASubspaceMonitor(Callback):
                 "Cannot use `LoRASubspaceMonitor` callback with `Trainer` that has no logger: "
                 "pass e.g. `logger=TensorBoardLogger('runs')`."
             )
+        from lightning.pytorch.strategies import FSDPStrategy
+
         process = Process(
             rank=trainer.global_rank,
             world_size=trainer.world_size,
             gathered=lambda: _gathered(trainer, pl_module),
+            keeps_base_weight=not isinstance(trainer.strategy, FSDPStrategy),
         )
         self.engine.attach(pl_module, process=process, outputs=logger_outputs(trainer.loggers))
 

@@ -165,7 +165,14 @@ class LoRASubspaceCallback(TrainerCallback):
     ) -> None:
         if model is None:
             raise ValueError("LoRASubspaceCallback: the Trainer passed no model to on_train_begin")
-        process = Process(rank=args.process_index, world_size=args.world_size, gathered=lambda: _gathered(model))
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        process = Process(
+            rank=args.process_index,
+            world_size=args.world_size,
+            gathered=lambda: _gathered(model),
+            keeps_base_weight=not isinstance(model, FullyShardedDataParallel),
+        )
         outputs: list[Output] = []
         if state.is_world_process_zero:
             directory = self.log_dir or tensorboard_run_dir(args, self._created)

@@ -1,0 +1,131 @@
+"""The monitor under FSDP2 (``fully_shard``) and FSDP (1) in a plain loop:
+``torchrun --nproc_per_node 2`` on CPU (gloo), against the same training in one unsharded
+process (``sharded_loop.py``).
+
+Every per-layer scalar — ‖ΔW‖, φ, the spectra, and ‖ΔW‖/‖W₀‖ and the amplification, which read
+W₀ — equals the unsharded run's within 1e-4 relative; under FSDP2 no rank ever gathers a W₀
+(only LoRA factors are gathered). Each point is written once, and no warning is given.
+Resuming from a checkpoint taken under FSDP2 reproduces the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+SCRIPT = Path(__file__).with_name("sharded_loop.py")
+ROOT = Path(__file__).resolve().parents[2]
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+#: The monitors each run writes (one against the run's first snapshot, one against an adapter).
+MONITORS = ("first", "adapter")
+#: Scalars that read W₀: present under sharding, never gathered.
+W0_METRICS = ("delta_w_relative_norm", "delta_w_amplification")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed next to this Python"),
+]
+
+
+def _run(out: Path, *arguments: str, shard: Optional[str]) -> Path:
+    """Train with ``sharded_loop.py``: sharded (``"fsdp2"``, ``"fsdp1"``) by torchrun, or in one
+    process (None)."""
+    launcher = [TORCHRUN, "--nproc_per_node", "2"] if shard else [sys.executable]
+    command = [*launcher, str(SCRIPT), str(out), *(["--shard", shard] if shard else []), *arguments]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out
+
+
+def _scalars(log_dir: Path) -> dict[str, dict[int, float]]:
+    """tag → {step: value} of every scalar the monitor wrote; each point must be written once."""
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    values = {}
+    for tag in events.Tags()["scalars"]:
+        steps = [event.step for event in events.Scalars(tag)]
+        assert len(steps) == len(set(steps)), f"{tag} written more than once at a step: {steps}"
+        values[tag] = {event.step: event.value for event in events.Scalars(tag)}
+    return values
+
+
+def _assert_same(expected: dict[str, dict[int, float]], got: dict[str, dict[int, float]], steps=None) -> None:
+    assert set(got) == set(expected)
+    for tag, series in expected.items():
+        chosen = {step: value for step, value in series.items() if steps is None or step in steps}
+        assert set(got[tag]) >= set(chosen), tag
+        for step, value in chosen.items():
+            assert got[tag][step] == pytest.approx(value, rel=1e-4, abs=1e-7), (tag, step)
+
+
+def _warnings(out: Path) -> list[str]:
+    return [message for rank in (0, 1) for message in json.loads((out / f"warnings_rank{rank}.json").read_text())]
+
+
+def _assert_only_factors_gathered(out: Path, rank: int = 4) -> None:
+    """Every DTensor the monitors gathered is a LoRA factor (one side of length r), never W₀."""
+    for process in (0, 1):
+        shapes = json.loads((out / f"gathered_rank{process}.json").read_text())
+        assert shapes and all(rank in shape for shape in shapes), shapes
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("fsdp2")
+    spec = importlib.util.spec_from_file_location("sharded_loop", SCRIPT)
+    loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loop)
+    loop.build("llama", lora_seed=7).save_pretrained(str(root / "adapter"))
+    adapter = ("--adapter", str(root / "adapter"))
+    half = _run(root / "half", *adapter, "--stop-at", "3", shard="fsdp2")
+    return {
+        "single": _run(root / "single", *adapter, shard=None),
+        "sharded": _run(root / "sharded", *adapter, shard="fsdp2"),
+        "fsdp1": _run(root / "fsdp1", *adapter, shard="fsdp1"),
+        "half": half,
+        "resumed": _run(root / "resumed", *adapter, "--resume", str(half), shard="fsdp2"),
+    }
+
+
+@pytest.mark.parametrize("monitor", MONITORS)
+@pytest.mark.parametrize("run", ["sharded", "fsdp1"])
+def test_every_scalar_equals_the_unsharded_run(runs, run, monitor):
+    expected = _scalars(runs["single"] / f"tb_{monitor}")
+    got = _scalars(runs[run] / f"tb_{monitor}")
+    for metric in ("delta_w_norm", "phi_top", "delta_w_energy_rank", *W0_METRICS):
+        assert any(tag.startswith(f"lora_monitor.{metric}/") for tag in got), metric
+    assert all(sorted(series) == [2, 4, 6] for tag, series in got.items() if tag.startswith("lora_monitor.delta_w"))
+    _assert_same(expected, got)
+    assert _warnings(runs[run]) == []
+    if run == "sharded":
+        _assert_only_factors_gathered(runs[run])
+
+
+def test_resume_under_fsdp2_reproduces_the_uninterrupted_run(runs):
+    assert _warnings(runs["half"]) == _warnings(runs["resumed"]) == []
+    for monitor in MONITORS:
+        got = _scalars(runs["resumed"] / f"tb_{monitor}")
+        assert {step for series in got.values() for step in series} == {4, 6}
+        _assert_same(_scalars(runs["sharded"] / f"tb_{monitor}"), got, steps={4, 6})
+
+
+def test_a_fused_module_is_split_without_gathering_its_base_weight(tmp_path):
+    """Phi-3's qkv_proj: q, k and v are row blocks of one sharded weight, and each rank's rows
+    cut across them."""
+    single = _run(tmp_path / "single", "--arch", "phi3", shard=None)
+    sharded = _run(tmp_path / "sharded", "--arch", "phi3", shard="fsdp2")
+    expected, got = _scalars(single / "tb_first"), _scalars(sharded / "tb_first")
+    assert any(tag.startswith("lora_monitor.delta_w_amplification/") and tag.endswith(".q") for tag in got)
+    _assert_same(expected, got)
+    assert _warnings(sharded) == []
+    _assert_only_factors_gathered(sharded)
