@@ -402,12 +402,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cautions = "".join(f"\n- {caution}" for caution in recommendation.cautions)
             print(f"# {args.directory}\n\n{table}\n\n{summary_line(recommendation, CAUTIONS_BELOW)}{cautions}")
     except LoRAMonitorError as error:
-        message = " ".join(str(error).split())
-        print(f"lora-monitor: error: {message}", file=sys.stderr)
+        print(f"lora-monitor: error: {in_flags(str(error))}", file=sys.stderr)
         return 2
     finally:
         torch.set_num_threads(threads)
     return 0
+
+
+#: How the library's messages name its arguments (as a Python call would pass them), and how
+#: this command line spells them.
+ARGUMENT_FLAGS = {
+    "target_modules=/layers=": "--projections/--layers",
+    "target_modules [": "--projections [",
+    "and layers [": "and --layers [",
+    "(base_config=)": "(--base-config)",
+}
+
+
+def in_flags(message: str) -> str:
+    """A library message on one line, its advice in this command line's flags, not in Python
+    arguments (``target_modules=`` is ``--projections`` here)."""
+    message = " ".join(message.split())
+    if message.startswith("layers ["):
+        message = "--" + message
+    for argument, flag in ARGUMENT_FLAGS.items():
+        message = message.replace(argument, flag)
+    return message
 
 
 def _comparison_header(args: argparse.Namespace, result: Comparison) -> str:

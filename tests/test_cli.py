@@ -150,3 +150,16 @@ def test_console_script_exits_2_in_a_subprocess():
     assert done.returncode == 2
     assert done.stderr.startswith("lora-monitor: error: adapter directory not found")
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "argv, flag, python_argument",
+    [
+        (["inspect", "{r4}", "--projections", "nope"], "--projections ['nope'] match no LoRA module", "target_modules"),
+        (["inspect", "{r4}", "--layers", "7"], "--layers [7] have no LoRA module", "layers=["),
+    ],
+)
+def test_errors_advise_the_command_line_s_flags(adapters, capsys, argv, flag, python_argument):
+    status, _, err = _run([a.format(r4=adapters["r4"][1]) for a in argv], capsys)
+    assert status == 2
+    assert flag in err and python_argument not in err
