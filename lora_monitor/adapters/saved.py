@@ -132,42 +132,37 @@ def _base_config(
     return None
 
 
-def load_adapter(
-    path: str | os.PathLike,
-    base_config: Union[None, Mapping[str, Any], str, os.PathLike] = None,
-    *,
-    modules: Optional[Collection[str]] = None,
-) -> SavedAdapter:
-    """Read the LoRA factors of an adapter saved by peft's ``save_pretrained``.
+@dataclass
+class SavedModule:
+    """One LoRA module of a saved adapter, as peft applies it: ΔW = scaling · B @ A."""
 
-    No base model is loaded: only ``adapter_config.json`` and ``adapter_model.safetensors``
-    (or ``adapter_model.bin`` when there is no safetensors file). The scaling of each module
-    follows peft: ``lora_alpha / r`` (``lora_alpha / √r`` with ``use_rslora``), ``r`` and
-    ``lora_alpha`` taken from ``rank_pattern`` / ``alpha_pattern`` where a pattern matches the
-    module path. Keys and the split of fused q|k|v modules are the same as
-    :func:`find_lora_factors` gives for the live model where the layout is known without the
-    base model (GPT-2's ``c_attn``, GPT-BigCode's multi-query ``c_attn``) or from its config;
-    other fused modules are kept whole, with a warning saying why.
+    module_name: str
+    lora_A: Tensor
+    lora_B: Tensor
+    r: int
+    alpha: float
+    scaling: float
+    magnitude: Optional[Tensor] = None
 
-    Without the base model, W₀ is unknown: for a DoRA adapter (its magnitude vector is read)
-    and for one initialized by PiSSA/OLoRA/CorDA/LoftQ (whose initial factors were moved out
-    of W₀ and are not saved), the factors alone do not give the update the model applies, and
-    the analysis says so instead of reading s·B·A as ΔW.
 
-    Args:
-        path: the adapter directory (a file inside it is accepted too).
-        base_config: the base model's transformers config (a mapping, or the path of its
-            ``config.json`` or of its directory), to split fused q|k|v modules; default a
-            ``config.json`` beside the adapter or in ``base_model_name_or_path``.
-        modules: the module paths (:attr:`LoRAFactors.module_name`) whose tensors are read;
-            the other modules' factors are meta tensors of their shapes, from the safetensors
-            header alone, so that keys, ranks and shapes are those of the whole adapter while
-            only part of it is in memory (the CLI streams an adapter this way). None: all. An
-            ``adapter_model.bin`` is always read whole.
+@dataclass
+class SavedModules:
+    """What a ``save_pretrained`` directory holds: its config, every tensor of its weights
+    file (by key), and its Linear LoRA modules."""
+
+    path: Path
+    config: dict
+    weights_file: Path
+    tensors: dict[str, Tensor]
+    modules: list[SavedModule]
+
+
+def read_saved_modules(path: str | os.PathLike, modules: Optional[Collection[str]] = None) -> SavedModules:
+    """Read and check an adapter directory (see :func:`load_adapter`, whose ``modules`` this
+    takes); the modules are as saved, a fused q|k|v module whole.
 
     Raises:
-        LoRAMonitorError: missing directory, not a peft adapter directory, not a LoRA adapter,
-            an empty or corrupt weights file, inconsistent factors.
+        LoRAMonitorError: as :func:`load_adapter`.
     """
     path = Path(path)
     if path.is_file() and path.name.startswith(("adapter_config", "adapter_model")):
@@ -236,14 +231,10 @@ def load_adapter(
         magnitude = _MAGNITUDE_KEY.match(key)
         if magnitude is not None and isinstance(tensor, Tensor):
             magnitudes[magnitude["module"]] = tensor.reshape(-1)
-    model_config = _base_config(path, config, base_config)
-    initial_in_base = initialization_in_base(config)
-    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
-
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     use_rslora = bool(config.get("use_rslora", False))
-    entries: list[_Entry] = []
+    saved: list[SavedModule] = []
     for module_name, pair in pairs.items():
         if set(pair) != {"A", "B"}:
             missing = "lora_B" if "A" in pair else "lora_A"
@@ -271,20 +262,67 @@ def load_adapter(
                 f"together"
             )
         scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        entry = _Entry(
-            module_name=module_name,
-            projection=_projection_name(module_name),
-            lora_A=A,
-            lora_B=B,
-            scaling=float(scaling),
-            base_weight=None,
-            magnitude=magnitudes.get(module_name),
-            initial_in_base=initial_in_base,
-        )
-        entries.extend(split_entry(entry, model_config, fan_in_fan_out))
-    if not entries:
+        saved.append(SavedModule(module_name, A, B, int(r), float(alpha), float(scaling), magnitudes.get(module_name)))
+    if not saved:
         raise LoRAMonitorError(
             f"{weights_file} holds no Linear LoRA factors (keys ending in lora_A.weight / "
             f"lora_B.weight); found {len(tensors)} other tensors"
         )
-    return SavedAdapter(path=path, config=config, factors=_assemble(entries))
+    return SavedModules(path, config, weights_file, tensors, saved)
+
+
+def load_adapter(
+    path: str | os.PathLike,
+    base_config: Union[None, Mapping[str, Any], str, os.PathLike] = None,
+    *,
+    modules: Optional[Collection[str]] = None,
+) -> SavedAdapter:
+    """Read the LoRA factors of an adapter saved by peft's ``save_pretrained``.
+
+    No base model is loaded: only ``adapter_config.json`` and ``adapter_model.safetensors``
+    (or ``adapter_model.bin`` when there is no safetensors file). The scaling of each module
+    follows peft: ``lora_alpha / r`` (``lora_alpha / √r`` with ``use_rslora``), ``r`` and
+    ``lora_alpha`` taken from ``rank_pattern`` / ``alpha_pattern`` where a pattern matches the
+    module path. Keys and the split of fused q|k|v modules are the same as
+    :func:`find_lora_factors` gives for the live model where the layout is known without the
+    base model (GPT-2's ``c_attn``, GPT-BigCode's multi-query ``c_attn``) or from its config;
+    other fused modules are kept whole, with a warning saying why.
+
+    Without the base model, W₀ is unknown: for a DoRA adapter (its magnitude vector is read)
+    and for one initialized by PiSSA/OLoRA/CorDA/LoftQ (whose initial factors were moved out
+    of W₀ and are not saved), the factors alone do not give the update the model applies, and
+    the analysis says so instead of reading s·B·A as ΔW.
+
+    Args:
+        path: the adapter directory (a file inside it is accepted too).
+        base_config: the base model's transformers config (a mapping, or the path of its
+            ``config.json`` or of its directory), to split fused q|k|v modules; default a
+            ``config.json`` beside the adapter or in ``base_model_name_or_path``.
+        modules: the module paths (:attr:`LoRAFactors.module_name`) whose tensors are read;
+            the other modules' factors are meta tensors of their shapes, from the safetensors
+            header alone, so that keys, ranks and shapes are those of the whole adapter while
+            only part of it is in memory (the CLI streams an adapter this way). None: all. An
+            ``adapter_model.bin`` is always read whole.
+
+    Raises:
+        LoRAMonitorError: missing directory, not a peft adapter directory, not a LoRA adapter,
+            an empty or corrupt weights file, inconsistent factors.
+    """
+    saved = read_saved_modules(path, modules)
+    model_config = _base_config(saved.path, saved.config, base_config)
+    initial_in_base = initialization_in_base(saved.config)
+    fan_in_fan_out = bool(saved.config.get("fan_in_fan_out", False))
+    entries: list[_Entry] = []
+    for module in saved.modules:
+        entry = _Entry(
+            module_name=module.module_name,
+            projection=_projection_name(module.module_name),
+            lora_A=module.lora_A,
+            lora_B=module.lora_B,
+            scaling=module.scaling,
+            base_weight=None,
+            magnitude=module.magnitude,
+            initial_in_base=initial_in_base,
+        )
+        entries.extend(split_entry(entry, model_config, fan_in_fan_out))
+    return SavedAdapter(path=saved.path, config=saved.config, factors=_assemble(entries))

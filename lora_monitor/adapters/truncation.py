@@ -1,0 +1,106 @@
+"""Cut a saved LoRA adapter to a smaller rank: every ΔW replaced by its best rank-K approximation.
+
+The result is a peft adapter directory like the one read (``adapter_config.json`` and
+``adapter_model.safetensors``), loadable by ``PeftModel.from_pretrained``: modules of one rank
+set ``r``, the others peft's ``rank_pattern`` (their full paths, so that no other module
+matches), ``lora_alpha`` and ``alpha_pattern`` unchanged. The factors of a module cut to K are
+``B' = U_K·√(Σ_K/s')`` and ``A' = √(Σ_K/s')·V_Kᵀ`` with ``U_K Σ_K V_Kᵀ`` the top K singular
+triplets of ΔW = s·B·A (:func:`lora_monitor.functional.factored_svd`, never forming ΔW) and s'
+the scaling peft gives rank K: ``s'·B'·A'`` is that best approximation (Eckart–Young), its two
+factors balanced.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Union
+
+import torch
+
+from lora_monitor.adapters.factors import PEFT_PREFIX, LoRAMonitorError
+from lora_monitor.adapters.saved import SavedModule, read_saved_modules
+from lora_monitor.adapters.variants import initialization_in_base
+from lora_monitor.functional.svd import factored_svd
+
+#: The rank each saved module is cut to: one for all, or by module path (a module's own rank
+#: where it is lower: a module is never padded).
+Ranks = Union[int, Mapping[str, int], Callable[[str], int]]
+
+
+def _rank_of(ranks: Ranks, module_name: str) -> int:
+    if isinstance(ranks, int):
+        return ranks
+    if callable(ranks):
+        return int(ranks(module_name))
+    return int(ranks[module_name])
+
+
+def _cut(module: SavedModule, rank: int, use_rslora: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors (B', A') of rank ``rank`` whose update, at peft's scaling for that rank, is
+    the best rank-``rank`` approximation of the module's ΔW."""
+    scaling = module.alpha / (math.sqrt(rank) if use_rslora else rank)
+    U, S, Vh = factored_svd(module.lora_B.double(), module.lora_A.double(), module.scaling)
+    root = (S[:rank] / scaling).sqrt()
+    B = U[:, :rank] * root
+    A = root[:, None] * Vh[:rank]
+    return B.to(module.lora_B.dtype), A.to(module.lora_A.dtype)
+
+
+def truncate_adapter(source: str | os.PathLike, output: str | os.PathLike, ranks: Ranks) -> dict[str, int]:
+    """Write to ``output`` the adapter ``source`` with every ΔW cut to its best rank-K
+    approximation, K given by ``ranks`` (never above a module's own rank).
+
+    Returns:
+        The rank of each module written, by its path.
+
+    Raises:
+        LoRAMonitorError: ``source`` is not a plain LoRA adapter this can cut (DoRA rescales
+            the rows of W₀ + s·B·A, and a PiSSA-like initialization left W − s·B₀·A₀ in the
+            base model: their ΔW is not s·B·A), a rank below 1, or ``output`` is ``source``.
+    """
+    saved = read_saved_modules(source)
+    config = dict(saved.config)
+    output = Path(output)
+    if output.resolve() == saved.path.resolve():
+        raise LoRAMonitorError(f"the truncated adapter would overwrite {saved.path}: write it to another directory")
+    if any(module.magnitude is not None for module in saved.modules) or config.get("use_dora"):
+        raise LoRAMonitorError(
+            f"{saved.path} is a DoRA adapter: its update rescales the rows of W₀ + s·B·A, so "
+            f"cutting B·A to rank K is not the best rank-K update; lora_monitor truncates plain "
+            f"LoRA (and rsLoRA) adapters"
+        )
+    initialization = initialization_in_base(config)
+    if initialization is not None:
+        raise LoRAMonitorError(
+            f"{saved.path} was initialized by {initialization}, which moved s·B₀·A₀ out of the base "
+            f"weight: its ΔW is not s·B·A, and B₀, A₀ are not saved; convert it first (peft's "
+            f"path_initial_model_for_weight_conversion) and truncate the converted adapter"
+        )
+    use_rslora = bool(config.get("use_rslora", False))
+    tensors = dict(saved.tensors)
+    written: dict[str, int] = {}
+    for module in saved.modules:
+        rank = min(_rank_of(ranks, module.module_name), module.r)
+        if rank < 1:
+            raise LoRAMonitorError(f"cannot truncate {module.module_name} to rank {rank}: a LoRA rank is at least 1")
+        B, A = _cut(module, rank, use_rslora)
+        key_A = next(k for k in tensors if k.startswith(f"{module.module_name}.lora_A") and k.endswith("weight"))
+        key_B = next(k for k in tensors if k.startswith(f"{module.module_name}.lora_B") and k.endswith("weight"))
+        tensors[key_A], tensors[key_B] = A.contiguous(), B.contiguous()
+        written[module.module_name] = rank
+    common = Counter(written.values()).most_common(1)[0][0]
+    config["r"] = common
+    config["rank_pattern"] = {
+        name.removeprefix(PEFT_PREFIX): rank for name, rank in sorted(written.items()) if rank != common
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(output / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return written
