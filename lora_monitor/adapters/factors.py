@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Optional, Union, overload
+from typing import Any, Optional, Union, overload
 
 from torch import Tensor
 
@@ -65,6 +65,9 @@ class LoRAFactors:
             ``"loftq"``) that moved s·B₀·A₀ out of the base weight at initialization, so that
             the update since the pretrained weight is s·(B·A − B₀·A₀); None when the base layer
             holds the pretrained weight.
+        base_quantization: bitsandbytes' 4-bit quantization state of a W₀ stored packed and
+            sharded across processes (QLoRA with FSDP2): ``base_weight`` then holds the packed
+            bytes, which each rank dequantizes from its own shard. None otherwise.
         rows: the output rows of its module this projection owns, not selected yet: set only
             where the module's tensors are sharded (DTensors, FSDP2), whose slicing would
             gather them. ``lora_B``, ``magnitude`` and ``base_weight`` are then the whole
@@ -83,6 +86,7 @@ class LoRAFactors:
     magnitude: Optional[Tensor] = None
     lora_E: Optional[Tensor] = None
     initial_in_base: Optional[str] = None
+    base_quantization: Optional[Any] = None
     rows: Optional[Rows] = None
 
     @property
@@ -176,6 +180,7 @@ class _Entry:
     magnitude: Optional[Tensor] = None
     lora_E: Optional[Tensor] = None
     initial_in_base: Optional[str] = None
+    base_quantization: Optional[Any] = None
     #: The output rows this entry owns in its module (None: all of them).
     rows: Optional[Rows] = None
     qualifiers: list[str] = field(default_factory=list)
@@ -246,6 +251,7 @@ def _factors_of(entry: _Entry, projection: str) -> LoRAFactors:
             magnitude=entry.magnitude,
             lora_E=entry.lora_E,
             initial_in_base=entry.initial_in_base,
+            base_quantization=entry.base_quantization,
             rows=rows,
         )
     base_weight, base_reader = entry.base_weight, None
@@ -269,6 +275,7 @@ def _factors_of(entry: _Entry, projection: str) -> LoRAFactors:
         magnitude=select_rows(entry.magnitude, rows),
         lora_E=entry.lora_E,
         initial_in_base=entry.initial_in_base,
+        base_quantization=entry.base_quantization,
     )
 
 

@@ -146,12 +146,13 @@ def find_lora_factors(model: torch.nn.Module, adapter_name: Optional[str] = None
             continue
         fields = read_factors(layer, name)
         d, k = fields["lora_B"].shape[0], fields["lora_A"].shape[1]
-        base_weight, base_reader = base_weight_of(layer, d, k)
+        base_weight, base_reader, base_quantization = base_weight_of(layer, d, k)
         entry = _Entry(
             module_name=module_name,
             projection=_projection_name(module_name),
             base_weight=base_weight,
             base_reader=base_reader,
+            base_quantization=base_quantization,
             initial_in_base=initial_in_base,
             **fields,
         )

@@ -18,13 +18,14 @@ skipped with a warning naming the variant, never read as s·B·A.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from lora_monitor.adapters.factors import Rows
+from lora_monitor.adapters.factors import Rows, is_sharded
 
 #: ``init_lora_weights`` values (prefixes: ``pissa_niter_16``) whose initialization subtracts
 #: s·B₀·A₀ from the base weight.
@@ -117,21 +118,51 @@ def is_quantized(weight: Any) -> bool:
 
 def base_weight_of(
     layer: Any, out_features: int, in_features: int
-) -> tuple[Optional[Tensor], Optional[Callable[[Optional[Rows]], Tensor]]]:
-    """W₀ of a LoRA layer: ``(a (d, k) view, None)``, or ``(None, a reader of the rows asked
-    for)`` for quantized storage, or ``(None, None)`` where it cannot be read as a matrix."""
+) -> tuple[Optional[Tensor], Optional[Callable[[Optional[Rows]], Tensor]], Optional[Any]]:
+    """W₀ of a LoRA layer: ``(a (d, k) view, None, None)``, or ``(None, a reader of the rows
+    asked for, None)`` for quantized storage, or ``(packed bytes, None, its quantization
+    state)`` for 4-bit storage sharded across processes (QLoRA with FSDP2: each rank reads its
+    own shard, :func:`dequantize_4bit_shard`), or ``(None, None, None)`` where it cannot be
+    read as a matrix."""
     base = layer.get_base_layer()
     weight = getattr(base, "weight", None)
     transpose = stores_transposed(layer)
+    state = getattr(base, "quant_state", None)
+    if is_sharded(weight) and state is not None and type(base).__name__ == "Linear4bit":
+        return weight, None, state
     if is_quantized(weight):
-        return None, lambda rows: _dequantized(base, transpose, rows)
+        return None, lambda rows: _dequantized(base, transpose, rows), None
     if not isinstance(weight, Tensor) or weight.ndim != 2:
-        return None, None
+        return None, None, None
     if transpose:
         weight = weight.T
     if tuple(weight.shape) != (out_features, in_features):
-        return None, None  # sharded storage: no (d, k) view of W₀
-    return weight, None
+        return None, None, None  # storage that is no (d, k) matrix (8-bit sharded, ...)
+    return weight, None, None
+
+
+def dequantize_4bit_shard(packed: Tensor, element_offset: int, state: Any) -> tuple[Tensor, int]:
+    """This rank's values of a bitsandbytes 4-bit W₀ whose packed storage FSDP2 shards:
+    ``(values (float32), the flat row-major (d, k) index of the first)``.
+
+    ``packed`` is the local shard of the packed storage (any storage dtype), ``element_offset``
+    its first element's index in the whole storage. bitsandbytes' layout (its default backend's
+    ``_dequantize_4bit_compute``): byte i holds value 2i in its high nibble and 2i + 1 in its
+    low one; value v is ``code[nibble]·absmax[v // blocksize]``, the absmax dequantized first
+    under double quantization; values are rounded to the state's dtype as bitsandbytes does.
+    """
+    raw = packed.contiguous().view(torch.uint8).reshape(-1)
+    first = 2 * element_offset * packed.element_size()
+    nibbles = torch.stack([raw >> 4, raw & 0xF], dim=-1).reshape(-1).long()
+    count = max(0, min(nibbles.numel(), math.prod(state.shape) - first))  # the last byte may pad
+    absmax = state.absmax
+    if state.nested:
+        import bitsandbytes.functional as bnb_functional
+
+        absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    blocks = torch.arange(first, first + count, device=raw.device) // state.blocksize
+    values = state.code.float()[nibbles[:count]] * absmax.float()[blocks]
+    return values.to(state.dtype).float(), first
 
 
 def peft_configs(model: torch.nn.Module) -> Mapping[str, Any]:

@@ -71,11 +71,12 @@ def sharded_base_notes(f: LoRAFactors, computed: bool, intruder_top_k: Optional[
         return []
     notes = []
     if not computed:
-        why = (
-            f"its {f.initial_in_base} initialization keeps W − s·B₀·A₀ in the base layer"
-            if f.initial_in_base is not None
-            else "its device mesh does not span every process"
-        )
+        if f.initial_in_base is not None:
+            why = f"its {f.initial_in_base} initialization keeps W − s·B₀·A₀ in the base layer"
+        elif f.base_quantization is not None and f.rows is not None:
+            why = "this projection's rows of a fused 4-bit module are not read from packed shards"
+        else:
+            why = "its device mesh does not span every process"
         notes.append(
             f"W₀ is sharded across processes and {why}: delta_w_amplification and "
             f"delta_w_relative_norm are not computed"

@@ -35,9 +35,10 @@ import torch
 from torch import Tensor
 
 from lora_monitor.adapters import LoRAFactors, ModuleKey, Rows, is_sharded, select_rows
+from lora_monitor.adapters.variants import dequantize_4bit_shard
 from lora_monitor.functional.spectra import frobenius_norm
 from lora_monitor.functional.svd import factored_svd
-from lora_monitor.functional.weights import amplification_from_projection, block_projection
+from lora_monitor.functional.weights import amplification_from_projection, block_projection, run_projection
 
 
 def _full(tensor: Tensor) -> Tensor:
@@ -88,6 +89,19 @@ class LocalBlock:
     counts: bool
 
 
+def _local(weight: Tensor) -> tuple[Tensor, list[int], bool]:
+    """This rank's local tensor of a DTensor, its offset in the whole, and whether it enters
+    a sum over the ranks (False on the replicas of a replicated mesh dimension)."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh, placements = weight.device_mesh, weight.placements  # type: ignore[attr-defined]
+    _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, placements)
+    coordinate = mesh.get_coordinate() or []
+    counts = all(c == 0 for c, p in zip(coordinate, placements) if isinstance(p, Replicate))
+    return weight.to_local(), [int(o) for o in offset], counts  # type: ignore[attr-defined]
+
+
 def local_block(weight: Tensor) -> LocalBlock:
     """The block of a DTensor (d, k) weight this rank holds, and where it sits.
 
@@ -95,15 +109,8 @@ def local_block(weight: Tensor) -> LocalBlock:
     (``to_local()`` is the unpadded block); a transposed view (GPT-2's Conv1D) is sharded on
     its columns instead. The offsets come from the function distributed checkpointing uses.
     """
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    mesh, placements = weight.device_mesh, weight.placements  # type: ignore[attr-defined]
-    local = weight.to_local()  # type: ignore[attr-defined]
-    _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, placements)
-    coordinate = mesh.get_coordinate() or []
-    counts = all(c == 0 for c, p in zip(coordinate, placements) if isinstance(p, Replicate))
-    return LocalBlock(local, int(offset[0]), int(offset[1]), counts)
+    local, offset, counts = _local(weight)
+    return LocalBlock(local, offset[0], offset[1], counts)
 
 
 def _rows_in_block(rows: Optional[Rows], count: int, row0: int, m: int) -> tuple[Rows, Rows]:
@@ -122,9 +129,12 @@ def _rows_in_block(rows: Optional[Rows], count: int, row0: int, m: int) -> tuple
 
 def shards_base(f: LoRAFactors) -> bool:
     """Whether :func:`sharded_base_results` computes ``f``'s W₀ numbers: a plain update
-    (LoRA, rsLoRA, AdaLoRA) over a W₀ sharded across the whole world. DoRA's rescaled rows and
+    (LoRA, rsLoRA, AdaLoRA) over a W₀ sharded across the whole world, stored as a matrix or as
+    bitsandbytes' packed 4 bits (not a fused module's rows of those). DoRA's rescaled rows and
     a PiSSA-like W₀ (the base layer holds W − s·B₀·A₀) are not summed shard by shard."""
     if not f.base_is_sharded or f.magnitude is not None or f.initial_in_base is not None:
+        return False
+    if f.base_quantization is not None and f.rows is not None:
         return False
     mesh = f.base_weight.device_mesh  # type: ignore[union-attr]
     return mesh.size() == torch.distributed.get_world_size()
@@ -146,6 +156,13 @@ def sharded_base_results(factors: Mapping[ModuleKey, LoRAFactors]) -> dict[Modul
     for key in keys:
         f = factors[key]
         U, S, Vh = factored_svd(f.lora_B, f.lora_A, f.scaling)
+        if f.base_quantization is not None:
+            packed, packed_offset, counts = _local(f.base_weight)  # type: ignore[arg-type]
+            values, first = dequantize_4bit_shard(packed, packed_offset[0], f.base_quantization)
+            values = values if counts else values[:0]
+            spectra.append(S)
+            shares += [run_projection(U, Vh, values, first).reshape(-1), values.square().sum().reshape(1)]
+            continue
         block = local_block(f.base_weight)  # type: ignore[arg-type]
         m, n = block.tensor.shape
         local_rows, own_rows = _rows_in_block(f.rows, f.out_features, block.row0, m)

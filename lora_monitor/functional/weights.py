@@ -41,6 +41,35 @@ def block_projection(
     return (U[..., rows, :].to(dtype).mT @ block.to(dtype)) @ Vh[..., :, columns].to(dtype).mT
 
 
+def run_projection(U: Tensor, Vh: Tensor, values: Tensor, first: int) -> Tensor:
+    """The share of ``Uᵀ W₀ V`` that a run of W₀'s entries in row-major order holds:
+    ``W₀.flatten()[first : first + len(values)]`` (W₀ of ``Vh.shape[-1]`` columns), possibly
+    starting and ending mid-row — how FSDP2 shards the packed storage of a 4-bit W₀.
+
+    Unbatched: ``U (d, m)``, ``Vh (m, k)``, ``values (n,)``. Returns ``(m, m)``.
+    """
+    dtype = compute_dtype(U, Vh, values)
+    U, Vh, values = U.to(dtype), Vh.to(dtype), values.to(dtype)
+    k = Vh.shape[-1]
+    total = torch.zeros(U.shape[-1], Vh.shape[-2], dtype=dtype, device=U.device)
+    position, end = first, first + values.numel()
+    row, column = divmod(position, k)
+    if column and position < end:  # the rest of a row begun on another shard
+        stop = min(end, (row + 1) * k)
+        total += torch.outer(U[row], Vh[:, column : column + stop - position] @ values[: stop - first])
+        position = stop
+    rows = (end - position) // k
+    if rows:
+        start = position // k
+        whole = values[position - first : position - first + rows * k].view(rows, k)
+        total += (U[start : start + rows].mT @ whole) @ Vh.mT
+        position += rows * k
+    if position < end:  # the beginning of a row that ends on another shard
+        part = values[position - first :]
+        total += torch.outer(U[position // k], Vh[:, : part.numel()] @ part)
+    return total
+
+
 def amplification_from_projection(S: Tensor, projected: Tensor) -> Tensor:
     """``‖ΔW‖_F / ‖Uᵀ W₀ V‖_F`` from ΔW's singular values ``S (..., m)`` and the projection
     ``Uᵀ W₀ V (..., m, m)`` (:func:`block_projection`, or its sum over the blocks of W₀)."""

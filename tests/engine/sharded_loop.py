@@ -39,15 +39,19 @@ def build(arch: str = "llama", lora_seed: int = 0) -> torch.nn.Module:
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    common = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2)
+    # bitsandbytes' CPU 4-bit kernels quantize blocks of 64 inputs.
+    hidden = 64 if arch == "llama4bit" else 48
+    common = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2)
     common.update(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    if arch == "llama":
+    if arch in ("llama", "llama4bit"):
         base_class, config, targets = transformers.LlamaForCausalLM, transformers.LlamaConfig(**common), ["q_proj", "v_proj"]
     else:  # Phi-3: q, k and v are row blocks of one fused qkv_proj
         base_class, config, targets = transformers.Phi3ForCausalLM, transformers.Phi3Config(**common, pad_token_id=0, bos_token_id=1, eos_token_id=1), ["qkv_proj"]
     with torch.random.fork_rng():
         torch.manual_seed(0)
         base = base_class(config)
+        if arch == "llama4bit":
+            quantize_4bit(base, targets)
         torch.manual_seed(lora_seed)
         model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
         with torch.no_grad():
@@ -55,6 +59,22 @@ def build(arch: str = "llama", lora_seed: int = 0) -> torch.nn.Module:
                 if "lora_B" in name:
                     parameter.normal_(0, 0.05)
     return model
+
+
+def quantize_4bit(model: torch.nn.Module, targets: list[str]) -> None:
+    """QLoRA's base: the targeted Linear layers replaced by bitsandbytes' nf4 ``Linear4bit``."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for name in targets:
+            dense = getattr(layer.self_attn, name)
+            quantized = bnb.nn.Linear4bit(
+                dense.in_features, dense.out_features, bias=False, compute_dtype=torch.float32, quant_type="nf4"
+            )
+            quantized.weight = bnb.nn.Params4bit(
+                dense.weight.data.clone(), requires_grad=False, quant_type="nf4", module=quantized
+            )
+            setattr(layer.self_attn, name, quantized.to("cpu"))  # .to() quantizes
 
 
 def shard(model: torch.nn.Module, how: str) -> torch.nn.Module:
@@ -84,7 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--shard", choices=("fsdp2", "fsdp1"))
-    parser.add_argument("--arch", default="llama", choices=("llama", "phi3"))
+    parser.add_argument("--arch", default="llama", choices=("llama", "phi3", "llama4bit"))
     parser.add_argument("--adapter", type=Path)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--stop-at", type=int)
@@ -119,7 +139,7 @@ def main() -> None:
         options = StateDictOptions(full_state_dict=True)
         set_state_dict(model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"], options=options)
         start = saved["step"]
-    basis = "A" if args.arch == "llama" else "delta_w_left"
+    basis = "delta_w_left" if args.arch == "phi3" else "A"
     references = {"first": "first"} | ({"adapter": str(args.adapter)} if args.adapter else {})
     warnings.simplefilter("always", AnalysisWarning)
     with warnings.catch_warnings(record=True) as caught:

@@ -129,3 +129,15 @@ def test_a_fused_module_is_split_without_gathering_its_base_weight(tmp_path):
     _assert_same(expected, got)
     assert _warnings(sharded) == []
     _assert_only_factors_gathered(sharded)
+
+
+def test_qlora_4bit_base_weights_are_dequantized_shard_by_shard(tmp_path):
+    """QLoRA with FSDP2: each rank dequantizes its own shard of the packed nf4 storage (double
+    quantization, shards starting mid-row) and the W₀ numbers equal those of peft's
+    dequantization of the whole unsharded weight."""
+    single = _run(tmp_path / "single", "--arch", "llama4bit", shard=None)
+    sharded = _run(tmp_path / "sharded", "--arch", "llama4bit", shard="fsdp2")
+    expected, got = _scalars(single / "tb_first"), _scalars(sharded / "tb_first")
+    assert all(any(tag.startswith(f"lora_monitor.{metric}/") for tag in got) for metric in W0_METRICS)
+    _assert_same(expected, got)
+    assert _warnings(sharded) == []
