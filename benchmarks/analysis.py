@@ -167,8 +167,8 @@ def main() -> int:
     orthogonality = max(float((U.mT @ U - eye).abs().max()), float((Vh @ Vh.mT - eye).abs().max()))
     delta = scaling[: len(keys), None, None].double() * B[: len(keys)].double() @ A[: len(keys)].double()
     rebuilt = float((torch.linalg.matrix_norm((U * S[..., None, :]) @ Vh - delta) / torch.linalg.matrix_norm(delta)).max())
-    analysed = analyze(snapshot, reference, args.basis, reference_bases=bases)
-    phi_error = max(float((analysed[key].phi - dense_phi[key]).abs().max()) for key in keys)
+    analyzed = analyze(snapshot, reference, args.basis, reference_bases=bases)
+    phi_error = max(float((analyzed[key].phi - dense_phi[key]).abs().max()) for key in keys)
     print(
         f"  accuracy on {len(keys)} module(s): factored_svd max |UᵀU − I|, |VᵀV − I| = {orthogonality:.1e}, "
         f"rebuilt ΔW {rebuilt:.1e} relative (float64 reference); φ vs the dense path {phi_error:.1e}"

@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="projections the monitor analyses (default: the monitor's, q and v)",
     )
     parser.add_argument(
-        "--layers", nargs="+", type=int, default=None, help="layers to analyse (default: all)"
+        "--layers", nargs="+", type=int, default=None, help="layers to analyze (default: all)"
     )
     parser.add_argument("--strict", action="store_true", help="monitor errors stop training")
     parser.add_argument("--logdir", default="runs", help="TensorBoard root directory")

@@ -11,7 +11,7 @@ different base models) end with exit status 2 and a one-line message on stderr.
 
 Start-up is kept to argparse: torch, safetensors and the analysis are imported by the commands
 that use them (``--help`` and a usage error never load torch), matplotlib only when a figure is
-drawn. An adapter is read and analysed a part of a shape group at a time
+drawn. An adapter is read and analyzed a part of a shape group at a time
 (:class:`SavedFactors`, :func:`analyze_saved`), so that memory holds one part, not the adapter.
 """
 
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from lora_monitor.analysis.rank import RankRecommendation
 
 
-#: Bytes of LoRA factors (the adapter's and its reference's) read and analysed at once. Big
+#: Bytes of LoRA factors (the adapter's and its reference's) read and analyzed at once. Big
 #: enough that a part of a 7B-shaped adapter's shape group is several modules (the analysis
 #: batches them), small against the torch runtime's own resident memory.
 CHUNK_BYTES = 16 * 2**20
@@ -145,8 +145,8 @@ def analyze_saved(
     chunk_bytes: int = CHUNK_BYTES,
 ) -> dict[ModuleKey, ModuleAnalysis]:
     """:func:`~lora_monitor.analysis.analyze` of a saved adapter (against a saved reference),
-    reading and analysing ``chunk_bytes`` of factors at a time: every module's analysis is its
-    own, so the results are those of the whole adapter analysed at once, while peak memory
+    reading and analyzing ``chunk_bytes`` of factors at a time: every module's analysis is its
+    own, so the results are those of the whole adapter analyzed at once, while peak memory
     is one part's factors and temporaries. A module absent from ``reference`` is an error of
     :func:`~lora_monitor.adapters.check_reference_compatible`, checked before anything is read.
     """
@@ -293,11 +293,11 @@ def _add_selection(parser: argparse.ArgumentParser, projections_default: Optiona
         nargs="+",
         default=projections_default,
         metavar="P",
-        help="projections to analyse, as peft target_modules names or canonical q/k/v/o "
+        help="projections to analyze, as peft target_modules names or canonical q/k/v/o "
         f"(default: {' '.join(projections_default) if projections_default else 'all'})",
     )
     parser.add_argument(
-        "--layers", nargs="+", type=int, default=None, metavar="L", help="layer indices to analyse (default: all)"
+        "--layers", nargs="+", type=int, default=None, metavar="L", help="layer indices to analyze (default: all)"
     )
     parser.add_argument(
         "--base-config",

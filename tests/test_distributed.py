@@ -26,11 +26,11 @@ class RecordingEngine(LoRAMonitor):
 
     record_dir: Path
 
-    def _analyse(self, job):
+    def _analyze(self, job):
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         with open(self.record_dir / f"rank{rank}.jsonl", "a") as record:
             record.write(json.dumps([job.snapshot.step, sorted(job.snapshot.factors)]) + "\n")
-        return super()._analyse(job)
+        return super()._analyze(job)
 
 
 class ShareRecorder(LoRASubspaceMonitor):

@@ -20,11 +20,11 @@ class RecordingEngine(LoRAMonitor):
 
     record: Path
 
-    def _analyse(self, job):
+    def _analyze(self, job):
         rank = torch.distributed.get_rank()
         with open(self.record / f"rank{rank}.jsonl", "a") as record:
             record.write(json.dumps([job.snapshot.step, sorted(job.snapshot.factors)]) + "\n")
-        return super()._analyse(job)
+        return super()._analyze(job)
 
 
 def main(output_dir: Path) -> None:

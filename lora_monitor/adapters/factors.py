@@ -256,7 +256,7 @@ def _factors_of(entry: _Entry, projection: str) -> LoRAFactors:
         )
     base_weight, base_reader = entry.base_weight, None
     if base_weight is not None and rows is not None and not isinstance(rows, slice):
-        # Per-head rows are no view of W₀: read them when analysed instead of keeping a copy.
+        # Per-head rows are no view of W₀: read them when analyzed instead of keeping a copy.
         reader, index = base_weight, rows
         base_weight = None
         base_reader = lambda: reader.index_select(0, index.to(reader.device))  # noqa: E731

@@ -60,7 +60,7 @@ def _no_lora_error(model: torch.nn.Module) -> LoRAMonitorError:
             f"{cls} has a peft LoRA configuration ({sorted(config)}) but no LoRA layers left: "
             f"the adapter was merged and unloaded (merge_and_unload() / unload()) or deleted, so "
             f"ΔW is no longer separate from the base weights. Monitor the model before merging, "
-            f"or analyse the saved adapter with lora_monitor.adapters.load_adapter(path)"
+            f"or analyze the saved adapter with lora_monitor.adapters.load_adapter(path)"
         )
     return LoRAMonitorError(
         f"no peft LoRA layers found in {cls}; wrap the model with "
@@ -92,7 +92,7 @@ def _resolve_adapter(layers: list[tuple[str, Any]], adapter_name: Optional[str])
         )
     raise LoRAMonitorError(
         f"several LoRA adapters are active at once: {sorted(active)}; pass adapter_name= one "
-        f"of them to choose which adapter to analyse"
+        f"of them to choose which adapter to analyze"
     )
 
 
@@ -111,7 +111,7 @@ def find_lora_factors(model: torch.nn.Module, adapter_name: Optional[str] = None
         fused q|k|v module laid out in blocks, a (d, k) view of the base weight), never copies:
         copy them before the optimizer steps if a snapshot is needed. Exceptions: rows
         interleaved per head (Falcon, GPT-NeoX, BLOOM, GPT-BigCode without multi_query) are
-        gathered copies of B's rows, and their W₀ is read when analysed (``base_reader``), as
+        gathered copies of B's rows, and their W₀ is read when analyzed (``base_reader``), as
         is a quantized W₀; AdaLoRA's ``lora_A`` is the product E ⊙ A. Embedding, convolution,
         MultiheadAttention layers and LoRA variants whose update is not read (VeLoRA, ...) are
         skipped with a warning naming them.
@@ -137,7 +137,7 @@ def find_lora_factors(model: torch.nn.Module, adapter_name: Optional[str] = None
             raise LoRAMonitorError(
                 f"adapter {name!r} is merged into the base weights of {module_name} (peft "
                 f"merge_adapter() / merge()): W₀ now holds W₀ + ΔW, counting ΔW twice; "
-                f"call model.unmerge_adapter() before monitoring, or analyse the saved adapter "
+                f"call model.unmerge_adapter() before monitoring, or analyze the saved adapter "
                 f"with lora_monitor.adapters.load_adapter(path)"
             )
         reason = skip_reason(layer, name)

@@ -203,7 +203,7 @@ def read_saved_modules(path: str | os.PathLike, modules: Optional[Collection[str
             f"adapters (their update B·(E ⊙ A)·α/(ranknum + ε) uses each layer's ranknum, which "
             f"is not saved). Load "
             f"it into its base model (peft.PeftModel.from_pretrained(base, {str(path)!r})) and "
-            f"analyse the live model: lora_monitor.adapters.find_lora_factors(model), or the "
+            f"analyze the live model: lora_monitor.adapters.find_lora_factors(model), or the "
             f"monitor during training"
         )
     if peft_type != "LORA":

@@ -33,7 +33,7 @@ def analyze(
 ) -> dict[ModuleKey, ModuleAnalysis]:
     """Spectra of every module of ``current`` and, given a reference, its φ grids.
 
-    Same-shaped modules are analysed in one batched call on the device of the snapshot; the
+    Same-shaped modules are analyzed in one batched call on the device of the snapshot; the
     reference's factors are moved there. A module whose factors are not finite, or whose ΔW is
     zero while the basis is one of ΔW's, gets no φ and a note in ``problems`` instead.
 

@@ -1,4 +1,4 @@
-"""Analysing snapshots off the training step's critical path: one worker thread, in order.
+"""Analyzing snapshots off the training step's critical path: one worker thread, in order.
 
 The training thread captures a snapshot (its copies are queued on the training stream, so they
 hold exactly that step's factors) and hands the analysis to :class:`Background`; the worker
@@ -28,7 +28,7 @@ class Background(Generic[Result]):
     """
 
     def __init__(self, device: torch.device) -> None:
-        # One worker: snapshots are analysed in the order they were taken, and a reference
+        # One worker: snapshots are analyzed in the order they were taken, and a reference
         # cached by one analysis is ready for the next.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora_monitor")
         self.stream: Optional[torch.cuda.Stream] = torch.cuda.Stream(device) if device.type == "cuda" else None

@@ -97,12 +97,12 @@ class LoRAMonitor:
             ``lora_A``, the paper's choice), ``"B"``, ``"delta_w_left"``, ``"delta_w_right"``.
         adapter_name: the peft adapter to monitor; default the active one.
         log_images: draw and log the figures (scalars are always logged).
-        strict: raise instead of warning when a snapshot cannot be analysed (for tests and
+        strict: raise instead of warning when a snapshot cannot be analyzed (for tests and
             CI). Errors in the configuration are raised at setup either way.
         intruder_top_k: count the intruder dimensions (Shuttleworth et al. 2024) among the top
             ``intruder_top_k`` singular vectors of W₀ + ΔW. Off (None) by default: it takes two
             dense SVDs per module and snapshot.
-        asynchronous: analyse and draw each snapshot in a worker thread (on a CUDA side stream
+        asynchronous: analyze and draw each snapshot in a worker thread (on a CUDA side stream
             on a GPU) while training goes on; its results are written at a later step, under
             their own step, and all of them when training ends. Default (None): on when the
             monitored factors are on a CUDA device.
@@ -180,7 +180,7 @@ class LoRAMonitor:
         if error is None:
             self.close()
             return
-        # The error that stops training must stay the one raised; what was analysed is written.
+        # The error that stops training must stay the one raised; what was analyzed is written.
         try:
             with contextlib.suppress(LoRAMonitorError):
                 self.abort()
@@ -213,7 +213,7 @@ class LoRAMonitor:
             list(options.layers) if options.layers is not None else default_layers([layer for layer, _ in monitored])
         )
         self.runner = AnalysisRunner(
-            self._analyse, self.reporter.prepare, self.process, options.asynchronous, writes=self.reporter.speaks
+            self._analyze, self.reporter.prepare, self.process, options.asynchronous, writes=self.reporter.speaks
         )
         if options.basis == "A" and shares_lora_A(monitored):
             self.reporter.warn(
@@ -255,7 +255,7 @@ class LoRAMonitor:
                 self.reporter.write_recommendation(self.recommendation, step)
 
     def abort(self) -> None:
-        """Training stopped with an error: write what was analysed, then stop the worker."""
+        """Training stopped with an error: write what was analyzed, then stop the worker."""
         try:
             self._collect(wait=True)
         finally:
@@ -319,7 +319,7 @@ class LoRAMonitor:
         with self.reporter.contained(f"step {step}: the W₀ numbers of sharded modules"):
             base_results |= sharded_base_results(snapshot.factors)  # every rank: a collective
         # What the snapshot is compared with is decided here, at its step, whether it is then
-        # analysed here or in the worker: checkpoints and resume see only this thread's state.
+        # analyzed here or in the worker: checkpoints and resume see only this thread's state.
         reference, reference_step = self.references.for_snapshot()
         if step % self.options.every_n_steps == 0:
             # The end-of-training snapshot off the schedule is compared but never becomes the
@@ -329,7 +329,7 @@ class LoRAMonitor:
         self.runner.submit(Job(snapshot, reference, reference_step, self.references.initial_factors, base_results))
         self._collect(wait=False)  # a synchronous analysis is done: published at its own step
 
-    def _analyse(self, job: Job) -> Outcome:
+    def _analyze(self, job: Job) -> Outcome:
         """The analyses of ``job``'s modules, and its problems (the analysis's own errors
         included: an analysis fault must never end a training run). Runs in whichever thread
         analyses; writes only the reference bases' cache."""

@@ -75,7 +75,7 @@ class References:
         self._check_analysable()
 
     def _check_analysable(self) -> None:
-        # A reference that cannot be analysed would warn at every snapshot of every module:
+        # A reference that cannot be analyzed would warn at every snapshot of every module:
         # the user must fix it, so say it once, before training.
         assert self.saved is not None
         alone = analyze(Snapshot(step=0, factors=self.saved), None, self.options.basis)

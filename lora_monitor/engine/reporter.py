@@ -29,7 +29,7 @@ from lora_monitor.outputs.writers import Output, write_layout, write_snapshot, w
 
 
 class AnalysisWarning(UserWarning):
-    """A snapshot of a module could not be analysed; training goes on (see ``strict``)."""
+    """A snapshot of a module could not be analyzed; training goes on (see ``strict``)."""
 
 
 class Reporter:

@@ -26,7 +26,7 @@ Factors = dict[ModuleKey, LoRAFactors]
 
 @dataclass(frozen=True)
 class Job:
-    """One snapshot to analyse, with what it is compared with (decided at its step) and the
+    """One snapshot to analyze, with what it is compared with (decided at its step) and the
     W₀ numbers of modules whose W₀ is sharded (summed over the ranks at its step)."""
 
     snapshot: Snapshot
@@ -51,16 +51,16 @@ class Outcome:
 
 
 #: Analyses a job's snapshot (or the part of it given): an outcome with analyses and problems.
-Analyse = Callable[[Job], Outcome]
+Analyze = Callable[[Job], Outcome]
 #: Fills an outcome's scalars and images from its analyses (on the process that writes).
 Prepare = Callable[[Outcome, Job], None]
 
 
 class AnalysisRunner:
-    """Runs ``analyse`` then ``prepare`` for each submitted job, where it belongs.
+    """Runs ``analyze`` then ``prepare`` for each submitted job, where it belongs.
 
     Args:
-        analyse: the analysis of a job; it must collect its problems, never raise.
+        analyze: the analysis of a job; it must collect its problems, never raise.
         prepare: what is written for an outcome (scalars, figures); called only where
             ``writes``.
         process: where the monitor runs; several ranks in one process group split a
@@ -71,20 +71,20 @@ class AnalysisRunner:
 
     def __init__(
         self,
-        analyse: Analyse,
+        analyze: Analyze,
         prepare: Prepare,
         process: Process,
         asynchronous: Optional[bool],
         writes: bool,
     ) -> None:
-        self.analyse, self.prepare, self.process = analyse, prepare, process
+        self.analyze, self.prepare, self.process = analyze, prepare, process
         self.asynchronous, self.writes = asynchronous, writes
         self._done: deque[Outcome] = deque()
         #: The worker of an asynchronous runner, from its first job to :meth:`close`.
         self.background: Optional[Background[Outcome]] = None
 
     def submit(self, job: Job) -> None:
-        """Analyse ``job`` now (synchronous: every rank must call it, a collective when split)
+        """Analyze ``job`` now (synchronous: every rank must call it, a collective when split)
         or hand it to the worker."""
         device = next(iter(job.snapshot.factors.values())).lora_A.device
         asynchronous = self.asynchronous if self.asynchronous is not None else device.type == "cuda"
@@ -117,7 +117,7 @@ class AnalysisRunner:
 
     def _whole(self, job: Job) -> Outcome:
         """The whole analysis, and what is written, in whichever thread runs it."""
-        outcome = self.analyse(job)
+        outcome = self.analyze(job)
         if self.writes and outcome.analyses is not None:
             self.prepare(outcome, job)
         return outcome
@@ -130,12 +130,12 @@ class AnalysisRunner:
         keys = rank_share(snapshot.factors, self.process.rank, self.process.world_size)
         share = Snapshot(step=snapshot.step, factors={key: snapshot.factors[key] for key in keys})
         shares: list[Outcome] = all_gather_objects(
-            self.analyse(Job(share, job.reference, job.reference_step, job.initial, job.base_results))
+            self.analyze(Job(share, job.reference, job.reference_step, job.initial, job.base_results))
         )
         outcome = Outcome(snapshot.step, problems=[problem for s in shares for problem in s.problems])
-        analysed = [s.analyses for s in shares if s.analyses is not None]
-        if analysed:
-            outcome.analyses = dict(sorted(item for analyses in analysed for item in analyses.items()))
+        analyzed = [s.analyses for s in shares if s.analyses is not None]
+        if analyzed:
+            outcome.analyses = dict(sorted(item for analyses in analyzed for item in analyses.items()))
             if self.writes:
                 self.prepare(outcome, job)
         return outcome

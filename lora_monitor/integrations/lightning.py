@@ -160,7 +160,7 @@ class LoRASubspaceMonitor(Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        # Lightning calls no teardown after an exception. What was analysed is still logged,
+        # Lightning calls no teardown after an exception. What was analyzed is still logged,
         # but the error that stops fit must stay the one raised.
         with contextlib.suppress(LoRAMonitorError):
             self.engine.abort()
