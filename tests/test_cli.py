@@ -163,3 +163,40 @@ def test_errors_advise_the_command_line_s_flags(adapters, capsys, argv, flag, py
     status, _, err = _run([a.format(r4=adapters["r4"][1]) for a in argv], capsys)
     assert status == 2
     assert flag in err and python_argument not in err
+
+
+def test_truncate_writes_an_adapter_peft_loads_at_the_rank_asked(adapters, tmp_path, capsys):
+    import json
+
+    from peft import PeftModel
+
+    model, directory = adapters["r8"]
+    status, out, err = _run(["truncate", str(directory), "--rank", "3", "-o", str(tmp_path / "r3")], capsys)
+    assert status == 0, err
+    assert "4 modules (4 at rank 3)" in out
+    assert json.loads((tmp_path / "r3" / "adapter_config.json").read_text())["r"] == 3
+    import copy
+
+    loaded = PeftModel.from_pretrained(copy.deepcopy(model).unload(), str(tmp_path / "r3"))
+    ranks = {m.lora_A["default"].weight.shape[0] for m in loaded.modules() if hasattr(m, "lora_A") and m.lora_A}
+    assert ranks == {3}
+
+
+def test_truncate_to_the_suggestion_takes_each_module_s_suggested_rank(adapters, tmp_path, capsys):
+    from lora_monitor.cli import inspect_adapter, truncate_saved
+
+    _, directory = adapters["r8"]
+    _, recommendation = inspect_adapter(directory)
+    written = truncate_saved(directory, tmp_path / "cut", "suggested")
+    expected = {(m.key[0], m.key[1]): max(1, m.suggested) for m in recommendation.modules}
+    by_key = {(int(name.split(".layers.")[1].split(".")[0]), "q" if "q_proj" in name else "v"): r for name, r in written.items()}
+    assert by_key == expected
+
+
+@pytest.mark.parametrize("rank", ["0", "two"])
+def test_truncate_refuses_a_rank_that_is_not_one(adapters, tmp_path, capsys, rank):
+    _, directory = adapters["r8"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["truncate", str(directory), "--rank", rank, "-o", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "rank" in capsys.readouterr().err
