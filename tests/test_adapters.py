@@ -8,17 +8,24 @@ import warnings
 
 import pytest
 import torch
-from conftest import lora_layers, randomize_lora_B, tiny_bert_lora, tiny_gpt2_lora, tiny_llama_lora
 from peft import LoraConfig, get_peft_model, inject_adapter_in_model
 
 from lora_monitor.adapters import (
-    LoRAFactors,
     LoRAMonitorError,
     SavedAdapter,
     check_reference_compatible,
     find_lora_factors,
     load_adapter,
     select_factors,
+)
+from tests.helpers.dense import assert_match_peft, factor_delta, peft_deltas, relative_error
+from tests.helpers.models import (
+    randomize_lora_B,
+    tiny_bert_lora,
+    tiny_gpt2,
+    tiny_gpt2_lora,
+    tiny_llama,
+    tiny_llama_lora,
 )
 
 FACTORIES = {"llama": tiny_llama_lora, "gpt2": tiny_gpt2_lora, "bert": tiny_bert_lora}
@@ -27,46 +34,6 @@ EXPECTED_KEYS = {
     "gpt2": {(0, "q"), (0, "k"), (0, "v"), (1, "q"), (1, "k"), (1, "v")},
     "bert": {(0, "q"), (0, "v"), (1, "q"), (1, "v")},
 }
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).norm() / expected.norm()).item()
-
-
-def delta(f: LoRAFactors) -> torch.Tensor:
-    return f.scaling * f.lora_B.detach() @ f.lora_A.detach()
-
-
-def peft_deltas(model: torch.nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
-    """peft's own ΔW of each LoRA module, in the (out, in) orientation of nn.Linear."""
-    result = {}
-    for name, layer in lora_layers(model):
-        if adapter not in layer.lora_A:
-            continue
-        with torch.no_grad():
-            d = layer.get_delta_weight(adapter)
-        result[name] = d.T if layer.fan_in_fan_out else d
-    return result
-
-
-def assert_match_peft(factors: dict, model: torch.nn.Module, adapter: str = "default") -> None:
-    """Each factor's s·B·A equals its rows of peft's get_delta_weight (row blocks for c_attn)."""
-    deltas = peft_deltas(model, adapter)
-    covered = {name: 0 for name in deltas}
-    for f in factors.values():
-        expected_full = deltas[f.module_name]
-        if f.module_name.endswith("c_attn"):  # fused q|k|v, or k|v in GPT-2 cross-attention
-            parts = "qkv" if expected_full.shape[0] == 3 * expected_full.shape[1] else "kv"
-            d = expected_full.shape[0] // len(parts)
-            block = parts.index(f.projection.rsplit(".", 1)[-1])
-            expected = expected_full[block * d : (block + 1) * d]
-        else:
-            expected = expected_full
-        assert expected.norm() > 0
-        assert delta(f).shape == expected.shape
-        assert relative_error(delta(f), expected) < 1e-5
-        covered[f.module_name] += f.out_features
-    assert covered == {name: d.shape[0] for name, d in deltas.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +65,7 @@ def test_llama_factors_are_the_live_parameters(llama_lora):
     assert f.base_weight is layer.base_layer.weight
     with torch.no_grad():
         layer.lora_B["default"].weight.add_(1.0)
-    assert relative_error(delta(f), peft_deltas(llama_lora)[f.module_name]) < 1e-5
+    assert relative_error(factor_delta(f), peft_deltas(llama_lora)[f.module_name]) < 1e-5
 
 
 def test_llama_grouped_query_v_has_fewer_rows(llama_lora):
@@ -127,22 +94,15 @@ def test_gpt2_c_attn_split_in_live_row_blocks(gpt2_lora):
         assert torch.equal(f.base_weight, W.T[32 * i : 32 * (i + 1)])
         assert f.base_weight.untyped_storage().data_ptr() == W.untyped_storage().data_ptr()
     # A-based analysis cannot tell q from v, but ΔW differs.
-    assert not torch.allclose(delta(factors[(0, "q")]), delta(factors[(0, "v")]))
+    assert not torch.allclose(factor_delta(factors[(0, "q")]), factor_delta(factors[(0, "v")]))
     with torch.no_grad():
         B[64:].mul_(3.0)  # changes v only, seen through the live view
     assert_match_peft(factors, gpt2_lora)
 
 
 def test_gpt2_cross_attention_keys():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    base = GPT2LMHeadModel(
-        GPT2Config(
-            n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=16,
-            add_cross_attention=True, bos_token_id=0, eos_token_id=0,
-        )
-    )
+    torch.manual_seed(0)  # the base model and then the LoRA factors
+    base = tiny_gpt2(n_layer=1, n_positions=16, add_cross_attention=True, seed=None)
     config = LoraConfig(r=2, lora_alpha=2, target_modules=["c_attn", "q_attn"], fan_in_fan_out=True)
     model = get_peft_model(base, config)
     randomize_lora_B(model)
@@ -217,15 +177,8 @@ def test_lightning_module_holding_a_peft_model(llama_lora):
 
 
 def test_bare_model_with_injected_lora():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=64,
-        )
-    )
+    torch.manual_seed(0)  # the base model and then the LoRA factors
+    model = tiny_llama(seed=None)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj", "o_proj"])
     model = inject_adapter_in_model(config, model)
     randomize_lora_B(model)
@@ -315,10 +268,7 @@ def test_dora_factors_are_read():
 
 
 def test_no_lora_layers():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=16)
-    model = GPT2LMHeadModel(config)
+    model = tiny_gpt2(n_layer=1, n_positions=16)
     with pytest.raises(
         LoRAMonitorError, match=r"no peft LoRA layers found in GPT2LMHeadModel.*get_peft_model"
     ):

@@ -11,17 +11,18 @@ import threading
 
 import pytest
 import torch
-from conftest import tiny_llama_lora
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning_setup import CausalLMModule, make_trainer, read_events
 
 import lora_monitor.engine.monitor
 import lora_monitor.engine.runner
 import lora_monitor.outputs.rendering
 from lora_monitor import AnalysisWarning, LoRAMonitorError, LoRASubspaceMonitor
 from lora_monitor.engine.background import Background
-from lora_monitor.outputs.tags import RECOMMENDATION_TAG, heatmap_tag, is_monitor_tag, scalar_tag
+from lora_monitor.outputs.tags import RECOMMENDATION_TAG, heatmap_tag, scalar_tag
+from tests.helpers.events import monitor_scalars, read_events
+from tests.helpers.lightning import CausalLMModule, make_trainer
+from tests.helpers.models import tiny_llama_lora
 
 
 def monitored_run(root, accelerator: str = "cpu", max_steps: int = 6, callbacks=(), **monitor_kwargs):
@@ -36,11 +37,7 @@ def logged(trainer) -> tuple[dict[str, dict[int, float]], list[int], list[int]]:
     """``(monitor scalars tag → step → value, image steps, recommendation steps)``."""
     events = read_events(trainer.logger.log_dir)
     tags = events.Tags()
-    scalars = {
-        tag: {e.step: e.value for e in events.Scalars(tag)}
-        for tag in tags["scalars"]
-        if is_monitor_tag(tag)
-    }
+    scalars = monitor_scalars(events)
     images = [image.step for image in events.Images(heatmap_tag(0))] if heatmap_tag(0) in tags["images"] else []
     texts = [t.step for t in events.Tensors(f"{RECOMMENDATION_TAG}/text_summary")]
     return scalars, images, texts

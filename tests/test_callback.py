@@ -7,7 +7,6 @@ materialized by peft's own ``get_delta_weight``, a full SVD, and φ by a loop ov
 from __future__ import annotations
 
 import io
-import itertools
 
 import matplotlib.colors
 import matplotlib.image
@@ -15,11 +14,8 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import tiny_gpt2_lora, tiny_llama_lora
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning_setup import CausalLMModule, make_trainer, read_events
-from peft.tuners.lora import LoraLayer
 
 from lora_monitor import AnalysisWarning, LoRAMonitorError, LoRASubspaceMonitor
 from lora_monitor.outputs.plots import CARD_WIDTH, MASK_COLOR
@@ -33,42 +29,10 @@ from lora_monitor.outputs.tags import (
     summary_metrics,
     summary_tag,
 )
-
-PROJECTIONS = {"q_proj": "q", "v_proj": "v"}
-
-
-def dense_updates(model: torch.nn.Module) -> dict[tuple[int, str], tuple[torch.Tensor, ...]]:
-    """``(layer, projection) → (ΔW, lora_A, lora_B)`` in float64, ΔW from peft's get_delta_weight."""
-    updates = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            layer = int(name.split("layers.")[1].split(".")[0])
-            projection = PROJECTIONS[name.rsplit(".", 1)[1]]
-            delta = module.get_delta_weight("default").detach().double()
-            factors = (module.lora_A["default"].weight, module.lora_B["default"].weight)
-            updates[layer, projection] = (delta, *(f.detach().double() for f in factors))
-    return updates
-
-
-def dense_basis(delta: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, basis: str) -> torch.Tensor:
-    rank = lora_A.shape[0]
-    if basis == "A":
-        return torch.linalg.svd(lora_A).Vh[:rank].T
-    if basis == "B":
-        return torch.linalg.svd(lora_B).U[:, :rank]
-    U, _, Vh = torch.linalg.svd(delta)
-    return U[:, :rank] if basis == "delta_w_left" else Vh[:rank].T
-
-
-def dense_phi(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    phi = torch.empty(U.shape[1], V.shape[1], dtype=torch.float64)
-    for i, j in itertools.product(range(1, U.shape[1] + 1), range(1, V.shape[1] + 1)):
-        phi[i - 1, j - 1] = torch.linalg.matrix_norm(U[:, :i].T @ V[:, :j]) ** 2 / min(i, j)
-    return phi
-
-
-def scalar_series(events, tag: str) -> dict[int, float]:
-    return {event.step: event.value for event in events.Scalars(tag)}
+from tests.helpers.dense import dense_basis, dense_phi, dense_updates
+from tests.helpers.events import read_events, scalar_series
+from tests.helpers.lightning import CausalLMModule, CountingModule, make_trainer
+from tests.helpers.models import tiny_gpt2_lora, tiny_llama, tiny_llama_lora
 
 
 def test_tensorboard_run_has_heatmaps_and_scalars(tmp_path):
@@ -175,14 +139,6 @@ def test_previous_reference_compares_consecutive_snapshots(tmp_path):
     assert scalar_tag("phi_top", (0, "q")) in metrics.splitlines()[0]
 
 
-class _CountingModule(CausalLMModule):
-    steps_run = 0
-
-    def training_step(self, batch, batch_idx):
-        type(self).steps_run += 1
-        return super().training_step(batch, batch_idx)
-
-
 @pytest.mark.parametrize(
     "make_model, monitor_kwargs, match",
     [
@@ -193,32 +149,28 @@ class _CountingModule(CausalLMModule):
     ids=["target-matches-nothing", "layer-matches-nothing", "missing-reference"],
 )
 def test_configuration_errors_are_raised_at_setup(tmp_path, make_model, monitor_kwargs, match):
-    _CountingModule.steps_run = 0
+    module = CountingModule(make_model())
     trainer = make_trainer(tmp_path, [LoRASubspaceMonitor(**monitor_kwargs)], max_steps=2)
     with pytest.raises(LoRAMonitorError, match=match):
-        trainer.fit(_CountingModule(make_model()))
-    assert _CountingModule.steps_run == 0
+        trainer.fit(module)
+    assert module.steps_run == 0
 
 
 def test_reference_of_other_shapes_is_rejected_at_setup(tmp_path):
     tiny_llama_lora(hidden_size=64).save_pretrained(str(tmp_path / "wide"))
-    _CountingModule.steps_run = 0
+    module = CountingModule(tiny_llama_lora(hidden_size=32))
     trainer = make_trainer(tmp_path, [LoRASubspaceMonitor(reference=tmp_path / "wide")], max_steps=2)
     with pytest.raises(LoRAMonitorError, match=r"shape"):
-        trainer.fit(_CountingModule(tiny_llama_lora(hidden_size=32)))
-    assert _CountingModule.steps_run == 0
+        trainer.fit(module)
+    assert module.steps_run == 0
 
 
 def test_model_without_lora_is_rejected_at_setup(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, vocab_size=64)
-    _CountingModule.steps_run = 0
+    module = CountingModule(tiny_llama(num_layers=1))
     trainer = make_trainer(tmp_path, [LoRASubspaceMonitor()], max_steps=2)
     with pytest.raises(LoRAMonitorError, match=r"LoRA"):
-        trainer.fit(_CountingModule(LlamaForCausalLM(config)))
-    assert _CountingModule.steps_run == 0
+        trainer.fit(module)
+    assert module.steps_run == 0
 
 
 def test_no_logger_is_rejected_at_setup(tmp_path):

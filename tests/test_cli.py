@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_bert_lora, tiny_llama_lora
-from test_callback import dense_basis, dense_phi, dense_updates
 
 from lora_monitor.cli import main
+from tests.helpers.dense import dense_basis, dense_phi, dense_updates
+from tests.helpers.models import tiny_bert_lora, tiny_llama_lora
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_gpt2_lora, tiny_llama_lora
 
 from lora_monitor import cli, functional
 from lora_monitor.adapters import load_adapter
 from lora_monitor.analysis import Snapshot, analyze
+from tests.helpers.models import tiny_gpt2_lora, tiny_llama_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Frameworks that no command on a saved adapter needs.

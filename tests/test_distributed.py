@@ -7,30 +7,19 @@ log the same numbers as a single-process run, from global rank zero only, and ne
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama_lora
-from lightning_setup import CausalLMModule, make_trainer, read_events
 
-from lora_monitor import LoRAMonitor, LoRASubspaceMonitor
-from lora_monitor.outputs.tags import heatmap_tag, is_monitor_tag
+from lora_monitor import LoRASubspaceMonitor
+from lora_monitor.outputs.tags import heatmap_tag
+from tests.helpers.distributed import RecordingEngine, analysed
+from tests.helpers.events import monitor_scalars, read_events
+from tests.helpers.lightning import CausalLMModule, make_trainer
+from tests.helpers.models import tiny_llama_lora
 
 STEPS, EVERY = 4, 2
-
-
-class RecordingEngine(LoRAMonitor):
-    """The engine, writing which modules each rank analysed at each step to ``record_dir``."""
-
-    record_dir: Path
-
-    def _analyse(self, job):
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        with open(self.record_dir / f"rank{rank}.jsonl", "a") as record:
-            record.write(json.dumps([job.snapshot.step, sorted(job.snapshot.factors)]) + "\n")
-        return super()._analyse(job)
 
 
 class ShareRecorder(LoRASubspaceMonitor):
@@ -52,21 +41,6 @@ def _run(root: Path, **trainer_kwargs) -> Path:
     return Path(root) / "run" / "version_0"
 
 
-def _analysed(root: Path, rank: int) -> dict[int, set[tuple[int, str]]]:
-    """step → the modules ``rank`` analysed at that step."""
-    lines = (root / f"rank{rank}.jsonl").read_text().splitlines()
-    return {step: {tuple(key) for key in keys} for step, keys in map(json.loads, lines)}
-
-
-def _logged(log_dir: Path) -> dict[str, dict[int, float]]:
-    events = read_events(log_dir)
-    return {
-        tag: {event.step: event.value for event in events.Scalars(tag)}
-        for tag in events.Tags()["scalars"]
-        if is_monitor_tag(tag)
-    }
-
-
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
 def test_ddp_spawn_logs_what_a_single_process_logs(tmp_path):
     single = _run(tmp_path / "single")
@@ -76,7 +50,7 @@ def test_ddp_spawn_logs_what_a_single_process_logs(tmp_path):
         devices=2,
         use_distributed_sampler=False,
     )
-    expected, got = _logged(single), _logged(ddp)
+    expected, got = monitor_scalars(read_events(single)), monitor_scalars(read_events(ddp))
     assert expected and set(got) == set(expected)
     for tag, series in expected.items():
         assert sorted(got[tag]) == sorted(series), tag
@@ -89,8 +63,8 @@ def test_ddp_spawn_logs_what_a_single_process_logs(tmp_path):
     ]
     # The work was split: each rank analysed half of the modules at every snapshot, never the
     # same module twice, and together all of them.
-    everything = _analysed(tmp_path / "single", 0)
-    first, second = _analysed(tmp_path / "ddp", 0), _analysed(tmp_path / "ddp", 1)
+    everything = analysed(tmp_path / "single", 0)
+    first, second = analysed(tmp_path / "ddp", 0), analysed(tmp_path / "ddp", 1)
     assert sorted(first) == sorted(second) == sorted(everything) == [EVERY, STEPS]
     for step, modules in everything.items():
         assert len(modules) == 4  # 2 layers × (q, v)
@@ -156,7 +130,7 @@ def test_sharded_strategy_logs_what_a_single_device_logs(tmp_path, strategy):
         pytest.importorskip("deepspeed")
     single = _run(tmp_path / "single", accelerator="cuda", devices=1)
     sharded = _run(tmp_path / strategy, accelerator="cuda", devices=1, strategy=strategy)
-    expected, got = _logged(single), _logged(sharded)
+    expected, got = monitor_scalars(read_events(single)), monitor_scalars(read_events(sharded))
     assert expected and set(got) == set(expected)
     for tag, series in expected.items():
         for step, value in series.items():

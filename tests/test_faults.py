@@ -11,49 +11,17 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
-from conftest import tiny_llama_lora
-from lightning.pytorch.callbacks import Callback
-from lightning_setup import CausalLMModule, make_trainer, read_events
 from peft import LoraConfig, PeftModel
-from test_callback import dense_basis, dense_phi, dense_updates
 
 from lora_monitor import AnalysisWarning, LoRAMonitorError, LoRASubspaceMonitor
 from lora_monitor.outputs.tags import heatmap_tag, scalar_tag
-
-
-def lora_module(model: PeftModel, layer: int, projection: str):
-    return model.base_model.model.model.layers[layer].self_attn.get_submodule(f"{projection}_proj")
-
-
-class AtStep(Callback):
-    """Does something to the model at the end of given optimizer steps, before the monitor
-    (it comes first in the callbacks list) takes its snapshot."""
-
-    def __init__(self, actions: dict[int, Callable[[CausalLMModule], None]]) -> None:
-        self.actions = actions
-
-    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        action = self.actions.get(trainer.global_step)
-        if action is not None:
-            action(pl_module)
-
-
-class CountingModule(CausalLMModule):
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__(model)
-        self.steps_run = 0
-
-    def training_step(self, batch, batch_idx):
-        self.steps_run += 1
-        return super().training_step(batch, batch_idx)
-
-
-def logged_steps(events, tag: str) -> set[int]:
-    return {e.step for e in events.Scalars(tag)} if tag in events.Tags()["scalars"] else set()
+from tests.helpers.dense import dense_basis, dense_phi, dense_updates
+from tests.helpers.events import logged_steps, read_events
+from tests.helpers.lightning import AtStep, CausalLMModule, CountingModule, make_trainer
+from tests.helpers.models import llama_lora_module, tiny_llama_lora
 
 
 def analysis_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
@@ -66,9 +34,9 @@ def analysis_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
 def corrupt(module: CausalLMModule) -> None:
     """NaN in layer 0's lora_A of q, Inf in layer 1's lora_B of v, B = 0 in layer 0's v."""
     with torch.no_grad():
-        lora_module(module.model, 0, "q").lora_A["default"].weight[0, 0] = math.nan
-        lora_module(module.model, 1, "v").lora_B["default"].weight[0, 0] = math.inf
-        lora_module(module.model, 0, "v").lora_B["default"].weight.zero_()
+        llama_lora_module(module.model, 0, "q").lora_A["default"].weight[0, 0] = math.nan
+        llama_lora_module(module.model, 1, "v").lora_B["default"].weight[0, 0] = math.inf
+        llama_lora_module(module.model, 0, "v").lora_B["default"].weight.zero_()
 
 
 def faulty_run(root: Path, strict: bool):
@@ -145,7 +113,7 @@ def test_half_precision_factors_are_analysed_in_float32(tmp_path):
     def exact(model: PeftModel, key) -> tuple[torch.Tensor, ...]:
         # ΔW from the half-precision factors in float64 (peft's get_delta_weight rounds B @ A
         # to the factors' dtype).
-        layer = lora_module(model, *key)
+        layer = llama_lora_module(model, *key)
         A, B = (f["default"].weight.detach().double() for f in (layer.lora_A, layer.lora_B))
         return layer.scaling["default"] * B @ A, A, B
 
@@ -201,7 +169,7 @@ def test_the_active_adapter_or_the_named_one_is_monitored(tmp_path):
 
     for monitor, adapter, rank in ((active, "other", 2), (named, "default", 4)):
         for key, analysis in monitor.latest_analysis.items():
-            delta = lora_module(model, key[0], key[1]).get_delta_weight(adapter).detach().double()
+            delta = llama_lora_module(model, key[0], key[1]).get_delta_weight(adapter).detach().double()
             assert analysis.singular_values.numel() == rank
             assert analysis.scalars["delta_w_norm"] == pytest.approx(float(delta.norm()), rel=1e-5)
     # The trained adapter moved off peft's zero-B init.

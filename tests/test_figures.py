@@ -4,12 +4,12 @@ sized for TensorBoard's default card (real analyses of random factors; no traini
 from __future__ import annotations
 
 import numpy as np
-from test_tags import random_factors
 
-from lora_monitor.outputs import plots, rendering
-from lora_monitor.analysis.rank import recommend_rank
 from lora_monitor.analysis import Snapshot, analyze
+from lora_monitor.analysis.rank import recommend_rank
+from lora_monitor.outputs import plots, rendering
 from lora_monitor.outputs.tags import OVERVIEW_TAG, heatmap_tag
+from tests.helpers.factors import random_factors
 
 
 def test_a_card_per_layer_one_frame_for_all_and_the_matplotlib_picture():

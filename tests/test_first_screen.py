@@ -8,13 +8,14 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from conftest import tiny_llama_lora
-from lightning_setup import CausalLMModule, make_trainer, read_events
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from lora_monitor import LoRASubspaceMonitor
 from lora_monitor.outputs.tags import SCALAR_NAMES
+from tests.helpers.events import read_events
+from tests.helpers.lightning import CausalLMModule, make_trainer
+from tests.helpers.models import tiny_llama_lora
 
 LAYERS = 32
 PROJECTIONS = ("q", "v")

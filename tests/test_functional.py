@@ -11,7 +11,6 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lora_monitor import functional
-from lora_monitor.functional import thin_qr
 from lora_monitor.functional import (
     BASES,
     amplification_factor,
@@ -25,6 +24,7 @@ from lora_monitor.functional import (
     singular_basis,
     stable_rank,
     subspace_similarity,
+    thin_qr,
 )
 
 F64 = torch.float64

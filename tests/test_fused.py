@@ -1,7 +1,7 @@
 """Fused q|k|v modules are split into the rows each architecture's own attention code uses.
 
 The expected rows are found by running the architecture (its attention, on probe inputs:
-``tiny_models.probe_fused_rows``), never from lora_monitor's layout table.
+``tests.helpers.architectures.probe_fused_rows``), never from lora_monitor's layout table.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import warnings
 
 import pytest
 import torch
-from conftest import randomize_lora_B
-from tiny_models import FUSED, base_model, peft_model, probe_fused_rows
 
 from lora_monitor.adapters import find_lora_factors, fused_split, load_adapter
+from tests.helpers.architectures import FUSED, base_model, peft_model, probe_fused_rows
+from tests.helpers.models import randomize_lora_B
 
 
 @pytest.fixture(scope="module", params=sorted(FUSED))

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from lora_monitor import functional
-from lora_monitor.functional import thin_qr
-from lora_monitor.functional import BASES, factored_basis, factored_svd, singular_basis, subspace_similarity
+from lora_monitor.functional import BASES, factored_basis, factored_svd, singular_basis, subspace_similarity, thin_qr
 
 F64 = torch.float64
 D, R, K = 192, 12, 160  # small: the tolerances, not the sizes, are what is tested

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from lightning_setup import read_events
 
 from lora_monitor import LoRASubspaceMonitor
 from lora_monitor.outputs.tags import heatmap_tag, scalar_tag
+from tests.helpers.events import read_events
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CONFIG = EXAMPLES / "lightning_cli.yaml"

@@ -14,13 +14,14 @@ from typing import Any, Optional
 import matplotlib.image
 import numpy as np
 import pytest
-from conftest import tiny_llama_lora
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
-from lightning_setup import CausalLMModule, make_trainer, read_events
 
 from lora_monitor import AnalysisWarning, LoRASubspaceMonitor
-from lora_monitor.outputs.tags import heatmap_tag, is_monitor_tag, scalar_tag
 from lora_monitor.integrations.lightning_loggers import image_path
+from lora_monitor.outputs.tags import heatmap_tag, is_monitor_tag, scalar_tag
+from tests.helpers.events import read_events
+from tests.helpers.lightning import CausalLMModule, make_trainer
+from tests.helpers.models import tiny_llama_lora
 
 PHI_TOP = scalar_tag("phi_top", (0, "q"))
 

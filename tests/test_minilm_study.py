@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import rank_study  # noqa: E402
 
 from lora_monitor import LoRASubspaceMonitor  # noqa: E402
-from lora_monitor.outputs.tags import RECOMMENDATION_TAG  # noqa: E402
 from lora_monitor.outputs.report import CAUTIONS_BELOW, summary_line  # noqa: E402
-from lightning_setup import read_events  # noqa: E402
+from lora_monitor.outputs.tags import RECOMMENDATION_TAG  # noqa: E402
+from tests.helpers.events import read_events  # noqa: E402
 
 STEPS = 200
 N = 384  # MiniLM's hidden size: the dimension of A's right singular vectors

@@ -6,24 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from lora_monitor.outputs import plots, rendering
-from lora_monitor.adapters import LoRAFactors
-from lora_monitor.functional import BASES, factored_basis, factored_svd, singular_basis, subspace_similarity
 from lora_monitor.analysis import ReferenceBases, Snapshot, analyze
 from lora_monitor.analysis.device import _stack
+from lora_monitor.functional import BASES, factored_basis, factored_svd, singular_basis, subspace_similarity
+from lora_monitor.outputs import plots, rendering
+from tests.helpers.factors import random_factors
 
 
-def _factors(rank: int, seed: int, layers: int = 3, d: int = 24, k: int = 20) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        (layer, p): LoRAFactors(
-            module_name=f"layers.{layer}.{p}_proj", layer=layer, projection=p,
-            lora_A=torch.randn(rank, k, generator=generator, dtype=torch.float64),
-            lora_B=torch.randn(d, rank, generator=generator, dtype=torch.float64),
-            scaling=-0.5 if p == "v" else 2.0,
-        )
-        for layer in range(layers) for p in ("q", "v")
-    }
+def _factors(rank: int, seed: int) -> dict:
+    """Three layers of q and v, float64, without W₀."""
+    return random_factors(
+        3, ("q", "v"), rank, seed, n=24, in_features=20, dtype=torch.float64,
+        scaling=lambda p: -0.5 if p == "v" else 2.0, with_base_weight=False, module_name="layers.{layer}.{projection}_proj",
+    )
 
 
 @pytest.mark.parametrize("basis", BASES)

@@ -10,20 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama_lora
-from lightning_setup import CausalLMModule, make_trainer, read_events
 
 from lora_monitor import LoRAMonitor, LoRASubspaceMonitor
+from tests.helpers.events import read_events
+from tests.helpers.lightning import CausalLMModule, make_trainer
+from tests.helpers.models import tiny_llama_lora
 
-TESTS = Path(__file__).parent
+ROOT = Path(__file__).resolve().parents[1]
 EVERY, STEPS = 2, 6
 
 PLAIN_LOOP = """
 import json, sys
 import torch
-sys.path.insert(0, {tests!r})
-from conftest import tiny_llama_lora
+sys.path.insert(0, {root!r})
 from lora_monitor import LoRAMonitor
+from tests.helpers.models import tiny_llama_lora
 
 model = tiny_llama_lora(rank=4, num_layers=2, randomize_B=False)
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -50,7 +51,7 @@ def _tags(log_dir: Path) -> dict[str, list[int]]:
 
 def test_plain_loop_writes_the_lightning_tags_without_importing_lightning(tmp_path):
     plain_dir = tmp_path / "plain"
-    script = PLAIN_LOOP.format(tests=str(TESTS), log_dir=str(plain_dir), every=EVERY, steps=STEPS)
+    script = PLAIN_LOOP.format(root=str(ROOT), log_dir=str(plain_dir), every=EVERY, steps=STEPS)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []

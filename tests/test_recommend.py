@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from lora_monitor.adapters import LoRAFactors
-from lora_monitor.functional import random_subspace_similarity, shared_directions
-from lora_monitor.analysis.rank import GAP_RATIO, recommend_rank
 from lora_monitor.analysis import Snapshot, analyze
+from lora_monitor.analysis.rank import GAP_RATIO, recommend_rank
+from lora_monitor.functional import random_subspace_similarity, shared_directions
 from lora_monitor.outputs.report import report_markdown, summary_line
 
 D = K = 256

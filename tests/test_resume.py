@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama_lora
 from lightning.pytorch.callbacks import Callback
-from lightning_setup import CausalLMModule, make_trainer, read_events
 
 from lora_monitor import LoRASubspaceMonitor
+from tests.helpers.events import read_events
+from tests.helpers.lightning import CausalLMModule, make_trainer
+from tests.helpers.models import tiny_llama_lora
 
 EVERY = 2
 STEPS = 6

@@ -11,26 +11,16 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_llama_lora
-from lightning_setup import CausalLMModule, make_trainer, read_events
-from peft.tuners.lora import LoraLayer
-from test_callback import dense_basis, dense_phi, dense_updates, scalar_series
 
 from lora_monitor import LoRASubspaceMonitor
 from lora_monitor.adapters import find_lora_factors
-from lora_monitor.outputs.tags import OPTIONAL_SCALAR_NAMES, RECOMMENDATION_TAG, SCALAR_NAMES, scalar_tag
 from lora_monitor.analysis import Snapshot
 from lora_monitor.outputs.report import CAUTIONS_BELOW, summary_line
-
-
-def base_weights(model: torch.nn.Module) -> dict[tuple[int, str], torch.Tensor]:
-    weights = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            layer = int(name.split("layers.")[1].split(".")[0])
-            projection = {"q_proj": "q", "v_proj": "v"}[name.rsplit(".", 1)[1]]
-            weights[layer, projection] = module.get_base_layer().weight.detach().double()
-    return weights
+from lora_monitor.outputs.tags import OPTIONAL_SCALAR_NAMES, RECOMMENDATION_TAG, SCALAR_NAMES, scalar_tag
+from tests.helpers.dense import base_weights, dense_basis, dense_phi, dense_updates
+from tests.helpers.events import read_events, scalar_series
+from tests.helpers.lightning import CausalLMModule, make_trainer
+from tests.helpers.models import tiny_llama_lora
 
 
 def dense_shared_directions(phi: torch.Tensor, n: int, false_alarm: float = 1e-3) -> int:

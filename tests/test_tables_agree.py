@@ -7,12 +7,12 @@ from __future__ import annotations
 import contextlib
 import io
 
-from conftest import tiny_llama_lora
-from lightning_setup import CausalLMModule, make_trainer, read_events
-
 from lora_monitor import LoRASubspaceMonitor
 from lora_monitor.cli import main
 from lora_monitor.outputs.tags import RECOMMENDATION_TAG
+from tests.helpers.events import read_events
+from tests.helpers.lightning import CausalLMModule, make_trainer
+from tests.helpers.models import tiny_llama_lora
 
 
 def module_tables(markdown: str) -> list[dict[str, dict[str, str]]]:

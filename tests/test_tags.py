@@ -7,12 +7,10 @@ import re
 from statistics import median
 
 import pytest
-import torch
 from torch.utils.tensorboard.summary import custom_scalars
 
-from lora_monitor.adapters import LoRAFactors
-from lora_monitor.analysis.rank import recommend_rank
 from lora_monitor.analysis import Snapshot, analyze
+from lora_monitor.analysis.rank import recommend_rank
 from lora_monitor.outputs.tags import (
     MAX_SUMMARY_CARDS,
     OPTIONAL_SCALAR_NAMES,
@@ -29,23 +27,7 @@ from lora_monitor.outputs.tags import (
     summary_metrics,
     summary_tag,
 )
-
-
-def random_factors(layers: int, projections: tuple[str, ...], rank: int, seed: int, n: int = 16) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        (layer, p): LoRAFactors(
-            module_name=f"model.layers.{layer}.{p}",
-            layer=layer,
-            projection=p,
-            lora_A=torch.randn(rank, n, generator=generator),
-            lora_B=torch.randn(n, rank, generator=generator),
-            scaling=1.0,
-            base_weight=torch.randn(n, n, generator=generator),
-        )
-        for layer in range(layers)
-        for p in projections
-    }
+from tests.helpers.factors import random_factors
 
 
 def group(tag: str) -> str:

@@ -18,13 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import tiny_llama_lora
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning_setup import CausalLMModule, make_trainer, read_events
 
 from lora_monitor import LoRASubspaceMonitor
 from lora_monitor.outputs.plots import CARD_WIDTH
 from lora_monitor.outputs.tags import OVERVIEW_TAG, SCALAR_NAMES, heatmap_tag, scalar_tag
+from tests.helpers.events import read_events
+from tests.helpers.lightning import CausalLMModule, make_trainer
+from tests.helpers.models import tiny_llama_lora
 
 HOST = "127.0.0.1"
 RUN = "run/version_0"

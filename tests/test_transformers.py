@@ -10,14 +10,16 @@ import warnings
 
 import pytest
 import torch
-from hf_setup import TEXTS, TokenDataset, minilm_tokenizer, read_run, run_dirs, scalar_values, tiny_llama
 
 from lora_monitor import AnalysisWarning, LoRASubspaceCallback
 from lora_monitor.outputs.tags import OVERVIEW_TAG, RECOMMENDATION_TAG, SCALAR_NAMES, heatmap_tag, scalar_tag
+from tests.helpers.data import TEXTS, TokenDataset, minilm_tokenizer, trainer_arguments
+from tests.helpers.events import read_events, run_dirs, scalar_values
+from tests.helpers.models import add_lora, tiny_llama
 
 pytest.importorskip("transformers")
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+from transformers import Trainer, TrainerCallback  # noqa: E402
 
 EVERY = 2
 
@@ -28,28 +30,8 @@ def tokenizer():
 
 
 def lora_model(tokenizer, lora_seed: int = 0):
-    base = tiny_llama(len(tokenizer))
-    with torch.random.fork_rng():
-        torch.manual_seed(1000 + lora_seed)
-        return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
-
-
-def arguments(output_dir, max_steps: int, **overrides) -> TrainingArguments:
-    options = dict(
-        output_dir=str(output_dir),
-        max_steps=max_steps,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to=["tensorboard"],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
-    )
-    options.update(overrides)
-    return TrainingArguments(**options)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    return add_lora(tiny_llama(len(tokenizer)), config, seed=1000 + lora_seed)
 
 
 def test_trainer_writes_into_the_run_of_train_loss(tokenizer, tmp_path, monkeypatch):
@@ -59,14 +41,14 @@ def test_trainer_writes_into_the_run_of_train_loss(tokenizer, tmp_path, monkeypa
     callback = LoRASubspaceCallback(every_n_steps=EVERY)
     trainer = Trainer(
         model=model,
-        args=arguments(tmp_path, max_steps=6),
+        args=trainer_arguments(tmp_path, max_steps=6),
         train_dataset=TokenDataset(tokenizer),
         callbacks=[callback],
     )
     trainer.train()
 
     (run,) = run_dirs(tmp_path)  # one run directory: the Trainer's and the monitor's
-    events = read_run(run)
+    events = read_events(run)
     tags = events.Tags()
     assert "train/loss" in tags["scalars"]
     keys = [(layer, p) for layer in range(2) for p in ("q", "v")]
@@ -105,7 +87,7 @@ def _train_with_checkpoints(tokenizer, output_dir, lora_seed, stop_at=None, resu
     callback = LoRASubspaceCallback(every_n_steps=EVERY, log_images=False)
     trainer = Trainer(
         model=lora_model(tokenizer, lora_seed=lora_seed),
-        args=arguments(output_dir, max_steps=6, save_strategy="steps", save_steps=3),
+        args=trainer_arguments(output_dir, max_steps=6, save_strategy="steps", save_steps=3),
         train_dataset=TokenDataset(tokenizer),
         callbacks=[callback] + ([StopAt(stop_at)] if stop_at else []),
     )
@@ -125,10 +107,10 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_figures(tokenizer, tmp
     _train_with_checkpoints(tokenizer, interrupted, lora_seed=7, resume=str(interrupted / "checkpoint-3"))
 
     (whole_run,) = run_dirs(whole)
-    expected = scalar_values(read_run(whole_run))
+    expected = scalar_values(read_events(whole_run))
     resumed: dict[str, dict[int, float]] = {}
     for run in run_dirs(interrupted):
-        for tag, series in scalar_values(read_run(run)).items():
+        for tag, series in scalar_values(read_events(run)).items():
             resumed.setdefault(tag, {}).update({step: v for step, v in series.items() if step > 3})
     compared = [scalar_tag(name, key) for name in SCALAR_NAMES for key in [(0, "q"), (1, "v")]]
     for tag in compared:
@@ -155,19 +137,7 @@ def test_sft_trainer_wrapping_the_model_itself(tokenizer, tmp_path, monkeypatch)
     log_dir = tmp_path / "tb"
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(log_dir))
     callback = LoRASubspaceCallback(every_n_steps=EVERY)
-    config = trl.SFTConfig(
-        output_dir=str(tmp_path / "out"),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to=["tensorboard"],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        max_length=16,
-        dataset_text_field="text",
-    )
+    config = trainer_arguments(tmp_path / "out", 4, trl.SFTConfig, max_length=16, dataset_text_field="text")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # TRL's notes on the tokenizer's special tokens
         trainer = trl.SFTTrainer(
@@ -179,7 +149,7 @@ def test_sft_trainer_wrapping_the_model_itself(tokenizer, tmp_path, monkeypatch)
             callbacks=[callback],
         )
         trainer.train()
-    events = read_run(log_dir)
+    events = read_events(log_dir)
     assert "train/loss" in events.Tags()["scalars"]
     values = scalar_values(events)
     assert sorted(values[scalar_tag("delta_w_norm", (1, "v"))]) == [2, 4]
@@ -203,14 +173,14 @@ def test_report_to_mlflow_gets_the_same_scalars(tokenizer, tmp_path, monkeypatch
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     Trainer(
         model=lora_model(tokenizer),
-        args=arguments(tmp_path / "out", max_steps=4, report_to=["tensorboard", "mlflow"]),
+        args=trainer_arguments(tmp_path / "out", max_steps=4, report_to=["tensorboard", "mlflow"]),
         train_dataset=TokenDataset(tokenizer),
         callbacks=[LoRASubspaceCallback(every_n_steps=EVERY)],
     ).train()
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     (tensorboard_run,) = run_dirs(tmp_path / "out")
-    expected = scalar_values(read_run(tensorboard_run))
+    expected = scalar_values(read_events(tensorboard_run))
     tag = scalar_tag("delta_w_norm", (1, "q"))
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, tag)}
     assert sorted(history) == [2, 4]  # the last one written after MLflowCallback ended the run
@@ -223,18 +193,17 @@ WITHOUT_LIGHTNING = """
 import json, sys
 for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
     sys.modules[name] = None  # `import lightning` now raises ImportError
-sys.path.insert(0, {tests!r})
-import torch
-from hf_setup import TokenDataset, minilm_tokenizer, read_run, tiny_llama
-from peft import LoraConfig, get_peft_model
-from transformers import Trainer, TrainingArguments
+sys.path.insert(0, {root!r})
+from peft import LoraConfig
+from transformers import Trainer
 from lora_monitor import LoRASubspaceCallback
+from tests.helpers.data import TokenDataset, minilm_tokenizer, trainer_arguments
+from tests.helpers.events import read_events
+from tests.helpers.models import add_lora, tiny_llama
 
 tokenizer = minilm_tokenizer()
-torch.manual_seed(0)
-model = get_peft_model(tiny_llama(len(tokenizer)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-args = TrainingArguments(output_dir={output!r}, max_steps=4, per_device_train_batch_size=4, report_to=["tensorboard"],
-                         save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=1)
+model = add_lora(tiny_llama(len(tokenizer)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), seed=0)
+args = trainer_arguments({output!r}, max_steps=4)
 Trainer(model=model, args=args, train_dataset=TokenDataset(tokenizer),
         callbacks=[LoRASubspaceCallback(every_n_steps=2, log_dir={log_dir!r}, strict=True)]).train()
 try:
@@ -244,7 +213,7 @@ try:
 except ModuleNotFoundError as error:
     message = str(error)
 loaded = sorted(m for m, module in sys.modules.items() if m.split(".")[0] in ("lightning", "pytorch_lightning") and module)
-print(json.dumps({{"tags": read_run({log_dir!r}).Tags()["scalars"], "lightning": loaded, "message": message}}))
+print(json.dumps({{"tags": read_events({log_dir!r}).Tags()["scalars"], "lightning": loaded, "message": message}}))
 """
 
 
@@ -255,7 +224,7 @@ def test_the_transformers_front_end_runs_without_lightning(tmp_path):
     from pathlib import Path
 
     script = WITHOUT_LIGHTNING.format(
-        tests=str(Path(__file__).parent), output=str(tmp_path / "out"), log_dir=str(tmp_path / "tb")
+        root=str(Path(__file__).resolve().parents[1]), output=str(tmp_path / "out"), log_dir=str(tmp_path / "tb")
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -9,23 +9,14 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import SEPARATE, base_model, peft_model
 
 from lora_monitor.adapters import find_lora_factors, load_adapter
 from lora_monitor.analysis import Snapshot, analyze, new_notes
+from tests.helpers.architectures import SEPARATE, base_model, peft_model, quantized_llama
+from tests.helpers.dense import dense_phi
+from tests.helpers.models import add_lora, lora_layers_by_key
 
 ARCH = SEPARATE["llama"]
-
-
-def _layers(model) -> dict[tuple[int, str], torch.nn.Module]:
-    from peft.tuners.lora import LoraLayer
-
-    names = {"q_proj": "q", "v_proj": "v"}
-    return {
-        (int(next(p for p in name.split(".") if p.isdigit())), names[name.rsplit(".", 1)[-1]]): module
-        for name, module in model.named_modules()
-        if isinstance(module, LoraLayer)
-    }
 
 
 def _perturb(model, seed: int, std: float = 0.05) -> None:
@@ -37,13 +28,11 @@ def _perturb(model, seed: int, std: float = 0.05) -> None:
                 parameter.add_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * std)
 
 
-def dense_phi(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """φ(i, j) = ‖X[:, :i]ᵀ Y[:, :j]‖_F² / min(i, j), the paper's definition, by a double loop."""
-    grid = torch.empty(X.shape[1], Y.shape[1], dtype=torch.float64)
-    for i in range(1, X.shape[1] + 1):
-        for j in range(1, Y.shape[1] + 1):
-            grid[i - 1, j - 1] = (X[:, :i].T @ Y[:, :j]).square().sum() / min(i, j)
-    return grid
+def _scale_magnitudes(model, low: float, high: float) -> None:
+    """Multiply each DoRA layer's magnitude vector m by a ramp from ``low`` to ``high``."""
+    with torch.no_grad():
+        for layer in lora_layers_by_key(model).values():
+            layer.lora_magnitude_vector["default"].weight.mul_(torch.linspace(low, high, layer.out_features, dtype=torch.float64))
 
 
 def dora_directional(layer) -> torch.Tensor:
@@ -61,10 +50,8 @@ def test_dora_reference_restored_from_a_checkpoint_keeps_its_scale(tmp_path):
 
     model = peft_model(ARCH, base_model(ARCH), use_dora=True).double()
     _perturb(model, 0)
-    with torch.no_grad():  # a row scale far from 1, so that D·B and B span other columns
-        for layer in _layers(model).values():
-            layer.lora_magnitude_vector["default"].weight.mul_(torch.linspace(0.2, 3.0, layer.out_features, dtype=torch.float64))
-    reference_terms = {key: dora_directional(layer) for key, layer in _layers(model).items()}
+    _scale_magnitudes(model, 0.2, 3.0)  # a row scale far from 1, so that D·B and B span other columns
+    reference_terms = {key: dora_directional(layer) for key, layer in lora_layers_by_key(model).items()}
     uninterrupted = LoRAMonitor(log_dir=tmp_path / "a", every_n_steps=1, basis="delta_w_left")
     uninterrupted.attach(model)
     uninterrupted.start(0)
@@ -78,7 +65,7 @@ def test_dora_reference_restored_from_a_checkpoint_keeps_its_scale(tmp_path):
     resumed.step(2)
     for monitor in (uninterrupted, resumed):
         monitor.close()
-    for key, layer in _layers(model).items():
+    for key, layer in lora_layers_by_key(model).items():
         r = layer.r["default"]
         expected = dense_phi(
             torch.linalg.svd(reference_terms[key])[0][:, :r], torch.linalg.svd(dora_directional(layer))[0][:, :r]
@@ -94,10 +81,8 @@ def test_a_saved_dora_reference_directory_is_compared_by_its_directional_term(tm
 
     reference_model = peft_model(ARCH, base_model(ARCH), use_dora=True).double()
     _perturb(reference_model, 3)
-    with torch.no_grad():
-        for layer in _layers(reference_model).values():
-            layer.lora_magnitude_vector["default"].weight.mul_(torch.linspace(0.3, 2.5, layer.out_features, dtype=torch.float64))
-    reference_terms = {key: dora_directional(layer) for key, layer in _layers(reference_model).items()}
+    _scale_magnitudes(reference_model, 0.3, 2.5)
+    reference_terms = {key: dora_directional(layer) for key, layer in lora_layers_by_key(reference_model).items()}
     reference_model.save_pretrained(tmp_path / "reference")
 
     model = peft_model(ARCH, base_model(ARCH), use_dora=True).double()
@@ -107,7 +92,7 @@ def test_a_saved_dora_reference_directory_is_compared_by_its_directional_term(tm
     monitor.start(0)
     monitor.step(1)
     monitor.close()
-    for key, layer in _layers(model).items():
+    for key, layer in lora_layers_by_key(model).items():
         r = layer.r["default"]
         expected = dense_phi(
             torch.linalg.svd(reference_terms[key].float().double())[0][:, :r], torch.linalg.svd(dora_directional(layer))[0][:, :r]
@@ -155,13 +140,11 @@ DENSE_VARIANTS = {
 def _variant_model(variant: str, tmp_path):
     """``(pretrained base, peft model, dtype)``; QLoRA's base is a 4-bit Llama (float32)."""
     if variant == "qlora":
-        from peft import LoraConfig, get_peft_model
-        from tiny_models import quantized_llama
+        from peft import LoraConfig
 
         pretrained, quantized = quantized_llama(tmp_path, 4)
         config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
-        torch.manual_seed(1)
-        return pretrained, get_peft_model(quantized, config), torch.float32
+        return pretrained, add_lora(quantized, config, seed=1), torch.float32
     kwargs = dict(DENSE_VARIANTS[variant])
     if kwargs.get("config_class") == "AdaLoraConfig":
         from peft import AdaLoraConfig
@@ -203,7 +186,7 @@ _SUFFIX = {(layer, p): f"layers.{layer}.self_attn.{p}_proj" for layer in (0, 1) 
 def _dense(model, pretrained, variant: str) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
     import copy
 
-    layers = _layers(model)
+    layers = lora_layers_by_key(model)
     state = _dense_state(layers, pretrained, variant)
     if variant != "qlora":
         merged = dict(copy.deepcopy(model).merge_and_unload().named_modules())

@@ -2,7 +2,7 @@
 architecture: real peft models trained by a real Lightning ``Trainer`` with
 ``LoRASubspaceMonitor()`` at its defaults, the TensorBoard scalars read back and compared with
 merged minus pretrained weights (a deep copy, ``merge_and_unload``), fused modules cut by the
-rows their architecture's attention uses (found by probing it, ``tiny_models``).
+rows their architecture's attention uses (found by probing it, ``tests.helpers.architectures``).
 
 The matrix: decoders (Llama, Mistral, Qwen2, Gemma, Gemma 2, OPT and the nine fused layouts of
 GPT-2, GPT-BigCode, Phi-3, Falcon, GPT-NeoX, BLOOM), encoder-decoders (T5, BART, Whisper: q and
@@ -20,8 +20,12 @@ from collections.abc import Collection
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning_setup import make_trainer, read_events
-from tiny_models import (
+from torch.utils.data import DataLoader
+
+from lora_monitor import LoRASubspaceMonitor
+from lora_monitor.adapters.factors import PEFT_PREFIX
+from lora_monitor.outputs.tags import scalar_tag
+from tests.helpers.architectures import (
     FUSED,
     MORE,
     SEPARATE,
@@ -32,11 +36,9 @@ from tiny_models import (
     quantized_llama,
     training_samples,
 )
-from torch.utils.data import DataLoader
-
-from lora_monitor import LoRASubspaceMonitor
-from lora_monitor.adapters.factors import PEFT_PREFIX
-from lora_monitor.outputs.tags import scalar_tag
+from tests.helpers.events import read_events
+from tests.helpers.lightning import make_trainer
+from tests.helpers.models import randomize_lora_B
 
 STEPS = 4
 PROJECTIONS = {"q_proj": "q", "v_proj": "v"}
@@ -44,7 +46,7 @@ PROJECTIONS = {"q_proj": "q", "v_proj": "v"}
 
 class TrainingModule(pl.LightningModule):
     """A few steps of training of a tiny peft model on random samples of its kind
-    (``tiny_models.training_samples``); AdaLoRA with its rank allocation after every optimizer
+    (``tests.helpers.architectures.training_samples``); AdaLoRA with its rank allocation after every optimizer
     step, as its users call it."""
 
     def __init__(self, model: torch.nn.Module, samples: list[dict[str, torch.Tensor]], adalora: bool = False) -> None:
@@ -152,7 +154,6 @@ def test_lora_configurations_delta_w(tmp_path, configuration):
 
 
 def test_two_adapters_the_active_one_is_monitored(tmp_path):
-    from conftest import randomize_lora_B
     from peft import LoraConfig
 
     arch = SEPARATE["llama"]

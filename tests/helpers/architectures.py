@@ -1,14 +1,18 @@
-"""Tiny random transformers models of many architectures, from configs (no hub download), and
-where each keeps its fused q|k|v module, for the variant and architecture matrix tests."""
+"""The architecture matrix: tiny random transformers models of many architectures (built by
+:func:`tests.helpers.models.from_config`, no hub download), where each keeps its fused q|k|v
+module, what each is trained on, and LoRA on a copy of a base model."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
+
+from tests.helpers.models import add_lora, from_config, tiny_llama
 
 VOCAB = 96
 
@@ -30,40 +34,37 @@ class Architecture:
     lora_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-def causal_lm(config_class: str, model_class: str, **config: Any) -> Callable[[], torch.nn.Module]:
-    def build() -> torch.nn.Module:
-        import transformers
-
-        settings = {"vocab_size": VOCAB, **config}
-        cfg = getattr(transformers, config_class)(**settings)
-        return getattr(transformers, model_class)(cfg)
-
-    return build
+def builder(config_class: str, model_class: str, **config: Any) -> Callable[[], torch.nn.Module]:
+    """How to build ``model_class`` of ``config_class(**config)`` (a vocabulary of ``VOCAB``
+    unless ``config`` says otherwise)."""
+    return partial(from_config, config_class, model_class, **{"vocab_size": VOCAB, **config})
 
 
+# The tables are kept one architecture to a few lines.
+# fmt: off
 FUSED = {
     "gpt2": Architecture(
         "gpt2",
-        causal_lm("GPT2Config", "GPT2LMHeadModel", n_embd=32, n_layer=2, n_head=4, n_positions=32),
+        builder("GPT2Config", "GPT2LMHeadModel", n_embd=32, n_layer=2, n_head=4, n_positions=32),
         ("c_attn",),
         fused="transformer.h.0.attn.c_attn",
         lora_kwargs={"fan_in_fan_out": True},
     ),
     "gpt_bigcode_mq": Architecture(
         "gpt_bigcode_mq",
-        causal_lm("GPTBigCodeConfig", "GPTBigCodeForCausalLM", n_embd=32, n_layer=2, n_head=4, n_positions=32, multi_query=True),
+        builder("GPTBigCodeConfig", "GPTBigCodeForCausalLM", n_embd=32, n_layer=2, n_head=4, n_positions=32, multi_query=True),
         ("c_attn",),
         fused="transformer.h.0.attn.c_attn",
     ),
     "gpt_bigcode_mha": Architecture(
         "gpt_bigcode_mha",
-        causal_lm("GPTBigCodeConfig", "GPTBigCodeForCausalLM", n_embd=32, n_layer=2, n_head=4, n_positions=32, multi_query=False),
+        builder("GPTBigCodeConfig", "GPTBigCodeForCausalLM", n_embd=32, n_layer=2, n_head=4, n_positions=32, multi_query=False),
         ("c_attn",),
         fused="transformer.h.0.attn.c_attn",
     ),
     "phi3": Architecture(
         "phi3",
-        causal_lm(
+        builder(
             "Phi3Config", "Phi3ForCausalLM", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0,
         ),
@@ -72,7 +73,7 @@ FUSED = {
     ),
     "falcon_mha": Architecture(
         "falcon_mha",
-        causal_lm(
+        builder(
             "FalconConfig", "FalconForCausalLM", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             multi_query=False, new_decoder_architecture=False,
         ),
@@ -81,7 +82,7 @@ FUSED = {
     ),
     "falcon_mq": Architecture(
         "falcon_mq",
-        causal_lm(
+        builder(
             "FalconConfig", "FalconForCausalLM", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             multi_query=True, new_decoder_architecture=False,
         ),
@@ -90,7 +91,7 @@ FUSED = {
     ),
     "falcon_grouped": Architecture(
         "falcon_grouped",
-        causal_lm(
+        builder(
             "FalconConfig", "FalconForCausalLM", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             num_kv_heads=2, new_decoder_architecture=True,
         ),
@@ -99,7 +100,7 @@ FUSED = {
     ),
     "gpt_neox": Architecture(
         "gpt_neox",
-        causal_lm(
+        builder(
             "GPTNeoXConfig", "GPTNeoXForCausalLM", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=64, max_position_embeddings=32,
         ),
@@ -108,11 +109,137 @@ FUSED = {
     ),
     "bloom": Architecture(
         "bloom",
-        causal_lm("BloomConfig", "BloomForCausalLM", hidden_size=32, n_layer=2, n_head=4),
+        builder("BloomConfig", "BloomForCausalLM", hidden_size=32, n_layer=2, n_head=4),
         ("query_key_value",),
         fused="transformer.h.0.self_attention.query_key_value",
     ),
 }
+
+
+#: Architectures whose q and v are separate modules (they worked before issue 9).
+SEPARATE = {
+    "llama": Architecture(
+        "llama",
+        partial(tiny_llama, VOCAB, max_position_embeddings=32, seed=None),
+        ("q_proj", "v_proj"),
+    ),
+    "mistral": Architecture(
+        "mistral",
+        builder(
+            "MistralConfig", "MistralForCausalLM", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        ),
+        ("q_proj", "v_proj"),
+    ),
+    "qwen2": Architecture(
+        "qwen2",
+        builder(
+            "Qwen2Config", "Qwen2ForCausalLM", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        ),
+        ("q_proj", "v_proj"),
+    ),
+    "opt": Architecture(
+        "opt",
+        builder(
+            "OPTConfig", "OPTForCausalLM", hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=32, word_embed_proj_dim=32,
+        ),
+        ("q_proj", "v_proj"),
+    ),
+}
+
+
+_SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+_SEQ2SEQ = {
+    "d_model": 32, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
+}
+
+
+#: Architectures added for issue 9 whose q and v are separate modules too: other decoders,
+#: encoder-decoders (q and v of the encoder, the decoder and its cross-attention), encoders
+#: with a classification head (peft keeps the head trainable: modules_to_save) and ViT.
+MORE = {
+    "gemma": Architecture(
+        "gemma",
+        builder("GemmaConfig", "GemmaForCausalLM", **_SMALL, num_key_value_heads=2, head_dim=8, max_position_embeddings=32),
+        ("q_proj", "v_proj"),
+    ),
+    "gemma2": Architecture(
+        "gemma2",
+        builder(
+            "Gemma2Config", "Gemma2ForCausalLM", **_SMALL, num_key_value_heads=2, head_dim=8,
+            max_position_embeddings=32, sliding_window=4,
+        ),
+        ("q_proj", "v_proj"),
+    ),
+    "t5": Architecture(
+        "t5",
+        builder(
+            "T5Config", "T5ForConditionalGeneration", d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+            decoder_start_token_id=0, pad_token_id=0,
+        ),
+        ("q", "v"),
+        task_type="SEQ_2_SEQ_LM",
+        inputs="seq2seq",
+    ),
+    "bart": Architecture(
+        "bart",
+        builder("BartConfig", "BartForConditionalGeneration", **_SEQ2SEQ, max_position_embeddings=32),
+        ("q_proj", "v_proj"),
+        task_type="SEQ_2_SEQ_LM",
+        inputs="seq2seq",
+    ),
+    "whisper": Architecture(
+        "whisper",
+        builder(
+            "WhisperConfig", "WhisperForConditionalGeneration", **_SEQ2SEQ, num_mel_bins=8, max_source_positions=16,
+            max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+            suppress_tokens=None, begin_suppress_tokens=None,
+        ),
+        ("q_proj", "v_proj"),
+        task_type=None,
+        inputs="audio",
+    ),
+    "bert": Architecture(
+        "bert",
+        builder("BertConfig", "BertForSequenceClassification", **_SMALL, max_position_embeddings=32),
+        ("query", "value"),
+        task_type="SEQ_CLS",
+        inputs="classify",
+    ),
+    "roberta": Architecture(
+        "roberta",
+        builder(
+            "RobertaConfig", "RobertaForSequenceClassification", **_SMALL, max_position_embeddings=40, pad_token_id=1,
+        ),
+        ("query", "value"),
+        task_type="SEQ_CLS",
+        inputs="classify",
+    ),
+    "distilbert": Architecture(
+        "distilbert",
+        builder(
+            "DistilBertConfig", "DistilBertForSequenceClassification", dim=32, hidden_dim=64, n_layers=2, n_heads=4,
+            max_position_embeddings=32,
+        ),
+        ("q_lin", "v_lin"),
+        task_type="SEQ_CLS",
+        inputs="classify",
+    ),
+    "vit": Architecture(
+        "vit",
+        builder(
+            "ViTConfig", "ViTForImageClassification", **_SMALL, image_size=8, patch_size=4, num_channels=3, num_labels=3,
+        ),
+        ("q_proj", "v_proj"),  # transformers 5 names them so (4: query, value)
+        task_type=None,
+        inputs="image",
+        lora_kwargs={"modules_to_save": ["classifier"]},
+    ),
+}
+# fmt: on
 
 
 def base_model(arch: Architecture, seed: int = 0) -> torch.nn.Module:
@@ -123,9 +250,7 @@ def base_model(arch: Architecture, seed: int = 0) -> torch.nn.Module:
 
 def peft_model(arch: Architecture, base: torch.nn.Module, seed: int = 1, **lora_kwargs: Any):
     """LoRA (or ``lora_kwargs``' variant) on ``arch.target_modules`` of a deep copy of ``base``."""
-    import warnings
-
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     settings = {"r": 4, "lora_alpha": 8, "target_modules": list(arch.target_modules), "lora_dropout": 0.0}
     settings.update(arch.lora_kwargs)
@@ -133,10 +258,7 @@ def peft_model(arch: Architecture, base: torch.nn.Module, seed: int = 1, **lora_
     config_class = settings.pop("config_class", LoraConfig)
     if arch.task_type is not None:
         settings["task_type"] = arch.task_type
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(seed)
-        return get_peft_model(copy.deepcopy(base), config_class(**settings))
+    return add_lora(copy.deepcopy(base), config_class(**settings), seed)
 
 
 def probe_fused_rows(arch: Architecture, base: torch.nn.Module) -> dict[str, list[int]]:
@@ -181,48 +303,6 @@ def probe_fused_rows(arch: Architecture, base: torch.nn.Module) -> dict[str, lis
     return {name: rows(t[0, :, 0], 0) for name, t in zip("qkv", (q, k, v))}
 
 
-#: Architectures whose q and v are separate modules (they worked before issue 9).
-SEPARATE = {
-    "llama": Architecture(
-        "llama",
-        causal_lm(
-            "LlamaConfig", "LlamaForCausalLM", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-        ),
-        ("q_proj", "v_proj"),
-    ),
-    "mistral": Architecture(
-        "mistral",
-        causal_lm(
-            "MistralConfig", "MistralForCausalLM", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-        ),
-        ("q_proj", "v_proj"),
-    ),
-    "qwen2": Architecture(
-        "qwen2",
-        causal_lm(
-            "Qwen2Config", "Qwen2ForCausalLM", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-        ),
-        ("q_proj", "v_proj"),
-    ),
-    "opt": Architecture(
-        "opt",
-        causal_lm(
-            "OPTConfig", "OPTForCausalLM", hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=32, word_embed_proj_dim=32,
-        ),
-        ("q_proj", "v_proj"),
-    ),
-}
-
-
-def model_with_head(config_class: str, model_class: str, **config: Any) -> Callable[[], torch.nn.Module]:
-    """Like :func:`causal_lm` for any model class (seq2seq, classification, vision)."""
-    return causal_lm(config_class, model_class, **config)
-
-
 def training_samples(arch: Architecture, count: int = 16, length: int = 8) -> list[dict[str, torch.Tensor]]:
     """Random training samples for ``arch.inputs``, each a dict of the model's keyword inputs."""
     generator = torch.Generator().manual_seed(0)
@@ -251,96 +331,6 @@ def training_samples(arch: Architecture, count: int = 16, length: int = 8) -> li
     return samples
 
 
-_SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
-_SEQ2SEQ = {
-    "d_model": 32, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4,
-    "decoder_attention_heads": 4, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
-}
-
-#: Architectures added for issue 9 whose q and v are separate modules too: other decoders,
-#: encoder-decoders (q and v of the encoder, the decoder and its cross-attention), encoders
-#: with a classification head (peft keeps the head trainable: modules_to_save) and ViT.
-MORE = {
-    "gemma": Architecture(
-        "gemma",
-        causal_lm("GemmaConfig", "GemmaForCausalLM", **_SMALL, num_key_value_heads=2, head_dim=8, max_position_embeddings=32),
-        ("q_proj", "v_proj"),
-    ),
-    "gemma2": Architecture(
-        "gemma2",
-        causal_lm(
-            "Gemma2Config", "Gemma2ForCausalLM", **_SMALL, num_key_value_heads=2, head_dim=8,
-            max_position_embeddings=32, sliding_window=4,
-        ),
-        ("q_proj", "v_proj"),
-    ),
-    "t5": Architecture(
-        "t5",
-        model_with_head(
-            "T5Config", "T5ForConditionalGeneration", d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-            decoder_start_token_id=0, pad_token_id=0,
-        ),
-        ("q", "v"),
-        task_type="SEQ_2_SEQ_LM",
-        inputs="seq2seq",
-    ),
-    "bart": Architecture(
-        "bart",
-        model_with_head("BartConfig", "BartForConditionalGeneration", **_SEQ2SEQ, max_position_embeddings=32),
-        ("q_proj", "v_proj"),
-        task_type="SEQ_2_SEQ_LM",
-        inputs="seq2seq",
-    ),
-    "whisper": Architecture(
-        "whisper",
-        model_with_head(
-            "WhisperConfig", "WhisperForConditionalGeneration", **_SEQ2SEQ, num_mel_bins=8, max_source_positions=16,
-            max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
-            suppress_tokens=None, begin_suppress_tokens=None,
-        ),
-        ("q_proj", "v_proj"),
-        task_type=None,
-        inputs="audio",
-    ),
-    "bert": Architecture(
-        "bert",
-        model_with_head("BertConfig", "BertForSequenceClassification", **_SMALL, max_position_embeddings=32),
-        ("query", "value"),
-        task_type="SEQ_CLS",
-        inputs="classify",
-    ),
-    "roberta": Architecture(
-        "roberta",
-        model_with_head(
-            "RobertaConfig", "RobertaForSequenceClassification", **_SMALL, max_position_embeddings=40, pad_token_id=1,
-        ),
-        ("query", "value"),
-        task_type="SEQ_CLS",
-        inputs="classify",
-    ),
-    "distilbert": Architecture(
-        "distilbert",
-        model_with_head(
-            "DistilBertConfig", "DistilBertForSequenceClassification", dim=32, hidden_dim=64, n_layers=2, n_heads=4,
-            max_position_embeddings=32,
-        ),
-        ("q_lin", "v_lin"),
-        task_type="SEQ_CLS",
-        inputs="classify",
-    ),
-    "vit": Architecture(
-        "vit",
-        model_with_head(
-            "ViTConfig", "ViTForImageClassification", **_SMALL, image_size=8, patch_size=4, num_channels=3, num_labels=3,
-        ),
-        ("q_proj", "v_proj"),  # transformers 5 names them so (4: query, value)
-        task_type=None,
-        inputs="image",
-        lora_kwargs={"modules_to_save": ["classifier"]},
-    ),
-}
-
-
 def quantized_llama(directory, bits: int) -> tuple[torch.nn.Module, torch.nn.Module]:
     """``(the pretrained float32 Llama, the same loaded by transformers in 4 or 8 bits by
     bitsandbytes)``, saved to and read from ``directory`` (hidden size 64: bitsandbytes' CPU
@@ -349,15 +339,7 @@ def quantized_llama(directory, bits: int) -> tuple[torch.nn.Module, torch.nn.Mod
 
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
-    arch = Architecture(
-        "llama64",
-        causal_lm(
-            "LlamaConfig", "LlamaForCausalLM", hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-        ),
-        ("q_proj", "v_proj"),
-    )
-    pretrained = base_model(arch)
+    pretrained = tiny_llama(VOCAB, hidden_size=64, intermediate_size=64, max_position_embeddings=32).eval()
     pretrained.save_pretrained(str(directory / "base"))
     quantization = BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8)
     with warnings.catch_warnings():

@@ -1,15 +1,15 @@
-"""Real Lightning training of the tiny peft models of ``conftest``, and reading back event files."""
+"""Real Lightning training of the tiny peft models of :mod:`tests.helpers.models`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, TensorDataset
 
 
@@ -38,6 +38,31 @@ class CausalLMModule(pl.LightningModule):
         return DataLoader(TensorDataset(tokens), batch_size=8, shuffle=False)
 
 
+class CountingModule(CausalLMModule):
+    """Counts the training steps it ran (``steps_run``): an error at set-up must leave it at 0."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model)
+        self.steps_run = 0
+
+    def training_step(self, batch, batch_idx):
+        self.steps_run += 1
+        return super().training_step(batch, batch_idx)
+
+
+class AtStep(Callback):
+    """Does something to the module at the end of given optimizer steps, before a monitor that
+    comes after it in the callbacks list takes its snapshot."""
+
+    def __init__(self, actions: dict[int, Callable[[pl.LightningModule], None]]) -> None:
+        self.actions = actions
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        action = self.actions.get(trainer.global_step)
+        if action is not None:
+            action(pl_module)
+
+
 def make_trainer(
     root: Path,
     callbacks: Sequence[Callback],
@@ -62,10 +87,3 @@ def make_trainer(
     )
     options.update(trainer_kwargs)
     return pl.Trainer(**options)
-
-
-def read_events(log_dir: str | Path) -> EventAccumulator:
-    """All scalars and images of a TensorBoard log directory."""
-    events = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0})
-    events.Reload()
-    return events
