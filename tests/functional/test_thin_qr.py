@@ -1,4 +1,4 @@
-"""The Gram path of the functional layer (issue 12) against float64 dense SVDs.
+"""lora_monitor.functional.thin_qr: the Gram path of the functional layer (issue 12) against float64 dense SVDs.
 
 Each factor's QR comes from its Gram matrix where :func:`lora_monitor.functional.thin_qr.gram_cholesky`
 certifies that exact, else from Householder QR. Whichever path a matrix takes, the results must
@@ -19,14 +19,6 @@ from lora_monitor.functional import BASES, factored_basis, factored_svd, singula
 F64 = torch.float64
 D, R, K = 192, 12, 160  # small: the tolerances, not the sizes, are what is tested
 BATCH = 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def with_spectrum(n: int, r: int, sigmas, generator) -> torch.Tensor:
@@ -61,8 +53,10 @@ def zero_columns(n, r, g):
 CASES = {
     "well_conditioned": (lambda g: 0.02 * well(D, R, g), lambda g: well(K, R, g).T),
     # The benchmark's and peft's kind of factors: Gaussian B, Kaiming-like A (κ² ≈ 1.7 … 2).
-    "gaussian": (lambda g: 0.01 * torch.randn(D, R, generator=g, dtype=F64),
-                 lambda g: torch.randn(R, K, generator=g, dtype=F64) / K**0.5),
+    "gaussian": (
+        lambda g: 0.01 * torch.randn(D, R, generator=g, dtype=F64),
+        lambda g: torch.randn(R, K, generator=g, dtype=F64) / K**0.5,
+    ),
     # κ = 100 and 10⁴: the Gram path would lose orthogonality (≈ u·κ²) where it still runs.
     "B_spans_1e0_1e-2": (lambda g: spanning(D, R, g, 2), lambda g: well(K, R, g).T),
     "B_spans_1e0_1e-4": (lambda g: spanning(D, R, g, 4), lambda g: well(K, R, g).T),
@@ -169,7 +163,7 @@ def test_phi_exact_on_either_path(kind, basis, dtype):
     scaling = 0.5
     m = determined(kind, basis)
     if m == 0:
-        pytest.skip("B = 0 has no singular vectors")  # the analysis reports it, see test_faults
+        pytest.skip("B = 0 has no singular vectors")  # the analysis reports it: tests/engine/test_reporter.py
     S, Q, W, basis_S = factored_basis(B, A, scaling, basis)
     expected = dense_basis(B, A, scaling, basis)
     assert_identity((Q @ W).mT @ (Q @ W), 1e-4)
@@ -197,7 +191,7 @@ def test_a_batch_mixing_both_paths(dtype):
     assert_identity(Vh @ Vh.mT, 1e-4)
     rebuilt = (U.to(F64) * S.to(F64)[..., None, :]) @ Vh.to(F64)
     assert (torch.linalg.matrix_norm(rebuilt - delta) <= 1e-5 * torch.linalg.matrix_norm(delta)).all()
-    for index, kind in enumerate(kinds):
+    for index in range(len(kinds)):
         alone = factored_svd(B[index], A[index], scaling[index])
         torch.testing.assert_close(S[index], alone[1], atol=1e-6 * float(alone[1][0]) + 1e-30, rtol=0)
     for basis in BASES:
