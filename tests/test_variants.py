@@ -325,29 +325,3 @@ def test_saved_pissa_and_dora_adapters_without_base_say_so(tmp_path):
         assert ("pissa initialization" if variant == "pissa" else "DoRA rescales") in analysis.notes[0]
 
 
-def test_a_saved_adalora_adapter_is_refused_with_what_to_do(tmp_path):
-    from peft import AdaLoraConfig
-
-    from lora_monitor.adapters import LoRAMonitorError, load_adapter
-
-    arch = SEPARATE["llama"]
-    model = peft_model(arch, base_model(arch), config_class=AdaLoraConfig, init_r=4, target_r=2, total_step=4)
-    model.save_pretrained(str(tmp_path))
-    with pytest.raises(LoRAMonitorError, match=r"AdaLoRA adapter.*PeftModel.from_pretrained.*find_lora_factors"):
-        load_adapter(tmp_path)
-
-
-def test_lora_variants_it_does_not_read_are_named():
-    from peft import VeraConfig, get_peft_model
-
-    from lora_monitor.adapters import LoRAMonitorError, find_lora_factors
-
-    arch = SEPARATE["llama"]
-    mica = peft_model(arch, base_model(arch), init_lora_weights="mica")
-    with pytest.warns(UserWarning, match=r"q_proj \(peft LoRA variant MiCALinear"), pytest.raises(LoRAMonitorError, match="MiCALinear"):
-        find_lora_factors(mica)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        vera = get_peft_model(base_model(arch), VeraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    with pytest.raises(LoRAMonitorError, match=r"type \['VERA'\], not LoRA"):
-        find_lora_factors(vera)

@@ -77,7 +77,12 @@ def test_saved_adapter_without_config_splits_only_what_its_shape_tells(fused_mod
 
 
 def test_a_config_that_does_not_fit_keeps_the_module_whole():
-    split = fused_split("h.0.self_attention.query_key_value", 96, 32, {"model_type": "falcon", "num_attention_heads": 4, "multi_query": True})
+    split = fused_split(
+        "h.0.self_attention.query_key_value",
+        96,
+        32,
+        {"model_type": "falcon", "num_attention_heads": 4, "multi_query": True},
+    )
     assert split.rows is None and "gives 48 rows but lora_B has 96" in split.reason
     unknown = fused_split("layers.0.attn.qkv_proj", 96, 32, {"model_type": "mpt"})
     assert unknown.rows is None and "'mpt'" in unknown.reason
@@ -87,7 +92,9 @@ def test_a_config_that_does_not_fit_keeps_the_module_whole():
 def test_per_head_rows_are_index_tensors_and_blocks_are_slices():
     mha = fused_split("h.0.c_attn", 96, 32, {"model_type": "gpt_bigcode", "n_head": 4, "multi_query": False})
     assert isinstance(mha.rows["q"], torch.Tensor) and mha.rows["q"][:10].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 24, 25]
-    phi3 = fused_split("layers.0.qkv_proj", 64, 32, {"model_type": "phi3", "num_attention_heads": 4, "num_key_value_heads": 2})
+    phi3 = fused_split(
+        "layers.0.qkv_proj", 64, 32, {"model_type": "phi3", "num_attention_heads": 4, "num_key_value_heads": 2}
+    )
     assert phi3.rows == {"q": slice(0, 32), "k": slice(32, 48), "v": slice(48, 64)}
 
 
@@ -117,6 +124,11 @@ def test_cli_base_config_splits_a_saved_per_head_layout(tmp_path, capsys):
         row = next(line for line in table.splitlines() if line.startswith(f"| layer_{layer:02d}.{projection} "))
         assert float(row.split("|")[3]) == pytest.approx(norm, rel=1e-3), row
     directory = str(tmp_path / "adapter")
-    assert main(["compare", directory, directory, "--basis", "delta_w_left", "--no-figure", "--base-config", str(tmp_path)]) == 0
+    assert (
+        main(
+            ["compare", directory, directory, "--basis", "delta_w_left", "--no-figure", "--base-config", str(tmp_path)]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "layer_00.q" in out and "query_key_value" not in out
