@@ -99,34 +99,6 @@ def test_strict_turns_the_warning_into_an_error(tmp_path):
 # ------------------------------------------------------------------------ half precision
 
 
-def test_half_precision_factors_are_analysed_in_float32(tmp_path):
-    # A reference saved from a float16 model, a model trained in bfloat16.
-    reference_model = tiny_llama_lora(rank=4, seed=1).to(torch.float16)
-    reference_model.save_pretrained(str(tmp_path / "fp16"))
-    model = tiny_llama_lora(rank=4).to(torch.bfloat16)
-    monitor = LoRASubspaceMonitor(every_n_steps=2, reference=tmp_path / "fp16", basis="delta_w_left")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        make_trainer(tmp_path, [monitor], max_steps=2).fit(CausalLMModule(model))
-    assert analysis_warnings(caught) == []
-
-    def exact(model: PeftModel, key) -> tuple[torch.Tensor, ...]:
-        # ΔW from the half-precision factors in float64 (peft's get_delta_weight rounds B @ A
-        # to the factors' dtype).
-        layer = llama_lora_module(model, *key)
-        A, B = (f["default"].weight.detach().double() for f in (layer.lora_A, layer.lora_B))
-        return layer.scaling["default"] * B @ A, A, B
-
-    assert set(monitor.latest_analysis) == {(layer, p) for layer in range(2) for p in ("q", "v")}
-    for key, analysis in monitor.latest_analysis.items():
-        assert analysis.phi.dtype == analysis.singular_values.dtype == torch.float32
-        current, reference = exact(model, key), exact(reference_model, key)
-        expected = dense_phi(dense_basis(*reference, "delta_w_left"), dense_basis(*current, "delta_w_left"))
-        torch.testing.assert_close(analysis.phi.double(), expected, atol=1e-5, rtol=0)
-        sigma = torch.linalg.svdvals(current[0])
-        torch.testing.assert_close(analysis.singular_values.double(), sigma[:4], rtol=1e-5, atol=1e-6)
-
-
 # ------------------------------------------------------------------ adapter changes mid-run
 
 

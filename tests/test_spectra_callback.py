@@ -13,8 +13,6 @@ import pytest
 import torch
 
 from lora_monitor import LoRASubspaceMonitor
-from lora_monitor.adapters import find_lora_factors
-from lora_monitor.analysis import Snapshot
 from lora_monitor.outputs.report import CAUTIONS_BELOW, summary_line
 from lora_monitor.outputs.tags import OPTIONAL_SCALAR_NAMES, RECOMMENDATION_TAG, SCALAR_NAMES, scalar_tag
 from tests.helpers.dense import base_weights, dense_basis, dense_phi, dense_updates
@@ -94,27 +92,3 @@ def test_spectral_scalars_amplification_and_intruders_match_dense(tmp_path, capl
     )
 
 
-def test_an_early_run_is_reported_as_weak_evidence(tmp_path):
-    # Two optimizer steps at a tiny learning rate: B has barely left zero, A its random init.
-    model = tiny_llama_lora(rank=4, randomize_B=False)
-    monitor = LoRASubspaceMonitor(every_n_steps=1, reference="first")
-    trainer = make_trainer(tmp_path, [monitor], max_steps=2)
-    trainer.fit(CausalLMModule(model, lr=1e-5))
-    cautions = " ".join(monitor.recommendation.cautions)
-    assert "ΔW is still tiny next to W₀" in cautions
-    assert "A is still close to its random initialization" in cautions
-    assert monitor.recommendation.weak
-    # φ against the run's own first snapshot is stability, not a second run: spectra decide.
-    assert not monitor.recommendation.compared
-    assert all(m.shared_directions is None for m in monitor.recommendation.modules)
-
-
-def test_snapshot_keeps_a_reference_to_W0_not_a_copy():
-    model = tiny_llama_lora(rank=4)
-    factors = find_lora_factors(model)
-    snapshot = Snapshot.capture(factors, step=0)
-    for key, f in snapshot.factors.items():
-        assert f.base_weight.data_ptr() == factors[key].base_weight.data_ptr()
-        assert f.lora_A.data_ptr() != factors[key].lora_A.data_ptr()  # the factors are copies
-    # A checkpoint stores the factors only.
-    assert all("base_weight" not in m for m in snapshot.state_dict()["modules"])

@@ -294,34 +294,3 @@ def test_qlora_reads_w0_through_dequantization(tmp_path, bits):
         assert logged_value(events, "delta_w_amplification", key) == pytest.approx(dense.item(), rel=1e-3)
 
 
-def test_pissa_attached_late_says_it_cannot_know_delta_w(tmp_path):
-    from lora_monitor import AnalysisWarning
-    from lora_monitor.engine import LoRAMonitor
-
-    arch = SEPARATE["llama"]
-    model = peft_model(arch, base_model(arch), init_lora_weights="pissa")
-    monitor = LoRAMonitor(log_dir=tmp_path, every_n_steps=1)
-    monitor.attach(model)
-    with pytest.warns(AnalysisWarning, match=r"initialized by pissa.*starts at step 5 without the initial factors"):
-        monitor.start(5)
-    with pytest.warns(AnalysisWarning, match=r"layer 0 'q'.*B₀, A₀ are not known") as caught:
-        monitor.step(6)
-        monitor.step(7)  # said once, not at every snapshot
-    assert sum("are not known" in str(w.message) for w in caught) == 1
-    monitor.close()
-    analysis = monitor.latest_analysis[(0, "q")]
-    assert "delta_w_norm" not in analysis.scalars and "phi_top" in analysis.scalars  # φ in A still right
-
-
-def test_saved_pissa_and_dora_adapters_without_base_say_so(tmp_path):
-    from lora_monitor.adapters import load_adapter
-    from lora_monitor.analysis import Snapshot, analyze
-
-    arch = SEPARATE["llama"]
-    for variant, kwargs in (("pissa", {"init_lora_weights": "pissa"}), ("dora", {"use_dora": True})):
-        peft_model(arch, base_model(arch), **kwargs).save_pretrained(str(tmp_path / variant))
-        analysis = analyze(Snapshot(0, load_adapter(tmp_path / variant).factors))[(0, "q")]
-        assert not analysis.delta_w_known and "delta_w_norm" not in analysis.scalars
-        assert ("pissa initialization" if variant == "pissa" else "DoRA rescales") in analysis.notes[0]
-
-

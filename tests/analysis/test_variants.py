@@ -1,7 +1,8 @@
-"""φ, spectra, amplification and intruder dimensions under each peft variant, against dense
-computations on small shapes: ΔW (or DoRA's directional term) formed from the live peft
-layer's own tensors, decomposed by a full SVD, φ as the LoRA paper defines it. And what a
-reference whose update cannot be known (DoRA without W₀) does: said, never s·B·A."""
+"""lora_monitor.analysis.variants: φ, spectra, amplification and intruder dimensions under each
+peft variant, against dense computations on small shapes: ΔW (or DoRA's directional term)
+formed from the live peft layer's own tensors, decomposed by a full SVD, φ as the LoRA paper
+defines it. And what a reference or a run whose update cannot be known (DoRA without W₀, PiSSA
+without its initial factors) does: said, never s·B·A."""
 
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ def _scale_magnitudes(model, low: float, high: float) -> None:
     """Multiply each DoRA layer's magnitude vector m by a ramp from ``low`` to ``high``."""
     with torch.no_grad():
         for layer in lora_layers_by_key(model).values():
-            layer.lora_magnitude_vector["default"].weight.mul_(torch.linspace(low, high, layer.out_features, dtype=torch.float64))
+            layer.lora_magnitude_vector["default"].weight.mul_(
+                torch.linspace(low, high, layer.out_features, dtype=torch.float64)
+            )
 
 
 def dora_directional(layer) -> torch.Tensor:
@@ -87,7 +90,9 @@ def test_a_saved_dora_reference_directory_is_compared_by_its_directional_term(tm
 
     model = peft_model(ARCH, base_model(ARCH), use_dora=True).double()
     _perturb(model, 4)
-    monitor = LoRAMonitor(log_dir=tmp_path / "run", every_n_steps=1, basis="delta_w_left", reference=tmp_path / "reference")
+    monitor = LoRAMonitor(
+        log_dir=tmp_path / "run", every_n_steps=1, basis="delta_w_left", reference=tmp_path / "reference"
+    )
     monitor.attach(model)
     monitor.start(0)
     monitor.step(1)
@@ -95,7 +100,8 @@ def test_a_saved_dora_reference_directory_is_compared_by_its_directional_term(tm
     for key, layer in lora_layers_by_key(model).items():
         r = layer.r["default"]
         expected = dense_phi(
-            torch.linalg.svd(reference_terms[key].float().double())[0][:, :r], torch.linalg.svd(dora_directional(layer))[0][:, :r]
+            torch.linalg.svd(reference_terms[key].float().double())[0][:, :r],
+            torch.linalg.svd(dora_directional(layer))[0][:, :r],
         )
         torch.testing.assert_close(monitor.latest_analysis[key].phi.double(), expected, rtol=0, atol=1e-5)
 
@@ -143,7 +149,9 @@ def _variant_model(variant: str, tmp_path):
         from peft import LoraConfig
 
         pretrained, quantized = quantized_llama(tmp_path, 4)
-        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
+        config = LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM"
+        )
         return pretrained, add_lora(quantized, config, seed=1), torch.float32
     kwargs = dict(DENSE_VARIANTS[variant])
     if kwargs.get("config_class") == "AdaLoraConfig":
@@ -228,7 +236,9 @@ def test_phi_spectra_amplification_and_intruders_equal_dense_ones(tmp_path, vari
             else:  # ΔW's left singular vectors (DoRA: of D·s·B·A), as many as its rank
                 r = 2 * cur["A"].shape[0] if variant in ("pissa", "olora") else cur["A"].shape[0]
                 X, Y = torch.linalg.svd(ref["phi_matrix"])[0][:, :r], torch.linalg.svd(cur["phi_matrix"])[0][:, :r]
-            torch.testing.assert_close(analysis.phi.double(), dense_phi(X, Y), **tolerance, msg=f"{variant} {basis} {key}")
+            torch.testing.assert_close(
+                analysis.phi.double(), dense_phi(X, Y), **tolerance, msg=f"{variant} {basis} {key}"
+            )
     for key, analysis in analyses.items():
         delta, W0 = dense_current[key]["delta"], dense_current[key]["W0"]
         U, S, Vh = torch.linalg.svd(delta)
@@ -239,5 +249,38 @@ def test_phi_spectra_amplification_and_intruders_equal_dense_ones(tmp_path, vari
         norm = torch.linalg.matrix_norm(delta)
         amplification = norm / torch.linalg.matrix_norm(U[:, :r].T @ W0 @ Vh[:r].T)
         assert analysis.delta_w_amplification == pytest.approx(amplification.item(), rel=tolerance["rtol"] * 10)
-        assert analysis.delta_w_relative_norm == pytest.approx((norm / torch.linalg.matrix_norm(W0)).item(), rel=tolerance["rtol"] * 10)
+        assert analysis.delta_w_relative_norm == pytest.approx(
+            (norm / torch.linalg.matrix_norm(W0)).item(), rel=tolerance["rtol"] * 10
+        )
         assert analysis.intruder_dimensions == _dense_intruders(W0, W0 + delta, 4)
+
+
+def test_pissa_attached_late_says_it_cannot_know_delta_w(tmp_path):
+    from lora_monitor import AnalysisWarning
+    from lora_monitor.engine import LoRAMonitor
+
+    arch = SEPARATE["llama"]
+    model = peft_model(arch, base_model(arch), init_lora_weights="pissa")
+    monitor = LoRAMonitor(log_dir=tmp_path, every_n_steps=1)
+    monitor.attach(model)
+    with pytest.warns(AnalysisWarning, match=r"initialized by pissa.*starts at step 5 without the initial factors"):
+        monitor.start(5)
+    with pytest.warns(AnalysisWarning, match=r"layer 0 'q'.*B₀, A₀ are not known") as caught:
+        monitor.step(6)
+        monitor.step(7)  # said once, not at every snapshot
+    assert sum("are not known" in str(w.message) for w in caught) == 1
+    monitor.close()
+    analysis = monitor.latest_analysis[(0, "q")]
+    assert "delta_w_norm" not in analysis.scalars and "phi_top" in analysis.scalars  # φ in A still right
+
+
+def test_saved_pissa_and_dora_adapters_without_base_say_so(tmp_path):
+    from lora_monitor.adapters import load_adapter
+    from lora_monitor.analysis import Snapshot, analyze
+
+    arch = SEPARATE["llama"]
+    for variant, kwargs in (("pissa", {"init_lora_weights": "pissa"}), ("dora", {"use_dora": True})):
+        peft_model(arch, base_model(arch), **kwargs).save_pretrained(str(tmp_path / variant))
+        analysis = analyze(Snapshot(0, load_adapter(tmp_path / variant).factors))[(0, "q")]
+        assert not analysis.delta_w_known and "delta_w_norm" not in analysis.scalars
+        assert ("pissa initialization" if variant == "pissa" else "DoRA rescales") in analysis.notes[0]

@@ -1,4 +1,5 @@
-"""The rank recommendation on synthetic adapters whose answer is known.
+"""lora_monitor.analysis.rank: the rank recommendation on synthetic adapters whose answer is known,
+and the cautions of a run too early to tell.
 
 The adapters are LoRA factors built from planted structure; the analysis is the package's real
 one (:func:`lora_monitor.analysis.analyze`), so the test covers the path from factors to text.
@@ -11,11 +12,14 @@ from dataclasses import replace
 import pytest
 import torch
 
+from lora_monitor import LoRASubspaceMonitor
 from lora_monitor.adapters import LoRAFactors
 from lora_monitor.analysis import Snapshot, analyze
 from lora_monitor.analysis.rank import GAP_RATIO, recommend_rank
-from lora_monitor.functional import random_subspace_similarity, shared_directions
+from lora_monitor.functional import random_subspace_similarity
 from lora_monitor.outputs.report import report_markdown, summary_line
+from tests.helpers.lightning import CausalLMModule, make_trainer
+from tests.helpers.models import tiny_llama_lora
 
 D = K = 256
 LAYERS = range(3)
@@ -153,10 +157,23 @@ def test_spectrum_only_recommendation_says_it_is_weak(planted_directions):
     recommendation = recommend_rank(analyze(Snapshot(step=1, factors=current)), "A")
     assert not recommendation.compared and recommendation.weak
     # σ² = 100 + 64 + 36 + 25 (+ tiny noise): the top 3 hold 89 % of ‖ΔW‖², the top 4 over 90 %.
-    for key, f in current.items():
+    for f in current.values():
         energy = torch.linalg.svdvals((f.lora_B @ f.lora_A).double()).square().cumsum(0)
         assert int((energy < 0.9 * energy[-1]).sum()) + 1 == 4
     assert recommendation.rank == 4
     assert recommendation.cautions[0].startswith("spectrum only")
 
 
+def test_an_early_run_is_reported_as_weak_evidence(tmp_path):
+    # Two optimizer steps at a tiny learning rate: B has barely left zero, A its random init.
+    model = tiny_llama_lora(rank=4, randomize_B=False)
+    monitor = LoRASubspaceMonitor(every_n_steps=1, reference="first")
+    trainer = make_trainer(tmp_path, [monitor], max_steps=2)
+    trainer.fit(CausalLMModule(model, lr=1e-5))
+    cautions = " ".join(monitor.recommendation.cautions)
+    assert "ΔW is still tiny next to W₀" in cautions
+    assert "A is still close to its random initialization" in cautions
+    assert monitor.recommendation.weak
+    # φ against the run's own first snapshot is stability, not a second run: spectra decide.
+    assert not monitor.recommendation.compared
+    assert all(m.shared_directions is None for m in monitor.recommendation.modules)
