@@ -1,5 +1,6 @@
-"""Tag names, the summary groups' budget, the suggested rank as scalars and the custom-scalars
-layout, on real analyses of random LoRA factors (no training: the functions are pure)."""
+"""lora_monitor.outputs.tags: tag names, the summary groups' budget, the suggested rank as scalars
+and the custom-scalars layout, on real analyses of random LoRA factors (no training: the
+functions are pure)."""
 
 from __future__ import annotations
 
@@ -54,7 +55,13 @@ def test_per_layer_series_in_their_own_groups_summary_bounded(deep_analyses):
     # The rest are medians over the 32 layers, in the summary group.
     summary = set(scalars) - per_layer
     assert {group(tag) for tag in summary} == {SUMMARY_GROUP}
-    assert summary_metrics(2) == ("shared_directions", "delta_w_energy_rank", "phi_top", "delta_w_relative_norm", "a_init_similarity")
+    assert summary_metrics(2) == (
+        "shared_directions",
+        "delta_w_energy_rank",
+        "phi_top",
+        "delta_w_relative_norm",
+        "a_init_similarity",
+    )
     for name in summary_metrics(2):
         for p in ("q", "v"):
             expected = median(a.scalars[name] for (_, q), a in deep_analyses.items() if q == p)

@@ -1,6 +1,6 @@
-"""One language for every number: the report the monitor writes to TensorBoard's Text tab and
-the tables of ``lora-monitor inspect`` / ``compare`` give the same value, formatted the same,
-under every column header they share, for the same adapter."""
+"""lora_monitor.outputs.report: one language for every number. The report the monitor writes to
+TensorBoard's Text tab and the tables of ``lora-monitor inspect`` / ``compare`` give the same
+value, formatted the same, under every column header they share, for the same adapter."""
 
 from __future__ import annotations
 
