@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lora_monitor import AnalysisWarning, LoRAMonitorError, LoRASubspaceMonitor
+from lora_monitor import LoRAMonitorError, LoRASubspaceMonitor
 from lora_monitor.outputs.plots import CARD_WIDTH, MASK_COLOR
 from lora_monitor.outputs.tags import (
     OVERVIEW_TAG,
@@ -156,15 +156,6 @@ def test_configuration_errors_are_raised_at_setup(tmp_path, make_model, monitor_
     assert module.steps_run == 0
 
 
-def test_reference_of_other_shapes_is_rejected_at_setup(tmp_path):
-    tiny_llama_lora(hidden_size=64).save_pretrained(str(tmp_path / "wide"))
-    module = CountingModule(tiny_llama_lora(hidden_size=32))
-    trainer = make_trainer(tmp_path, [LoRASubspaceMonitor(reference=tmp_path / "wide")], max_steps=2)
-    with pytest.raises(LoRAMonitorError, match=r"shape"):
-        trainer.fit(module)
-    assert module.steps_run == 0
-
-
 def test_model_without_lora_is_rejected_at_setup(tmp_path):
     module = CountingModule(tiny_llama(num_layers=1))
     trainer = make_trainer(tmp_path, [LoRASubspaceMonitor()], max_steps=2)
@@ -179,21 +170,6 @@ def test_no_logger_is_rejected_at_setup(tmp_path):
         trainer.fit(CausalLMModule(tiny_llama_lora()))
 
 
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(every_n_steps=0), "every_n_steps"),
-        (dict(basis="C"), "basis"),
-        (dict(target_modules=[]), "target_modules"),
-        (dict(layers=["1"]), "layers"),
-        (dict(reference=3), "reference"),
-    ],
-)
-def test_constructor_validates_arguments(kwargs, match):
-    with pytest.raises(MisconfigurationException, match=match):
-        LoRASubspaceMonitor(**kwargs)
-
-
 def test_fused_c_attn_is_split_into_q_and_v(tmp_path):
     model = tiny_gpt2_lora(rank=4)
     monitor = LoRASubspaceMonitor(every_n_steps=2, reference="first", basis="delta_w_left")
@@ -203,22 +179,3 @@ def test_fused_c_attn_is_split_into_q_and_v(tmp_path):
     assert all(a.phi.shape == (4, 4) for a in monitor.latest_analysis.values())
 
 
-def test_a_figure_that_cannot_be_drawn_costs_only_the_image(tmp_path, monkeypatch):
-    import lora_monitor.outputs.rendering
-
-    def broken_renderer(*args, **kwargs):
-        raise RuntimeError("no fonts on this machine")
-
-    monkeypatch.setattr(lora_monitor.outputs.rendering, "comparison_images", broken_renderer)
-    monitor = LoRASubspaceMonitor(every_n_steps=2, reference="first")
-    trainer = make_trainer(tmp_path, [monitor], max_steps=4)
-    with pytest.warns(AnalysisWarning, match=r"step 4: drawing the figures failed with RuntimeError"):
-        trainer.fit(CausalLMModule(tiny_llama_lora(rank=4)))
-    assert trainer.global_step == 4
-    events = read_events(trainer.logger.log_dir)
-    assert events.Tags()["images"] == []  # neither heatmaps nor the overview
-    assert sorted(scalar_series(events, scalar_tag("phi_top", (0, "q")))) == [4]
-
-    strict = LoRASubspaceMonitor(every_n_steps=2, reference="first", strict=True)
-    with pytest.raises(LoRAMonitorError, match="drawing the figures failed"):
-        make_trainer(tmp_path / "strict", [strict], max_steps=4).fit(CausalLMModule(tiny_llama_lora(rank=4)))

@@ -1,4 +1,4 @@
-"""Run by ``torchrun --nproc_per_node 2`` from ``test_transformers_distributed.py``: a transformers
+"""Run by ``torchrun --nproc_per_node 2`` from ``test_distributed.py``: a transformers
 ``Trainer`` with the monitor, two CPU processes (gloo), each recording which modules it
 analysed. Usage, with the repository's root on ``PYTHONPATH``:
 ``torchrun --nproc_per_node 2 torchrun_trainer.py OUTPUT_DIR``."""
@@ -17,7 +17,9 @@ from tests.helpers.models import add_lora, tiny_llama
 
 def main(output_dir: Path) -> None:
     tokenizer = minilm_tokenizer()
-    model = add_lora(tiny_llama(len(tokenizer)), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), seed=0)
+    model = add_lora(
+        tiny_llama(len(tokenizer)), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), seed=0
+    )
     callback = LoRASubspaceCallback(every_n_steps=2, reference="first", basis="delta_w_left", strict=True)
     engine = RecordingEngine(options=callback.engine.options)
     engine.record_dir = output_dir

@@ -1,4 +1,5 @@
-"""``asynchronous=True``: snapshots analysed and drawn in a worker thread while training goes on.
+"""lora_monitor.engine.runner (and .background): ``asynchronous=True``, snapshots analysed and drawn
+in a worker thread while training goes on.
 
 On a CPU the worker runs the same code as on a GPU, without the side stream: these tests compare
 an asynchronous run with the same run done synchronously, number by number, and check that the
@@ -12,7 +13,6 @@ import threading
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import lora_monitor.engine.monitor
 import lora_monitor.engine.runner
@@ -139,11 +139,6 @@ def test_default_on_cpu_is_synchronous(tmp_path, monkeypatch, analysis_threads):
     monkeypatch.setattr(lora_monitor.engine.runner, "Background", no_worker)
     monitored_run(tmp_path, max_steps=4)
     assert analysis_threads == ["MainThread"] * 2
-
-
-def test_asynchronous_must_be_a_bool_or_none():
-    with pytest.raises(MisconfigurationException, match="asynchronous"):
-        LoRASubspaceMonitor(asynchronous="yes")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,9 +1,12 @@
-"""Resuming from a Lightning checkpoint: the monitor compares with the same reference as an
-uninterrupted run, number for number.
+"""lora_monitor.engine.references: what each snapshot is compared with, across a resume and from a
+reference adapter on disk.
 
-Run A trains 6 steps in one go; run B trains 3 steps, saves a checkpoint, and a new Trainer
-with new monitors resumes it to step 6. Three monitors share each Trainer ("first", "previous"
-and a saved adapter directory), so their checkpoint states must not overwrite each other.
+Resuming from a Lightning checkpoint, the monitor compares with the same reference as an
+uninterrupted run, number for number: run A trains 6 steps in one go; run B trains 3 steps,
+saves a checkpoint, and a new Trainer with new monitors resumes it to step 6. Three monitors
+share each Trainer ("first", "previous" and a saved adapter directory), so their checkpoint
+states must not overwrite each other. A reference adapter that cannot be used is rejected at
+set-up, before a step is trained.
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from peft import PeftModel
 
-from lora_monitor import LoRASubspaceMonitor
+from lora_monitor import LoRAMonitorError, LoRASubspaceMonitor
+from tests.helpers.dense import dense_basis, dense_phi, dense_updates
 from tests.helpers.events import read_events
-from tests.helpers.lightning import CausalLMModule, make_trainer
+from tests.helpers.lightning import CausalLMModule, CountingModule, make_trainer
 from tests.helpers.models import tiny_llama_lora
 
 EVERY = 2
@@ -127,3 +132,86 @@ def test_checkpoint_holds_one_state_per_monitor(runs):
     factors = by_reference["first"]["first"]["modules"]
     assert {(m["layer"], m["projection"]) for m in factors} == {(0, "q"), (0, "v"), (1, "q"), (1, "v")}
     assert all(m["lora_A"].shape == (4, 32) for m in factors)
+
+
+def save(model: PeftModel, directory: Path, **kwargs) -> Path:
+    model.save_pretrained(str(directory), **kwargs)
+    return directory
+
+
+def without_weights(directory: Path) -> Path:
+    (directory / "adapter_model.safetensors").unlink()
+    return directory
+
+
+def emptied(directory: Path) -> Path:
+    (directory / "adapter_model.safetensors").write_bytes(b"")
+    return directory
+
+
+def truncated(directory: Path) -> Path:
+    weights = directory / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    return directory
+
+
+@pytest.mark.parametrize(
+    "make_reference, match",
+    [
+        (lambda d: save(tiny_llama_lora(num_layers=1), d), r"no module for keys \[\(1, 'q'\), \(1, 'v'\)\]"),
+        (lambda d: save(tiny_llama_lora(num_layers=3), d), r"layers \[0, 1, 2\] but the model in layers \[0, 1\]"),
+        (
+            lambda d: save(tiny_llama_lora(target_modules=("q_proj", "k_proj")), d),
+            r"no module for keys \[\(0, 'v'\), \(1, 'v'\)\].*target_modules",
+        ),
+        (lambda d: without_weights(save(tiny_llama_lora(), d)), r"no adapter_model.safetensors nor adapter_model.bin"),
+        (lambda d: emptied(save(tiny_llama_lora(), d)), r"adapter_model.safetensors is empty"),
+        (lambda d: truncated(save(tiny_llama_lora(), d)), r"corrupt or truncated"),
+    ],
+    ids=["fewer-layers", "more-layers", "other-projections", "no-weights", "empty-weights", "corrupt-weights"],
+)
+def test_unusable_reference_is_rejected_at_setup(tmp_path, make_reference, match):
+    reference = make_reference(tmp_path / "reference")
+    module = CountingModule(tiny_llama_lora())
+    trainer = make_trainer(tmp_path, [LoRASubspaceMonitor(reference=reference)], max_steps=1)
+    with pytest.raises(LoRAMonitorError, match=match):
+        trainer.fit(module)
+    assert module.steps_run == 0
+
+
+@pytest.mark.parametrize("basis, matrix", [("B", "lora_B"), ("delta_w_left", "ΔW")])
+def test_reference_saved_before_training_is_rejected_at_setup(tmp_path, basis, matrix):
+    # peft's initialization: lora_B = 0, so B's and ΔW's singular vectors do not exist.
+    untrained = save(tiny_llama_lora(randomize_B=False), tmp_path / "untrained")
+    module = CountingModule(tiny_llama_lora())
+    monitor = LoRASubspaceMonitor(reference=untrained, basis=basis)
+    with pytest.raises(
+        LoRAMonitorError,
+        match=rf"cannot be compared in basis '{basis}': layer 0 projection 'q': {matrix} is exactly zero"
+        r".*save it after training",
+    ):
+        make_trainer(tmp_path, [monitor], max_steps=1).fit(module)
+    assert module.steps_run == 0
+
+
+def test_reference_saved_as_bin_works(tmp_path):
+    reference_model = tiny_llama_lora(rank=4, seed=1)
+    directory = save(reference_model, tmp_path / "bin", safe_serialization=False)
+    assert (directory / "adapter_model.bin").is_file()
+    assert not (directory / "adapter_model.safetensors").exists()
+    model = tiny_llama_lora(rank=4)
+    monitor = LoRASubspaceMonitor(every_n_steps=1, reference=directory, log_images=False)
+    make_trainer(tmp_path, [monitor], max_steps=1).fit(CausalLMModule(model))
+    current, reference = dense_updates(model), dense_updates(reference_model)
+    for key, analysis in monitor.latest_analysis.items():
+        expected = dense_phi(dense_basis(*reference[key], "A"), dense_basis(*current[key], "A"))
+        torch.testing.assert_close(analysis.phi.double(), expected, atol=1e-5, rtol=0)
+
+
+def test_reference_of_other_shapes_is_rejected_at_setup(tmp_path):
+    tiny_llama_lora(hidden_size=64).save_pretrained(str(tmp_path / "wide"))
+    module = CountingModule(tiny_llama_lora(hidden_size=32))
+    trainer = make_trainer(tmp_path, [LoRASubspaceMonitor(reference=tmp_path / "wide")], max_steps=2)
+    with pytest.raises(LoRAMonitorError, match=r"shape"):
+        trainer.fit(module)
+    assert module.steps_run == 0

@@ -1,25 +1,35 @@
-"""The monitor under Lightning's data-parallel strategy on CPU: 2 processes over gloo.
+"""lora_monitor.engine.distributed: the monitor across processes, on CPU over gloo.
 
-Every rank trains on the same batches (``use_distributed_sampler=False``), so DDP's averaged
-gradient equals the single-process one and the weights match step for step: the monitor must
-log the same numbers as a single-process run, from global rank zero only, and never block.
+Under Lightning's data-parallel strategy every rank trains on the same batches
+(``use_distributed_sampler=False``), so DDP's averaged gradient equals the single-process one
+and the weights match step for step: the monitor must log the same numbers as a single-process
+run, from global rank zero only, and never block. Under ``torchrun --nproc_per_node 2`` with a
+transformers ``Trainer`` the run finishes (no rank waits on a collective the other skips), the
+analysis is split across the two processes, only the main one writes, each point once, and each
+process checkpoints its state. FSDP2's DTensor factors are gathered whole on every rank.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from lora_monitor import LoRASubspaceMonitor
-from lora_monitor.outputs.tags import heatmap_tag
+from lora_monitor.outputs.tags import heatmap_tag, scalar_tag
 from tests.helpers.distributed import RecordingEngine, analysed
-from tests.helpers.events import monitor_scalars, read_events
+from tests.helpers.events import monitor_scalars, read_events, run_dirs, scalar_values
 from tests.helpers.lightning import CausalLMModule, make_trainer
 from tests.helpers.models import tiny_llama_lora
 
 STEPS, EVERY = 4, 2
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 
 
 class ShareRecorder(LoRASubspaceMonitor):
@@ -85,9 +95,13 @@ def _dtensor_worker(rank: int, port: int) -> None:
         generator = torch.Generator().manual_seed(0)  # the same whole factors on both ranks
         A, B = torch.randn(4, 6, generator=generator), torch.randn(8, 4, generator=generator)
         sharded = LoRAFactors(
-            module_name="layers.0.q_proj", layer=0, projection="q",
-            lora_A=distribute_tensor(A, mesh, [Shard(0)]), lora_B=distribute_tensor(B, mesh, [Shard(0)]),
-            scaling=2.0, base_weight=torch.zeros(8, 6),
+            module_name="layers.0.q_proj",
+            layer=0,
+            projection="q",
+            lora_A=distribute_tensor(A, mesh, [Shard(0)]),
+            lora_B=distribute_tensor(B, mesh, [Shard(0)]),
+            scaling=2.0,
+            base_weight=torch.zeros(8, 6),
         )
         gathered = full_factors({(0, "q"): sharded})[(0, "q")]
         assert type(gathered.lora_A) is torch.Tensor and type(gathered.lora_B) is torch.Tensor
@@ -118,8 +132,14 @@ def test_plain_factors_pass_through_without_copy():
 def tiny_factors():
     from lora_monitor.adapters import LoRAFactors
 
-    return LoRAFactors(module_name="layers.0.q_proj", layer=0, projection="q",
-                       lora_A=torch.ones(2, 3), lora_B=torch.ones(4, 2), scaling=1.0)
+    return LoRAFactors(
+        module_name="layers.0.q_proj",
+        layer=0,
+        projection="q",
+        lora_A=torch.ones(2, 3),
+        lora_B=torch.ones(4, 2),
+        scaling=1.0,
+    )
 
 
 @pytest.mark.gpu
@@ -135,3 +155,36 @@ def test_sharded_strategy_logs_what_a_single_device_logs(tmp_path, strategy):
     for tag, series in expected.items():
         for step, value in series.items():
             assert got[tag][step] == pytest.approx(value, rel=1e-3, abs=1e-4), (tag, step)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_write_each_point_once(tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed next to this Python")
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    environment.pop("TENSORBOARD_LOGGING_DIR", None)
+    result = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", "29517", str(HERE / "torchrun_trainer.py"), str(tmp_path)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    (run,) = run_dirs(tmp_path)  # the main process's run only
+    values = scalar_values(read_events(run))  # asserts that no step is written twice
+    keys = [(layer, p) for layer in range(2) for p in ("q", "v")]
+    for key in keys:
+        assert sorted(values[scalar_tag("delta_w_norm", key)]) == [2, 4]
+        assert sorted(values[scalar_tag("phi_top", key)]) == [4]
+    # Each process saved its own state in the checkpoint, to restore its own on resume.
+    saved = sorted(p.name.rsplit("-", 1)[-1] for p in (tmp_path / "checkpoint-4").glob("lora_monitor_state-*.pt"))
+    assert saved == ["rank0.pt", "rank1.pt"]
+    # Each process analysed every other module: disjoint halves that cover all.
+    shares = [analysed(tmp_path, rank) for rank in (0, 1)]
+    for step in (2, 4):
+        assert shares[0][step] and shares[1][step]
+        assert not shares[0][step] & shares[1][step]
+        assert shares[0][step] | shares[1][step] == set(keys)
