@@ -1,4 +1,5 @@
-"""The monitor configured from ``examples/lightning_cli.yaml`` through a real ``LightningCLI``."""
+"""lora_monitor.integrations.lightning through ``LightningCLI``: the monitor configured from
+``examples/lightning_cli.yaml``, and every kind of reference parsed from its type hints."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from lora_monitor import LoRASubspaceMonitor
 from lora_monitor.outputs.tags import heatmap_tag, scalar_tag
 from tests.helpers.events import read_events
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CONFIG = EXAMPLES / "lightning_cli.yaml"
 
 
@@ -61,7 +62,9 @@ def test_hints_parse_every_kind_of_reference(reference):
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(LoRASubspaceMonitor, "monitor")
-    config = parser.parse_args([f"--monitor.reference={reference}", "--monitor.target_modules=[q, o]", "--monitor.layers=[0, 3]"])
+    config = parser.parse_args(
+        [f"--monitor.reference={reference}", "--monitor.target_modules=[q, o]", "--monitor.layers=[0, 3]"]
+    )
     monitor = parser.instantiate(config).monitor
     assert str(monitor.reference) == reference
     assert monitor.target_modules == ("q", "o")

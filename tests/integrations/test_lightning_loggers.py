@@ -1,5 +1,6 @@
-"""Every logger gets what it can show: TensorBoard scalars and images, CSV scalars and PNG files,
-W&B and MLflow (when installed) their own image APIs, any other logger the scalars."""
+"""lora_monitor.integrations.lightning_loggers: every logger gets what it can show. TensorBoard
+scalars and images, CSV scalars and PNG files, W&B and MLflow (when installed) their own image
+APIs, any other logger the scalars."""
 
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ import numpy as np
 import pytest
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
-from lora_monitor import AnalysisWarning, LoRASubspaceMonitor
+from lora_monitor import LoRASubspaceMonitor
 from lora_monitor.integrations.lightning_loggers import image_path
 from lora_monitor.outputs.tags import heatmap_tag, is_monitor_tag, scalar_tag
-from tests.helpers.events import read_events
+from tests.helpers.events import analysis_warnings, read_events
 from tests.helpers.lightning import CausalLMModule, make_trainer
 from tests.helpers.models import tiny_llama_lora
 
@@ -56,7 +57,7 @@ def fit_with(root: Path, loggers: list[Logger]) -> list[str]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         make_trainer(root, [monitor], max_steps=4, logger=loggers).fit(CausalLMModule(tiny_llama_lora(rank=4)))
-    return [str(w.message) for w in caught if issubclass(w.category, AnalysisWarning)]
+    return analysis_warnings(caught)
 
 
 def decode_png(data: bytes) -> np.ndarray:
@@ -159,5 +160,7 @@ def test_mlflow_logger_gets_images(tmp_path, monkeypatch):
     artifacts = [a.path for a in client.list_artifacts(logger.run_id, "images")]
     # MLflow names an image series' files <key with / as ~>+step+<step>+timestamp+...
     for layer in (0, 1):
-        pngs = [path for path in artifacts if path.endswith(".png") and f"phi_heatmaps~layer_{layer:02d}+step+4+" in path]
+        pngs = [
+            path for path in artifacts if path.endswith(".png") and f"phi_heatmaps~layer_{layer:02d}+step+4+" in path
+        ]
         assert len(pngs) == 1, artifacts

@@ -1,6 +1,7 @@
-"""The transformers front-end with real clients: ``Trainer`` and TRL's ``SFTTrainer`` on a tiny
-Llama with the real MiniLM tokenizer, the TensorBoard run read back, resume from
-``checkpoint-N``, and numbers checked against merged weights."""
+"""lora_monitor.integrations.transformers: the transformers front-end with real clients.
+``Trainer`` and TRL's ``SFTTrainer`` on a tiny Llama with the real MiniLM tokenizer, the
+TensorBoard run read back, resume from ``checkpoint-N``, numbers checked against merged weights,
+MLflow (when installed), and a run with Lightning made unimportable."""
 
 from __future__ import annotations
 
@@ -65,7 +66,9 @@ def test_trainer_writes_into_the_run_of_train_loss(tokenizer, tmp_path, monkeypa
     for layer in range(2):
         for short, module in (("q", "q_proj"), ("v", "v_proj")):
             name = f"model.layers.{layer}.self_attn.{module}.weight"
-            pretrained_weight = pretrained[f"base_model.model.model.layers.{layer}.self_attn.{module}.base_layer.weight"]
+            pretrained_weight = pretrained[
+                f"base_model.model.model.layers.{layer}.self_attn.{module}.base_layer.weight"
+            ]
             dense = torch.linalg.matrix_norm(merged.get_parameter(name).double() - pretrained_weight.double())
             logged = values[scalar_tag("delta_w_norm", (layer, short))][6]
             assert logged == pytest.approx(float(dense), rel=1e-5)
@@ -207,7 +210,9 @@ try:
     message = None
 except ModuleNotFoundError as error:
     message = str(error)
-loaded = sorted(m for m, module in sys.modules.items() if m.split(".")[0] in ("lightning", "pytorch_lightning") and module)
+loaded = sorted(
+    m for m, module in sys.modules.items() if m.split(".")[0] in ("lightning", "pytorch_lightning") and module
+)
 print(json.dumps({{"tags": read_events({log_dir!r}).Tags()["scalars"], "lightning": loaded, "message": message}}))
 """
 
@@ -219,7 +224,7 @@ def test_the_transformers_front_end_runs_without_lightning(tmp_path):
     from pathlib import Path
 
     script = WITHOUT_LIGHTNING.format(
-        root=str(Path(__file__).resolve().parents[1]), output=str(tmp_path / "out"), log_dir=str(tmp_path / "tb")
+        root=str(Path(__file__).resolve().parents[2]), output=str(tmp_path / "out"), log_dir=str(tmp_path / "tb")
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
