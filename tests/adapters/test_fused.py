@@ -96,39 +96,3 @@ def test_per_head_rows_are_index_tensors_and_blocks_are_slices():
         "layers.0.qkv_proj", 64, 32, {"model_type": "phi3", "num_attention_heads": 4, "num_key_value_heads": 2}
     )
     assert phi3.rows == {"q": slice(0, 32), "k": slice(32, 48), "v": slice(48, 64)}
-
-
-def test_cli_base_config_splits_a_saved_per_head_layout(tmp_path, capsys):
-    """``lora-monitor inspect/compare --base-config``: a per-head fused module (GPT-NeoX) saved
-    without its base model's config is split into the rows the attention uses, as the live
-    model is; without it, kept whole."""
-    from lora_monitor.cli import main
-
-    arch = FUSED["gpt_neox"]
-    base = base_model(arch)
-    model = peft_model(arch, base)
-    randomize_lora_B(model, seed=4)
-    model.save_pretrained(str(tmp_path / "adapter"))
-    base.config.to_json_file(str(tmp_path / "config.json"))
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = None
-    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.warns(UserWarning, match="config is not known"):
-        assert main(["inspect", str(tmp_path / "adapter")]) == 0
-    assert "query_key_value" in capsys.readouterr().out
-    assert main(["inspect", str(tmp_path / "adapter"), "--base-config", str(tmp_path / "config.json")]) == 0
-    table = capsys.readouterr().out
-    live = find_lora_factors(model)
-    for (layer, projection), f in live.items():
-        norm = torch.linalg.matrix_norm(f.scaling * f.lora_B.detach() @ f.lora_A.detach()).item()
-        row = next(line for line in table.splitlines() if line.startswith(f"| layer_{layer:02d}.{projection} "))
-        assert float(row.split("|")[3]) == pytest.approx(norm, rel=1e-3), row
-    directory = str(tmp_path / "adapter")
-    assert (
-        main(
-            ["compare", directory, directory, "--basis", "delta_w_left", "--no-figure", "--base-config", str(tmp_path)]
-        )
-        == 0
-    )
-    out = capsys.readouterr().out
-    assert "layer_00.q" in out and "query_key_value" not in out
