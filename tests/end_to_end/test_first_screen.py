@@ -99,7 +99,12 @@ def test_first_screen_of_a_32_layer_model(tmp_path):
         assert metric.split(".", 1)[1] in title and projection in title
 
     # The suggested rank, per projection and for the model, with the evidence, at every snapshot.
-    suggested = ["LoRA_rank/suggested.model", "LoRA_rank/suggested.q", "LoRA_rank/suggested.v", "LoRA_rank/weak_evidence"]
+    suggested = [
+        "LoRA_rank/suggested.model",
+        "LoRA_rank/suggested.q",
+        "LoRA_rank/suggested.v",
+        "LoRA_rank/weak_evidence",
+    ]
     for tag in suggested:
         assert [event.step for event in events.Scalars(tag)] == SNAPSHOTS, tag
     for step in range(len(SNAPSHOTS)):
