@@ -46,6 +46,11 @@ def dora_directional(layer) -> torch.Tensor:
     return (m / torch.linalg.vector_norm(W0 + low_rank, dim=1))[:, None] * low_rank
 
 
+def left_phi(X: torch.Tensor, Y: torch.Tensor, r: int) -> torch.Tensor:
+    """The dense φ of the top-r left singular vectors of X and of Y."""
+    return dense_phi(torch.linalg.svd(X)[0][:, :r], torch.linalg.svd(Y)[0][:, :r])
+
+
 def test_dora_reference_restored_from_a_checkpoint_keeps_its_scale(tmp_path):
     """A DoRA "first" reference restored from the monitor's state (no W₀ in it) is compared in
     ΔW's bases by its directional term D·s·B·A, as the uninterrupted run compares it."""
@@ -70,9 +75,7 @@ def test_dora_reference_restored_from_a_checkpoint_keeps_its_scale(tmp_path):
         monitor.close()
     for key, layer in lora_layers_by_key(model).items():
         r = layer.r["default"]
-        expected = dense_phi(
-            torch.linalg.svd(reference_terms[key])[0][:, :r], torch.linalg.svd(dora_directional(layer))[0][:, :r]
-        )
+        expected = left_phi(reference_terms[key], dora_directional(layer), r)
         for monitor in (uninterrupted, resumed):
             torch.testing.assert_close(monitor.latest_analysis[key].phi.double(), expected, rtol=0, atol=1e-8)
 
@@ -99,10 +102,7 @@ def test_a_saved_dora_reference_directory_is_compared_by_its_directional_term(tm
     monitor.close()
     for key, layer in lora_layers_by_key(model).items():
         r = layer.r["default"]
-        expected = dense_phi(
-            torch.linalg.svd(reference_terms[key].float().double())[0][:, :r],
-            torch.linalg.svd(dora_directional(layer))[0][:, :r],
-        )
+        expected = left_phi(reference_terms[key].float().double(), dora_directional(layer), r)
         torch.testing.assert_close(monitor.latest_analysis[key].phi.double(), expected, rtol=0, atol=1e-5)
 
 

@@ -83,13 +83,7 @@ def test_strict_turns_the_warning_into_an_error(tmp_path):
         faulty_run(tmp_path, strict=True)
 
 
-def test_a_figure_that_cannot_be_drawn_costs_only_the_image(tmp_path, monkeypatch):
-    import lora_monitor.outputs.rendering
-
-    def broken_renderer(*args, **kwargs):
-        raise RuntimeError("no fonts on this machine")
-
-    monkeypatch.setattr(lora_monitor.outputs.rendering, "comparison_images", broken_renderer)
+def test_a_figure_that_cannot_be_drawn_costs_only_the_image(tmp_path, broken_figures):
     monitor = LoRASubspaceMonitor(every_n_steps=2, reference="first")
     trainer = make_trainer(tmp_path, [monitor], max_steps=4)
     with pytest.warns(AnalysisWarning, match=r"step 4: drawing the figures failed with RuntimeError"):

@@ -20,7 +20,7 @@ import lora_monitor.outputs.rendering
 from lora_monitor import AnalysisWarning, LoRAMonitorError, LoRASubspaceMonitor
 from lora_monitor.engine.background import Background
 from lora_monitor.outputs.tags import RECOMMENDATION_TAG, heatmap_tag, scalar_tag
-from tests.helpers.events import monitor_scalars, read_events
+from tests.helpers.events import assert_same_scalars, monitor_scalars, read_events
 from tests.helpers.lightning import CausalLMModule, make_trainer
 from tests.helpers.models import tiny_llama_lora
 
@@ -69,11 +69,7 @@ def test_asynchronous_run_logs_what_the_synchronous_run_logs(tmp_path, analysis_
     expected_scalars, expected_images, expected_texts = logged(sync_trainer)
     scalars, images, texts = logged(async_trainer)
     assert scalar_tag("phi_top", (3, "v")) in expected_scalars
-    assert scalars.keys() == expected_scalars.keys()
-    for tag, series in expected_scalars.items():
-        assert scalars[tag].keys() == series.keys(), tag
-        for step, value in series.items():
-            assert scalars[tag][step] == pytest.approx(value, rel=1e-6, abs=1e-6), (tag, step)
+    assert_same_scalars(scalars, expected_scalars, rel=1e-6, abs=1e-6)
     assert images == expected_images == [4, 6]
     assert texts == expected_texts == [6]
     # Final after fit: the last snapshot's analysis and the recommendation drawn from it.
@@ -119,11 +115,7 @@ def test_an_error_in_the_worker_is_raised_by_fit_with_strict(tmp_path, monkeypat
         monitored_run(tmp_path, asynchronous=True, strict=True)
 
 
-def test_an_error_in_the_worker_is_a_warning_and_training_completes(tmp_path, monkeypatch):
-    def broken_renderer(*args, **kwargs):
-        raise RuntimeError("no fonts on this machine")
-
-    monkeypatch.setattr(lora_monitor.outputs.rendering, "comparison_images", broken_renderer)
+def test_an_error_in_the_worker_is_a_warning_and_training_completes(tmp_path, broken_figures):
     with pytest.warns(AnalysisWarning, match=r"step 4: drawing the figures failed with RuntimeError"):
         monitor, trainer = monitored_run(tmp_path, asynchronous=True)
     assert trainer.global_step == 6
@@ -166,9 +158,5 @@ def test_on_cuda_the_analysis_runs_on_the_side_stream(tmp_path, monkeypatch):
     assert streams[0] != torch.cuda.default_stream()
     expected_scalars, expected_images, _ = logged(sync_trainer)
     scalars, images, _ = logged(async_trainer)
-    assert scalars.keys() == expected_scalars.keys()
-    for tag, series in expected_scalars.items():
-        assert scalars[tag].keys() == series.keys(), tag
-        for step, value in series.items():
-            assert scalars[tag][step] == pytest.approx(value, rel=1e-5, abs=1e-5), (tag, step)
+    assert_same_scalars(scalars, expected_scalars, rel=1e-5, abs=1e-5)
     assert images == expected_images

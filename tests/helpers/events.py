@@ -57,3 +57,16 @@ def run_dirs(output_dir: Path) -> list[Path]:
 def analysis_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
     """The texts of the :class:`~lora_monitor.AnalysisWarning` among ``caught`` warnings."""
     return [str(w.message) for w in caught if issubclass(w.category, AnalysisWarning)]
+
+
+def assert_same_scalars(
+    got: dict[str, dict[int, float]], expected: dict[str, dict[int, float]], rel: float, abs: float
+) -> None:
+    """The same tags, each at the same steps, with values equal to ``rel`` / ``abs``."""
+    import pytest
+
+    assert got.keys() == expected.keys()
+    for tag, series in expected.items():
+        assert got[tag].keys() == series.keys(), tag
+        for step, value in series.items():
+            assert got[tag][step] == pytest.approx(value, rel=rel, abs=abs), (tag, step)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -137,7 +138,7 @@ def lora_layers_by_key(model: torch.nn.Module) -> dict[tuple[int, str], LoraLaye
 
 def _lora_model(
     base: Callable[[], torch.nn.Module],
-    *,
+    task_type: str,
     rank: int,
     seed: int,
     alpha: float,
@@ -145,7 +146,6 @@ def _lora_model(
     target_modules: Sequence[str],
     base_seed: int,
     randomize_B: bool,
-    task_type: str,
     **lora_kwargs: Any,
 ) -> PeftModel:
     from peft import LoraConfig
@@ -180,17 +180,9 @@ def tiny_llama_lora(
 ) -> PeftModel:
     """:func:`tiny_llama` with LoRA on ``target_modules``. Extra keyword arguments go to
     ``LoraConfig`` (``rank_pattern=...``, ``use_dora=...``)."""
+    build = partial(tiny_llama, hidden_size=hidden_size, num_layers=num_layers, seed=None)
     return _lora_model(
-        lambda: tiny_llama(hidden_size=hidden_size, num_layers=num_layers, seed=None),
-        rank=rank,
-        seed=seed,
-        alpha=alpha,
-        use_rslora=use_rslora,
-        target_modules=target_modules,
-        base_seed=base_seed,
-        randomize_B=randomize_B,
-        task_type="CAUSAL_LM",
-        **lora_kwargs,
+        build, "CAUSAL_LM", rank, seed, alpha, use_rslora, target_modules, base_seed, randomize_B, **lora_kwargs
     )
 
 
@@ -208,16 +200,17 @@ def tiny_gpt2_lora(
     **lora_kwargs: Any,
 ) -> PeftModel:
     """:func:`tiny_gpt2` with LoRA on the fused ``c_attn`` (``fan_in_fan_out``)."""
+    build = partial(tiny_gpt2, n_embd=hidden_size, n_layer=num_layers, seed=None)
     return _lora_model(
-        lambda: tiny_gpt2(n_embd=hidden_size, n_layer=num_layers, seed=None),
-        rank=rank,
-        seed=seed,
-        alpha=alpha,
-        use_rslora=use_rslora,
-        target_modules=target_modules,
-        base_seed=base_seed,
-        randomize_B=randomize_B,
-        task_type="CAUSAL_LM",
+        build,
+        "CAUSAL_LM",
+        rank,
+        seed,
+        alpha,
+        use_rslora,
+        target_modules,
+        base_seed,
+        randomize_B,
         fan_in_fan_out=True,
         **lora_kwargs,
     )
@@ -242,17 +235,9 @@ def tiny_bert_lora(
     peft's SEQ_CLS task makes the classifier trainable (``modules_to_save``), so a saved adapter
     also holds non-LoRA tensors.
     """
+    build = partial(tiny_bert, hidden_size=hidden_size, num_hidden_layers=num_layers, num_labels=num_labels, seed=None)
     return _lora_model(
-        lambda: tiny_bert(hidden_size=hidden_size, num_hidden_layers=num_layers, num_labels=num_labels, seed=None),
-        rank=rank,
-        seed=seed,
-        alpha=alpha,
-        use_rslora=use_rslora,
-        target_modules=target_modules,
-        base_seed=base_seed,
-        randomize_B=randomize_B,
-        task_type="SEQ_CLS",
-        **lora_kwargs,
+        build, "SEQ_CLS", rank, seed, alpha, use_rslora, target_modules, base_seed, randomize_B, **lora_kwargs
     )
 
 
