@@ -6,17 +6,9 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig, get_peft_model
 
-from lora_monitor.adapters import (
-    find_lora_factors,
-    load_adapter,
-    select_factors,
-)
+from lora_monitor.adapters import find_lora_factors, load_adapter, select_factors
 from tests.helpers.dense import assert_match_peft
-from tests.helpers.models import (
-    randomize_lora_B,
-    tiny_bert_lora,
-    tiny_gpt2,
-)
+from tests.helpers.models import randomize_lora_B, tiny_bert_lora, tiny_gpt2
 
 
 def test_gpt2_cross_attention_keys():

@@ -9,19 +9,9 @@ import pytest
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 
-from lora_monitor.adapters import (
-    LoRAMonitorError,
-    find_lora_factors,
-)
+from lora_monitor.adapters import LoRAMonitorError, find_lora_factors
 from tests.helpers.dense import assert_match_peft, factor_delta, peft_deltas, relative_error
-from tests.helpers.models import (
-    TINY_LORA,
-    TINY_LORA_KEYS,
-    randomize_lora_B,
-    tiny_gpt2,
-    tiny_llama,
-    tiny_llama_lora,
-)
+from tests.helpers.models import TINY_LORA, TINY_LORA_KEYS, randomize_lora_B, tiny_gpt2, tiny_llama, tiny_llama_lora
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])

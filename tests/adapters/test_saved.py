@@ -9,16 +9,8 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from lora_monitor.adapters import (
-    LoRAMonitorError,
-    SavedAdapter,
-    find_lora_factors,
-    load_adapter,
-)
-from tests.helpers.models import (
-    TINY_LORA,
-    tiny_llama_lora,
-)
+from lora_monitor.adapters import LoRAMonitorError, SavedAdapter, find_lora_factors, load_adapter
+from tests.helpers.models import TINY_LORA, tiny_llama_lora
 
 
 def assert_same_factors(loaded: dict, live: dict) -> None:

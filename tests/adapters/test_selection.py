@@ -5,15 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from lora_monitor.adapters import (
-    LoRAMonitorError,
-    check_reference_compatible,
-    find_lora_factors,
-    select_factors,
-)
-from tests.helpers.models import (
-    tiny_llama_lora,
-)
+from lora_monitor.adapters import LoRAMonitorError, check_reference_compatible, find_lora_factors, select_factors
+from tests.helpers.models import tiny_llama_lora
 
 
 def test_select_factors(llama_lora, gpt2_lora):

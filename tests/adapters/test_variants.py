@@ -9,16 +9,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from lora_monitor.adapters import (
-    LoRAMonitorError,
-    find_lora_factors,
-    load_adapter,
-)
+from lora_monitor.adapters import LoRAMonitorError, find_lora_factors, load_adapter
 from tests.helpers.architectures import SEPARATE, base_model, peft_model
-from tests.helpers.models import (
-    TINY_LORA_KEYS,
-    tiny_llama_lora,
-)
+from tests.helpers.models import TINY_LORA_KEYS, tiny_llama_lora
 
 
 def test_dora_factors_are_read():

@@ -21,10 +21,7 @@ from lora_monitor.functional import (
     subspace_similarity,
     thin_qr,
 )
-from tests.helpers.linalg import (
-    F64,
-    gen,
-)
+from tests.helpers.linalg import F64, gen
 
 FUZZ_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 

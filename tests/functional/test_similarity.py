@@ -14,12 +14,7 @@ from lora_monitor.functional import (
     subspace_similarity,
 )
 from tests.helpers.dense import dense_phi
-from tests.helpers.linalg import (
-    F64,
-    gen,
-    orthonormal,
-    randn,
-)
+from tests.helpers.linalg import F64, gen, orthonormal, randn
 
 
 def test_subspace_similarity_matches_definition():

@@ -8,17 +8,8 @@ import math
 import pytest
 import torch
 
-from lora_monitor.functional import (
-    effective_rank,
-    energy_rank,
-    frobenius_norm,
-    stable_rank,
-)
-from tests.helpers.linalg import (
-    F64,
-    gen,
-    randn,
-)
+from lora_monitor.functional import effective_rank, energy_rank, frobenius_norm, stable_rank
+from tests.helpers.linalg import F64, gen, randn
 
 
 def spectral_reference(sigmas, energy=0.9):

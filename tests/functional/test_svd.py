@@ -7,21 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from lora_monitor.functional import (
-    BASES,
-    factored_basis,
-    factored_svd,
-    singular_basis,
-    subspace_similarity,
-)
-from tests.helpers.linalg import (
-    F64,
-    assert_orthonormal_columns,
-    dense_svd,
-    projector,
-    randn,
-    separated_factors,
-)
+from lora_monitor.functional import BASES, factored_basis, factored_svd, singular_basis, subspace_similarity
+from tests.helpers.linalg import F64, assert_orthonormal_columns, dense_svd, projector, randn, separated_factors
 
 
 def test_factored_svd_matches_dense_svd_float64():

@@ -7,17 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from lora_monitor.functional import (
-    amplification_factor,
-    factored_svd,
-    intruder_dimensions,
-)
-from tests.helpers.linalg import (
-    F64,
-    orthonormal,
-    randn,
-    separated_factors,
-)
+from lora_monitor.functional import amplification_factor, factored_svd, intruder_dimensions
+from tests.helpers.linalg import F64, orthonormal, randn, separated_factors
 
 
 def amplification_dense(W0, delta, r):

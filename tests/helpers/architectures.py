@@ -52,13 +52,19 @@ FUSED = {
     ),
     "gpt_bigcode_mq": Architecture(
         "gpt_bigcode_mq",
-        builder("GPTBigCodeConfig", "GPTBigCodeForCausalLM", n_embd=32, n_layer=2, n_head=4, n_positions=32, multi_query=True),
+        builder(
+            "GPTBigCodeConfig", "GPTBigCodeForCausalLM", n_embd=32, n_layer=2, n_head=4, n_positions=32,
+            multi_query=True,
+        ),
         ("c_attn",),
         fused="transformer.h.0.attn.c_attn",
     ),
     "gpt_bigcode_mha": Architecture(
         "gpt_bigcode_mha",
-        builder("GPTBigCodeConfig", "GPTBigCodeForCausalLM", n_embd=32, n_layer=2, n_head=4, n_positions=32, multi_query=False),
+        builder(
+            "GPTBigCodeConfig", "GPTBigCodeForCausalLM", n_embd=32, n_layer=2, n_head=4, n_positions=32,
+            multi_query=False,
+        ),
         ("c_attn",),
         fused="transformer.h.0.attn.c_attn",
     ),
@@ -163,7 +169,9 @@ _SEQ2SEQ = {
 MORE = {
     "gemma": Architecture(
         "gemma",
-        builder("GemmaConfig", "GemmaForCausalLM", **_SMALL, num_key_value_heads=2, head_dim=8, max_position_embeddings=32),
+        builder(
+            "GemmaConfig", "GemmaForCausalLM", **_SMALL, num_key_value_heads=2, head_dim=8, max_position_embeddings=32,
+        ),
         ("q_proj", "v_proj"),
     ),
     "gemma2": Architecture(
@@ -231,7 +239,8 @@ MORE = {
     "vit": Architecture(
         "vit",
         builder(
-            "ViTConfig", "ViTForImageClassification", **_SMALL, image_size=8, patch_size=4, num_channels=3, num_labels=3,
+            "ViTConfig", "ViTForImageClassification", **_SMALL, image_size=8, patch_size=4, num_channels=3,
+            num_labels=3,
         ),
         ("q_proj", "v_proj"),  # transformers 5 names them so (4: query, value)
         task_type=None,
@@ -344,5 +353,7 @@ def quantized_llama(directory, bits: int) -> tuple[torch.nn.Module, torch.nn.Mod
     quantization = BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        quantized = LlamaForCausalLM.from_pretrained(str(directory / "base"), quantization_config=quantization, device_map="cpu")
+        quantized = LlamaForCausalLM.from_pretrained(
+            str(directory / "base"), quantization_config=quantization, device_map="cpu"
+        )
     return pretrained, quantized
