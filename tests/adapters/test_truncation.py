@@ -8,10 +8,10 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama_lora
 
 from lora_monitor.adapters import LoRAMonitorError
 from lora_monitor.adapters.truncation import truncate_adapter
+from tests.helpers.models import tiny_llama_lora
 
 
 def _updates(model) -> dict[str, torch.Tensor]:

@@ -44,9 +44,17 @@ def build(arch: str = "llama", lora_seed: int = 0) -> torch.nn.Module:
     common = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2)
     common.update(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
     if arch in ("llama", "llama4bit"):
-        base_class, config, targets = transformers.LlamaForCausalLM, transformers.LlamaConfig(**common), ["q_proj", "v_proj"]
+        base_class, config, targets = (
+            transformers.LlamaForCausalLM,
+            transformers.LlamaConfig(**common),
+            ["q_proj", "v_proj"],
+        )
     else:  # Phi-3: q, k and v are row blocks of one fused qkv_proj
-        base_class, config, targets = transformers.Phi3ForCausalLM, transformers.Phi3Config(**common, pad_token_id=0, bos_token_id=1, eos_token_id=1), ["qkv_proj"]
+        base_class, config, targets = (
+            transformers.Phi3ForCausalLM,
+            transformers.Phi3Config(**common, pad_token_id=0, bos_token_id=1, eos_token_id=1),
+            ["qkv_proj"],
+        )
     with torch.random.fork_rng():
         torch.manual_seed(0)
         base = base_class(config)
@@ -85,7 +93,9 @@ def shard(model: torch.nn.Module, how: str) -> torch.nn.Module:
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
         policy = ModuleWrapPolicy({type(layers[0])})
-        return FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True, auto_wrap_policy=policy)
+        return FullyShardedDataParallel(
+            model, device_id=torch.device("cpu"), use_orig_params=True, auto_wrap_policy=policy
+        )
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -137,7 +147,9 @@ def main() -> None:
 
         saved = torch.load(args.resume / "train.pt", weights_only=False)
         options = StateDictOptions(full_state_dict=True)
-        set_state_dict(model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"], options=options)
+        set_state_dict(
+            model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"], options=options
+        )
         start = saved["step"]
     basis = "delta_w_left" if args.arch == "phi3" else "A"
     references = {"first": "first"} | ({"adapter": str(args.adapter)} if args.adapter else {})
@@ -145,7 +157,9 @@ def main() -> None:
     with warnings.catch_warnings(record=True) as caught:
         monitors = {
             # A fused module's q, k and v share lora_A: compare them in ΔW's basis.
-            name: LoRAMonitor(model, log_dir=args.out / f"tb_{name}", every_n_steps=EVERY, reference=reference, basis=basis)
+            name: LoRAMonitor(
+                model, log_dir=args.out / f"tb_{name}", every_n_steps=EVERY, reference=reference, basis=basis
+            )
             for name, reference in references.items()
         }
         if args.resume is not None:

@@ -10,21 +10,17 @@ Resuming from a checkpoint taken under FSDP2 reproduces the uninterrupted run.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Optional
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.engine.sharded_loop import build
+from tests.helpers.distributed import TORCHRUN, run_script
+from tests.helpers.events import assert_same_scalars, read_events, scalar_values
 
 SCRIPT = Path(__file__).with_name("sharded_loop.py")
-ROOT = Path(__file__).resolve().parents[2]
-TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
 #: The monitors each run writes (one against the run's first snapshot, one against an adapter).
 MONITORS = ("first", "adapter")
 #: Scalars that read W₀: present under sharding, never gathered.
@@ -37,35 +33,22 @@ pytestmark = [
 
 
 def _run(out: Path, *arguments: str, shard: Optional[str]) -> Path:
-    """Train with ``sharded_loop.py``: sharded (``"fsdp2"``, ``"fsdp1"``) by torchrun, or in one
-    process (None)."""
-    launcher = [TORCHRUN, "--nproc_per_node", "2"] if shard else [sys.executable]
-    command = [*launcher, str(SCRIPT), str(out), *(["--shard", shard] if shard else []), *arguments]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    """Train with ``sharded_loop.py``: sharded (``"fsdp2"``, ``"fsdp1"``) over 2 processes, or in
+    one process (None)."""
+    run_script(SCRIPT, str(out), *(["--shard", shard] if shard else []), *arguments, processes=2 if shard else 1)
     return out
 
 
-def _scalars(log_dir: Path) -> dict[str, dict[int, float]]:
-    """tag → {step: value} of every scalar the monitor wrote; each point must be written once."""
-    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    values = {}
-    for tag in events.Tags()["scalars"]:
-        steps = [event.step for event in events.Scalars(tag)]
-        assert len(steps) == len(set(steps)), f"{tag} written more than once at a step: {steps}"
-        values[tag] = {event.step: event.value for event in events.Scalars(tag)}
-    return values
+def scalars(log_dir: Path, steps=None) -> dict[str, dict[int, float]]:
+    """tag → step → value of every scalar written (each point once), at ``steps`` only if given."""
+    values = scalar_values(read_events(log_dir), prefix="")
+    if steps is None:
+        return values
+    return {tag: {s: v for s, v in series.items() if s in steps} for tag, series in values.items()}
 
 
-def _assert_same(expected: dict[str, dict[int, float]], got: dict[str, dict[int, float]], steps=None) -> None:
-    assert set(got) == set(expected)
-    for tag, series in expected.items():
-        chosen = {step: value for step, value in series.items() if steps is None or step in steps}
-        assert set(got[tag]) >= set(chosen), tag
-        for step, value in chosen.items():
-            assert got[tag][step] == pytest.approx(value, rel=1e-4, abs=1e-7), (tag, step)
+def assert_same(expected: dict[str, dict[int, float]], got: dict[str, dict[int, float]]) -> None:
+    assert_same_scalars(got, expected, rel=1e-4, abs=1e-7)
 
 
 def _warnings(out: Path) -> list[str]:
@@ -82,10 +65,7 @@ def _assert_only_factors_gathered(out: Path, rank: int = 4) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("fsdp2")
-    spec = importlib.util.spec_from_file_location("sharded_loop", SCRIPT)
-    loop = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(loop)
-    loop.build("llama", lora_seed=7).save_pretrained(str(root / "adapter"))
+    build("llama", lora_seed=7).save_pretrained(str(root / "adapter"))
     adapter = ("--adapter", str(root / "adapter"))
     half = _run(root / "half", *adapter, "--stop-at", "3", shard="fsdp2")
     return {
@@ -100,12 +80,12 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("monitor", MONITORS)
 @pytest.mark.parametrize("run", ["sharded", "fsdp1"])
 def test_every_scalar_equals_the_unsharded_run(runs, run, monitor):
-    expected = _scalars(runs["single"] / f"tb_{monitor}")
-    got = _scalars(runs[run] / f"tb_{monitor}")
+    expected = scalars(runs["single"] / f"tb_{monitor}")
+    got = scalars(runs[run] / f"tb_{monitor}")
     for metric in ("delta_w_norm", "phi_top", "delta_w_energy_rank", *W0_METRICS):
         assert any(tag.startswith(f"lora_monitor.{metric}/") for tag in got), metric
     assert all(sorted(series) == [2, 4, 6] for tag, series in got.items() if tag.startswith("lora_monitor.delta_w"))
-    _assert_same(expected, got)
+    assert_same(expected, got)
     assert _warnings(runs[run]) == []
     if run == "sharded":
         _assert_only_factors_gathered(runs[run])
@@ -114,9 +94,9 @@ def test_every_scalar_equals_the_unsharded_run(runs, run, monitor):
 def test_resume_under_fsdp2_reproduces_the_uninterrupted_run(runs):
     assert _warnings(runs["half"]) == _warnings(runs["resumed"]) == []
     for monitor in MONITORS:
-        got = _scalars(runs["resumed"] / f"tb_{monitor}")
+        got = scalars(runs["resumed"] / f"tb_{monitor}")
         assert {step for series in got.values() for step in series} == {4, 6}
-        _assert_same(_scalars(runs["sharded"] / f"tb_{monitor}"), got, steps={4, 6})
+        assert_same(scalars(runs["sharded"] / f"tb_{monitor}", steps={4, 6}), got)
 
 
 def test_a_fused_module_is_split_without_gathering_its_base_weight(tmp_path):
@@ -124,9 +104,9 @@ def test_a_fused_module_is_split_without_gathering_its_base_weight(tmp_path):
     cut across them."""
     single = _run(tmp_path / "single", "--arch", "phi3", shard=None)
     sharded = _run(tmp_path / "sharded", "--arch", "phi3", shard="fsdp2")
-    expected, got = _scalars(single / "tb_first"), _scalars(sharded / "tb_first")
+    expected, got = scalars(single / "tb_first"), scalars(sharded / "tb_first")
     assert any(tag.startswith("lora_monitor.delta_w_amplification/") and tag.endswith(".q") for tag in got)
-    _assert_same(expected, got)
+    assert_same(expected, got)
     assert _warnings(sharded) == []
     _assert_only_factors_gathered(sharded)
 
@@ -137,7 +117,7 @@ def test_qlora_4bit_base_weights_are_dequantized_shard_by_shard(tmp_path):
     dequantization of the whole unsharded weight."""
     single = _run(tmp_path / "single", "--arch", "llama4bit", shard=None)
     sharded = _run(tmp_path / "sharded", "--arch", "llama4bit", shard="fsdp2")
-    expected, got = _scalars(single / "tb_first"), _scalars(sharded / "tb_first")
+    expected, got = scalars(single / "tb_first"), scalars(sharded / "tb_first")
     assert all(any(tag.startswith(f"lora_monitor.{metric}/") for tag in got) for metric in W0_METRICS)
-    _assert_same(expected, got)
+    assert_same(expected, got)
     assert _warnings(sharded) == []

@@ -19,10 +19,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from sharded_loop import VOCAB, build  # noqa: E402
-
-from lora_monitor import AnalysisWarning, LoRASubspaceMonitor  # noqa: E402
+from lora_monitor import AnalysisWarning, LoRASubspaceMonitor
+from tests.engine.sharded_loop import VOCAB, build
 
 
 class ShardedLlama(pl.LightningModule):

@@ -1,0 +1,1 @@
+"""Tests of :mod:`lora_monitor.adapters`, a module each."""

@@ -1,0 +1,1 @@
+"""Tests of :mod:`lora_monitor.functional`, a module each."""

@@ -1,0 +1,235 @@
+"""lora_monitor.integrations.transformers: the transformers front-end with real clients.
+``Trainer`` and TRL's ``SFTTrainer`` on a tiny Llama with the real MiniLM tokenizer, the
+TensorBoard run read back, resume from ``checkpoint-N``, numbers checked against merged weights,
+MLflow (when installed), and a run with Lightning made unimportable."""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+import pytest
+import torch
+
+from lora_monitor import AnalysisWarning, LoRASubspaceCallback
+from lora_monitor.outputs.tags import OVERVIEW_TAG, RECOMMENDATION_TAG, SCALAR_NAMES, heatmap_tag, scalar_tag
+from tests.helpers.data import TEXTS, TokenDataset, minilm_tokenizer, trainer_arguments
+from tests.helpers.events import read_events, run_dirs, scalar_values
+from tests.helpers.models import add_lora, tiny_llama
+
+pytest.importorskip("transformers")
+from peft import LoraConfig  # noqa: E402
+from transformers import Trainer, TrainerCallback  # noqa: E402
+
+EVERY = 2
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return minilm_tokenizer()
+
+
+def lora_model(tokenizer, lora_seed: int = 0):
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    return add_lora(tiny_llama(len(tokenizer)), config, seed=1000 + lora_seed)
+
+
+def test_trainer_writes_into_the_run_of_train_loss(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    model = lora_model(tokenizer)
+    pretrained = {name: p.detach().clone() for name, p in model.named_parameters() if "base_layer.weight" in name}
+    callback = LoRASubspaceCallback(every_n_steps=EVERY)
+    trainer = Trainer(
+        model=model,
+        args=trainer_arguments(tmp_path, max_steps=6),
+        train_dataset=TokenDataset(tokenizer),
+        callbacks=[callback],
+    )
+    trainer.train()
+
+    (run,) = run_dirs(tmp_path)  # one run directory: the Trainer's and the monitor's
+    events = read_events(run)
+    tags = events.Tags()
+    assert "train/loss" in tags["scalars"]
+    keys = [(layer, p) for layer in range(2) for p in ("q", "v")]
+    per_layer = {scalar_tag(name, key) for name in SCALAR_NAMES for key in keys}
+    values = scalar_values(events)
+    assert per_layer <= set(values)
+    assert sorted(values[scalar_tag("delta_w_norm", (0, "q"))]) == [2, 4, 6]
+    assert sorted(values[scalar_tag("phi_top", (0, "q"))]) == [4, 6]
+    assert sorted(tags["images"]) == sorted([heatmap_tag(0), heatmap_tag(1), OVERVIEW_TAG])
+    assert RECOMMENDATION_TAG in {tag.rsplit("/text_summary", 1)[0] for tag in tags["tensors"]}
+
+    # ‖ΔW‖_F at the last step against the update the model really applies: merged − pretrained.
+    merged = copy.deepcopy(model).merge_and_unload()
+    for layer in range(2):
+        for short, module in (("q", "q_proj"), ("v", "v_proj")):
+            name = f"model.layers.{layer}.self_attn.{module}.weight"
+            pretrained_weight = pretrained[
+                f"base_model.model.model.layers.{layer}.self_attn.{module}.base_layer.weight"
+            ]
+            dense = torch.linalg.matrix_norm(merged.get_parameter(name).double() - pretrained_weight.double())
+            logged = values[scalar_tag("delta_w_norm", (layer, short))][6]
+            assert logged == pytest.approx(float(dense), rel=1e-5)
+
+
+class StopAt(TrainerCallback):
+    """Interrupts training after ``step`` (a crash, or a job's time limit)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def _train_with_checkpoints(tokenizer, output_dir, lora_seed, stop_at=None, resume=None):
+    """Six steps planned (the learning-rate schedule depends on it), checkpoints every 3."""
+    callback = LoRASubspaceCallback(every_n_steps=EVERY, log_images=False)
+    trainer = Trainer(
+        model=lora_model(tokenizer, lora_seed=lora_seed),
+        args=trainer_arguments(output_dir, max_steps=6, save_strategy="steps", save_steps=3),
+        train_dataset=TokenDataset(tokenizer),
+        callbacks=[callback] + ([StopAt(stop_at)] if stop_at else []),
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return callback
+
+
+def test_resume_from_a_checkpoint_gives_the_uninterrupted_figures(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    whole = tmp_path / "whole"
+    _train_with_checkpoints(tokenizer, whole, lora_seed=0)
+    interrupted = tmp_path / "interrupted"
+    _train_with_checkpoints(tokenizer, interrupted, lora_seed=0, stop_at=3)
+    assert (interrupted / "checkpoint-3").is_dir()
+    # A model object whose LoRA initialization differs: only the restored state (the factors
+    # before step 1, the first snapshot) can give the uninterrupted run's numbers.
+    _train_with_checkpoints(tokenizer, interrupted, lora_seed=7, resume=str(interrupted / "checkpoint-3"))
+
+    (whole_run,) = run_dirs(whole)
+    expected = scalar_values(read_events(whole_run))
+    resumed: dict[str, dict[int, float]] = {}
+    for run in run_dirs(interrupted):
+        for tag, series in scalar_values(read_events(run)).items():
+            resumed.setdefault(tag, {}).update({step: v for step, v in series.items() if step > 3})
+    compared = [scalar_tag(name, key) for name in SCALAR_NAMES for key in [(0, "q"), (1, "v")]]
+    for tag in compared:
+        assert sorted(resumed[tag]) == [4, 6], tag
+        for step in (4, 6):
+            assert resumed[tag][step] == pytest.approx(expected[tag][step], rel=1e-4, abs=1e-6), (tag, step)
+
+
+def test_resume_without_saved_state_says_so(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    _train_with_checkpoints(tokenizer, tmp_path, lora_seed=0, stop_at=3)
+    for file in (tmp_path / "checkpoint-3").glob("lora_monitor_state-*.pt"):
+        os.remove(file)
+    with pytest.warns(AnalysisWarning, match=r"resumes at step 3 but no lora_monitor_state-.*\.pt was found"):
+        _train_with_checkpoints(tokenizer, tmp_path, lora_seed=0, resume=str(tmp_path / "checkpoint-3"))
+
+
+def test_sft_trainer_wrapping_the_model_itself(tokenizer, tmp_path, monkeypatch):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.eos_token = tokenizer.sep_token  # BERT's tokenizer has no EOS; SFTTrainer appends one
+    log_dir = tmp_path / "tb"
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(log_dir))
+    callback = LoRASubspaceCallback(every_n_steps=EVERY)
+    config = trainer_arguments(tmp_path / "out", 4, trl.SFTConfig, max_length=16, dataset_text_field="text")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # TRL's notes on the tokenizer's special tokens
+        trainer = trl.SFTTrainer(
+            model=tiny_llama(len(tokenizer)),
+            args=config,
+            train_dataset=Dataset.from_dict({"text": TEXTS}),
+            processing_class=tokenizer,
+            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+            callbacks=[callback],
+        )
+        trainer.train()
+    events = read_events(log_dir)
+    assert "train/loss" in events.Tags()["scalars"]
+    values = scalar_values(events)
+    assert sorted(values[scalar_tag("delta_w_norm", (1, "v"))]) == [2, 4]
+    assert sorted(callback.latest_analysis) == [(0, "q"), (0, "v"), (1, "q"), (1, "v")]
+
+
+def test_report_to_mlflow_gets_the_same_scalars(tokenizer, tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # MLflow puts the images' artifacts under ./mlruns
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # An earlier test's MLFlowLogger may have set the process-wide URI, which wins over the variable.
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None, raising=False)
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    Trainer(
+        model=lora_model(tokenizer),
+        args=trainer_arguments(tmp_path / "out", max_steps=4, report_to=["tensorboard", "mlflow"]),
+        train_dataset=TokenDataset(tokenizer),
+        callbacks=[LoRASubspaceCallback(every_n_steps=EVERY)],
+    ).train()
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (tensorboard_run,) = run_dirs(tmp_path / "out")
+    expected = scalar_values(read_events(tensorboard_run))
+    tag = scalar_tag("delta_w_norm", (1, "q"))
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, tag)}
+    assert sorted(history) == [2, 4]  # the last one written after MLflowCallback ended the run
+    for step, value in history.items():
+        assert value == pytest.approx(expected[tag][step], rel=1e-6)
+
+
+#: Run in a fresh interpreter where importing Lightning fails, as if it were not installed.
+WITHOUT_LIGHTNING = """
+import json, sys
+for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
+    sys.modules[name] = None  # `import lightning` now raises ImportError
+sys.path.insert(0, {root!r})
+from peft import LoraConfig
+from transformers import Trainer
+from lora_monitor import LoRASubspaceCallback
+from tests.helpers.data import TokenDataset, minilm_tokenizer, trainer_arguments
+from tests.helpers.events import read_events
+from tests.helpers.models import add_lora, tiny_llama
+
+tokenizer = minilm_tokenizer()
+model = add_lora(tiny_llama(len(tokenizer)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), seed=0)
+args = trainer_arguments({output!r}, max_steps=4)
+Trainer(model=model, args=args, train_dataset=TokenDataset(tokenizer),
+        callbacks=[LoRASubspaceCallback(every_n_steps=2, log_dir={log_dir!r}, strict=True)]).train()
+try:
+    import lora_monitor
+    lora_monitor.LoRASubspaceMonitor
+    message = None
+except ModuleNotFoundError as error:
+    message = str(error)
+loaded = sorted(
+    m for m, module in sys.modules.items() if m.split(".")[0] in ("lightning", "pytorch_lightning") and module
+)
+print(json.dumps({{"tags": read_events({log_dir!r}).Tags()["scalars"], "lightning": loaded, "message": message}}))
+"""
+
+
+def test_the_transformers_front_end_runs_without_lightning(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = WITHOUT_LIGHTNING.format(
+        root=str(Path(__file__).resolve().parents[2]), output=str(tmp_path / "out"), log_dir=str(tmp_path / "tb")
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["lightning"] == []
+    assert scalar_tag("delta_w_norm", (0, "q")) in result["tags"]
+    assert "LoRA_rank/suggested.model" in result["tags"]
+    assert "pip install 'lora-monitor[lightning]'" in result["message"]

@@ -1,0 +1,76 @@
+"""lora_monitor.outputs.rendering: the images of one snapshot drawn fast, against the matplotlib
+figures: a φ heatmap card per drawn layer and the overview of every layer, sized for
+TensorBoard's default card, frames and overviews reused (real analyses of random factors; no
+training)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lora_monitor.analysis import Snapshot, analyze
+from lora_monitor.analysis.rank import recommend_rank
+from lora_monitor.outputs import plots, rendering
+from lora_monitor.outputs.tags import heatmap_tag
+from tests.helpers.factors import random_factors
+
+
+def test_phi_image_is_the_matplotlib_figure():
+    rng = np.random.default_rng(0)
+    grids = {(layer, p): rng.random((4, 16), dtype=np.float32) for layer in (0, 5) for p in ("q", "v")}
+    rendering._FRAMES.clear()
+    for column in ("A_{r=16}", r"A_{\mathrm{step}=10}"):  # the title changes, the frame is reused
+        fast = rendering.phi_image(grids, row_symbol="A_{r=4}", column_symbol=column)
+        slow = plots.figure_to_rgb(plots.phi_figure(grids, row_symbol="A_{r=4}", column_symbol=column))
+        assert fast.shape == slow.shape and fast.dtype == np.uint8
+        difference = np.abs(fast.astype(int) - slow.astype(int))
+        assert difference.max() <= 8 and difference.mean() < 1
+    assert len(rendering._FRAMES) == 1
+    # Other data in the same frame: the heatmap pixels follow it.
+    changed = rendering.phi_image({k: 1 - g for k, g in grids.items()}, row_symbol="A_{r=4}", column_symbol="A")
+    assert np.abs(changed.astype(int) - fast.astype(int)).max() > 100
+
+
+def test_a_card_per_layer_one_frame_for_all_and_the_matplotlib_picture():
+    rng = np.random.default_rng(0)
+    layers = (0, 10, 21, 31)
+    grids = {(layer, p): rng.random((8, 64), dtype=np.float32) for layer in layers for p in ("q", "v")}
+    symbols = dict(row_symbol="A_{r=8}", column_symbol="A_{r=64}")
+    rendering._FRAMES.clear()
+    images = rendering.snapshot_images(grids, layers=layers, **symbols)
+    assert list(images) == [heatmap_tag(layer) for layer in layers]
+    assert {image.shape for image in images.values()} == {(325, plots.CARD_WIDTH, 3)}
+    # The layer is named in the title only, so the four layers share one cached frame.
+    assert len(rendering._FRAMES) == 1
+    for layer in (0, 31):
+        layer_grids = {key: grid for key, grid in grids.items() if key[0] == layer}
+        slow = plots.figure_to_rgb(plots.phi_figure(layer_grids, **symbols, card=True, title_prefix=f"Layer {layer}: "))
+        difference = np.abs(images[heatmap_tag(layer)].astype(int) - slow.astype(int))
+        assert difference.max() <= 8 and difference.mean() < 1
+    # Layers of other data differ where their heatmaps are.
+    assert np.abs(images[heatmap_tag(0)].astype(int) - images[heatmap_tag(31)].astype(int)).max() > 100
+
+
+def test_the_overview_is_drawn_again_only_when_what_it_shows_changed(monkeypatch):
+    current = random_factors(6, ("q", "v"), rank=8, seed=0, n=64)
+    later = {key: f for key, f in current.items()}  # the same modules, another snapshot
+    first = recommend_rank(analyze(Snapshot(step=5, factors=current), None, "A"), "A", reference_is_run=False)
+    again = recommend_rank(analyze(Snapshot(step=10, factors=later), None, "A"), "A", reference_is_run=False)
+    other = recommend_rank(
+        analyze(Snapshot(step=15, factors=random_factors(6, ("q", "v"), rank=4, seed=3, n=64)), None, "A"),
+        "A",
+        reference_is_run=False,
+    )
+    drawn = []
+    real = plots.overview_figure
+
+    def counting(recommendation):
+        drawn.append(recommendation)
+        return real(recommendation)
+
+    monkeypatch.setattr(plots, "overview_figure", counting)
+    rendering._OVERVIEWS.clear()
+    image = rendering.overview_image(first)
+    assert np.array_equal(rendering.overview_image(again), image) and len(drawn) == 1
+    changed = rendering.overview_image(other)  # r = 4: other bars, another dashed line
+    assert len(drawn) == 2 and not np.array_equal(changed, image)
+    assert np.array_equal(image, plots.figure_to_rgb(real(first)))

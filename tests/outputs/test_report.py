@@ -1,0 +1,80 @@
+"""lora_monitor.outputs.report: one language for every number. The report the monitor writes to
+TensorBoard's Text tab and the tables of ``lora-monitor inspect`` / ``compare`` give the same
+value, formatted the same, under every column header they share, for the same adapter."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+from lora_monitor import LoRASubspaceMonitor
+from lora_monitor.cli import main
+from lora_monitor.outputs.tags import RECOMMENDATION_TAG
+from tests.helpers.events import read_events
+from tests.helpers.lightning import CausalLMModule, make_trainer
+from tests.helpers.models import tiny_llama_lora
+
+
+def module_tables(markdown: str) -> list[dict[str, dict[str, str]]]:
+    """Every Markdown table whose first column is ``module``: header → {module → cell}."""
+    tables, lines = [], markdown.splitlines()
+    for index, line in enumerate(lines):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == "module":
+            rows = []
+            for row in lines[index + 2 :]:
+                if not row.startswith("|"):
+                    break
+                rows.append([c.strip() for c in row.strip().strip("|").split("|")])
+            tables.append({header: {r[0]: r[n] for r in rows} for n, header in enumerate(cells)})
+    return tables
+
+
+def cli(*argv: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(list(argv)) == 0
+    return out.getvalue()
+
+
+def report(trainer) -> str:
+    (text,) = read_events(trainer.logger.log_dir).Tensors(f"{RECOMMENDATION_TAG}/text_summary")
+    return text.tensor_proto.string_val[0].decode()
+
+
+def assert_agree(live: dict, offline: dict, at_least: set[str]) -> None:
+    shared = (set(live) & set(offline)) - {"module"}
+    assert at_least <= shared, shared
+    for header in shared:
+        assert live[header] == offline[header], header
+
+
+def test_inspect_and_the_tensorboard_report_agree(tmp_path):
+    model = tiny_llama_lora(rank=4, num_layers=2)
+    trainer = make_trainer(tmp_path, [LoRASubspaceMonitor(every_n_steps=2, reference="first")], max_steps=4)
+    trainer.fit(CausalLMModule(model))
+    model.save_pretrained(str(tmp_path / "adapter"))
+    (live,) = module_tables(report(trainer))
+    (offline,) = module_tables(cli("inspect", str(tmp_path / "adapter")))
+    assert_agree(live, offline, {"‖ΔW‖_F", "ΔW σ₁", "ΔW σ₁/σ₂", "ΔW energy rank (90 %)", "ΔW stable rank"})
+    assert len(live["module"]) == 4
+
+
+def test_compare_and_the_tensorboard_report_agree(tmp_path):
+    reference = tiny_llama_lora(rank=4, num_layers=2, seed=1)
+    reference.save_pretrained(str(tmp_path / "reference"))
+    model = tiny_llama_lora(rank=8, num_layers=2, seed=0)
+    monitor = LoRASubspaceMonitor(every_n_steps=2, reference=tmp_path / "reference")
+    trainer = make_trainer(tmp_path, [monitor], max_steps=4)
+    trainer.fit(CausalLMModule(model))
+    model.save_pretrained(str(tmp_path / "adapter"))
+    (live,) = module_tables(report(trainer))
+    output = cli("compare", str(tmp_path / "reference"), str(tmp_path / "adapter"), "--no-figure", "-q")
+    (offline,) = module_tables(output)
+    assert_agree(
+        live,
+        offline,
+        {"shared directions", "φ(1, 1) / chance", "ΔW σ₁/σ₂", "A σ₁/σ₂ (min of ref, cur)", "ΔW energy rank (90 %)"},
+    )
+    # The live report alone has W₀.
+    assert "‖ΔW‖_F/‖W₀‖_F" in live and "‖ΔW‖_F/‖W₀‖_F" not in offline
