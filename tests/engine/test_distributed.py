@@ -107,6 +107,9 @@ def _dtensor_worker(rank: int, port: int) -> None:
         torch.testing.assert_close(gathered.lora_B, B)
         # W₀ is never gathered: its numbers are summed over the shards (sharded_base_results).
         assert gathered.base_weight is W0 and gathered.base_is_sharded and gathered.scaling == 2.0
+        # Both ranks done with the gather before either tears gloo down: a rank that exits while
+        # the other still reads from it aborts (SIGABRT, seen on a loaded machine).
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
