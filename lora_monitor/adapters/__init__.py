@@ -17,7 +17,7 @@ type, with what a variant adds (DoRA's magnitude, AdaLoRA's E, a PiSSA-like init
 
 from lora_monitor.adapters.factors import LoRAFactors, LoRAMonitorError, ModuleKey, Rows, is_sharded, select_rows
 from lora_monitor.adapters.fused import FusedSplit, fused_split
-from lora_monitor.adapters.live import find_lora_factors
+from lora_monitor.adapters.live import find_lora_factors, plain_lora_layers
 from lora_monitor.adapters.saved import SavedAdapter, load_adapter
 from lora_monitor.adapters.selection import check_reference_compatible, select_factors
 
@@ -33,6 +33,7 @@ __all__ = [
     "is_sharded",
     "fused_split",
     "load_adapter",
+    "plain_lora_layers",
     "select_rows",
     "select_factors",
 ]

@@ -19,6 +19,7 @@ from lora_monitor.adapters.fused import split_entry
 from lora_monitor.adapters.variants import (
     base_weight_of,
     initialization_in_base,
+    is_adalora,
     model_config,
     peft_configs,
     read_factors,
@@ -94,6 +95,28 @@ def _resolve_adapter(layers: list[tuple[str, Any]], adapter_name: Optional[str])
         f"several LoRA adapters are active at once: {sorted(active)}; pass adapter_name= one "
         f"of them to choose which adapter to analyze"
     )
+
+
+def plain_lora_layers(model: torch.nn.Module, adapter_name: Optional[str] = None) -> dict[str, tuple[Any, str]]:
+    """The LoRA layers of ``model`` whose update is s·B·A exactly (LoRA, rsLoRA; not DoRA,
+    AdaLoRA, a PiSSA-like initialization or another variant), by module path: ``(layer, the
+    adapter's name)`` — what can be cut to fewer directions in place
+    (:class:`~lora_monitor.adapters.truncation.LiveTruncation`)."""
+    layers = _lora_layers(model)
+    if not layers:
+        raise _no_lora_error(model)
+    name = _resolve_adapter(layers, adapter_name)
+    config = peft_configs(model).get(name)
+    if config is not None and initialization_in_base(config) is not None:
+        return {}
+    return {
+        module_name: (layer, name)
+        for module_name, layer in layers
+        if name in layer.lora_A
+        and skip_reason(layer, name) is None
+        and not is_adalora(layer)
+        and name not in getattr(layer, "lora_magnitude_vector", {})
+    }
 
 
 def find_lora_factors(model: torch.nn.Module, adapter_name: Optional[str] = None) -> dict[ModuleKey, LoRAFactors]:

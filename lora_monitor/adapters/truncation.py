@@ -104,3 +104,58 @@ def truncate_adapter(source: str | os.PathLike, output: str | os.PathLike, ranks
 
     save_file(tensors, str(output / "adapter_model.safetensors"), metadata={"format": "pt"})
     return written
+
+
+class LiveTruncation:
+    """Cuts the updates of a live model's plain LoRA layers to their top k directions, in
+    place, and puts the factors back: what a model with every ΔW truncated to rank k does
+    (:meth:`cut`), for the functional probe of the rank a task needs.
+
+    Each layer's ΔW = s·B·A is decomposed once (:func:`factored_svd`); ``cut(k)`` writes
+    ``B' = U_k·√(Σ_k/s)``, ``A' = √(Σ_k/s)·V_kᵀ`` into the first k columns / rows of its factors
+    and zeros into the rest (k = 0: no update), without gradients; :meth:`restore` writes the
+    factors back exactly. Use it as a context manager.
+
+    Args:
+        layers: module path → ``(peft LoRA layer, adapter name)``, the layers to cut
+            (:func:`~lora_monitor.adapters.live.plain_lora_layers`).
+    """
+
+    def __init__(self, layers: Mapping[str, tuple]) -> None:
+        self._parts = []
+        with torch.no_grad():
+            for layer, name in layers.values():
+                A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+                scaling = float(layer.scaling[name])
+                U, S, Vh = factored_svd(B.detach(), A.detach(), scaling)
+                root = (S / scaling).sqrt()
+                self._parts.append(
+                    (A, B, (U * root).to(B.dtype), (root[:, None] * Vh).to(A.dtype), A.clone(), B.clone())
+                )
+
+    @property
+    def rank(self) -> int:
+        """The largest rank of the layers cut (``cut(rank)`` is the whole update)."""
+        return max((A.shape[0] for A, *_ in self._parts), default=0)
+
+    def cut(self, k: int) -> None:
+        """Every layer's ΔW its best rank-k approximation (its own whole update where k ≥ r)."""
+        with torch.no_grad():
+            for A, B, left, right, original_A, original_B in self._parts:
+                if k >= A.shape[0]:
+                    A.copy_(original_A)
+                    B.copy_(original_B)
+                    continue
+                A.zero_()
+                B.zero_()
+                A[:k] = right[:k]
+                B[:, :k] = left[:, :k]
+
+    def restore(self) -> None:
+        self.cut(self.rank)
+
+    def __enter__(self) -> LiveTruncation:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.restore()

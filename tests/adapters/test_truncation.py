@@ -82,3 +82,23 @@ def test_dora_is_refused_with_the_reason(tmp_path):
     model.save_pretrained(str(tmp_path / "dora"))
     with pytest.raises(LoRAMonitorError, match="DoRA adapter: its update rescales the rows"):
         truncate_adapter(tmp_path / "dora", tmp_path / "out", 2)
+
+
+def test_live_truncation_applies_the_best_rank_k_update_and_restores_exactly():
+    from lora_monitor.adapters import plain_lora_layers
+    from lora_monitor.adapters.truncation import LiveTruncation
+
+    model = tiny_llama_lora(rank=8, alpha=16, use_rslora=True)
+    original = {name: delta.clone() for name, delta in _updates(model).items()}
+    factors = {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
+    layers = plain_lora_layers(model)
+    assert set(layers) == set(original)
+    with LiveTruncation(layers) as truncation:
+        assert truncation.rank == 8
+        for k in (0, 1, 3, 8):
+            truncation.cut(k)
+            for name, delta in _updates(model).items():
+                torch.testing.assert_close(delta, _best(original[name], k), rtol=1e-5, atol=1e-6)
+    for name, parameter in model.named_parameters():
+        if "lora_" in name:
+            assert torch.equal(parameter, factors[name]), name  # bit for bit
