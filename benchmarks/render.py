@@ -79,7 +79,7 @@ def monitor_images(targets: Targets) -> None:
 
     reference, current = factors(64), factors(8)
     analyses = analyze(Snapshot(step=100, factors=current), reference, "A")
-    recommendation = recommend_rank(analyses, "A")
+    recommendation = recommend_rank(analyses, reference_is_run=True)
     layers = [0, 10, 21, 31]
     grids = {key: a.phi.numpy().T for key, a in analyses.items() if key[0] in layers}
     symbols = dict(layers=layers, row_symbol="A_{r=8}", column_symbol="A_{r=64}", recommendation=recommendation)

@@ -22,7 +22,7 @@ from lora_monitor.analysis import Snapshot, analyze
 from lora_monitor.cli import main
 from tests.helpers.architectures import FUSED, base_model, peft_model
 from tests.helpers.dense import dense_basis, dense_phi, dense_updates
-from tests.helpers.models import randomize_lora_B, tiny_bert_lora, tiny_gpt2_lora, tiny_llama_lora
+from tests.helpers.models import lora_layers, randomize_lora_B, tiny_bert_lora, tiny_gpt2_lora, tiny_llama_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,13 +95,18 @@ def test_inspect_table_matches_dense_spectra(adapters, capsys):
         row = next(line for line in out.splitlines() if line.startswith(f"| layer_{layer:02d}.{projection} "))
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert int(cells[1]) == 8
-        assert float(cells[2]) == pytest.approx(float(torch.linalg.matrix_norm(delta)), rel=1e-3)
-        assert float(cells[3]) == pytest.approx(float(sigma[0]), rel=1e-3)
+        # The gap rank: the largest k ≤ r/2 with σ_k/σ_k+1 ≥ 1.5 and σ_k² ≥ 1 % of ‖ΔW‖_F², by a
+        # loop over the dense spectrum.
+        energy = sigma.square().sum()
+        gaps = [k for k in range(1, 5) if sigma[k - 1] >= 1.5 * sigma[k] and sigma[k - 1] ** 2 >= 0.01 * energy]
+        assert int(cells[2]) == (max(gaps) if gaps else 0)
+        assert float(cells[4]) == pytest.approx(float(torch.linalg.matrix_norm(delta)), rel=1e-3)
+        assert float(cells[5]) == pytest.approx(float(sigma[0]), rel=1e-3)
         energy = sigma.square().cumsum(0)
-        assert int(cells[5]) == int((energy < 0.9 * energy[-1]).sum()) + 1
+        assert int(cells[7]) == int((energy < 0.9 * energy[-1]).sum()) + 1
         p = sigma / sigma.sum()
-        assert float(cells[6]) == pytest.approx(float(torch.exp(-(p * p.log()).sum())), abs=0.01)
-        assert float(cells[7]) == pytest.approx(float(energy[-1] / sigma[0] ** 2), abs=0.01)
+        assert float(cells[8]) == pytest.approx(float(torch.exp(-(p * p.log()).sum())), abs=0.01)
+        assert float(cells[9]) == pytest.approx(float(energy[-1] / sigma[0] ** 2), abs=0.01)
     assert "spectrum only" in out
 
 
@@ -195,18 +200,26 @@ def test_truncate_writes_an_adapter_peft_loads_at_the_rank_asked(adapters, tmp_p
     assert ranks == {3}
 
 
-def test_truncate_to_the_suggestion_takes_each_module_s_suggested_rank(adapters, tmp_path, capsys):
+def test_truncate_to_the_suggestion_cuts_every_module_to_the_model_s_rank(tmp_path):
+    from lora_monitor.adapters import LoRAMonitorError
     from lora_monitor.cli import inspect_adapter, truncate_saved
 
-    _, directory = adapters["r8"]
-    _, recommendation = inspect_adapter(directory)
-    written = truncate_saved(directory, tmp_path / "cut", "suggested")
-    expected = {(m.key[0], m.key[1]): max(1, m.suggested) for m in recommendation.modules}
-    by_key = {
-        (int(name.split(".layers.")[1].split(".")[0]), "q" if "q_proj" in name else "v"): r
-        for name, r in written.items()
-    }
-    assert by_key == expected
+    # Two planted directions far above the rest in every module: a gap at 2 everywhere.
+    model = tiny_llama_lora(rank=8, seed=5)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B["default"].weight[:, 2:] *= 0.01
+    model.save_pretrained(str(tmp_path / "planted"))
+    _, recommendation = inspect_adapter(tmp_path / "planted")
+    assert recommendation.rank == 2 and all(m.delta_w_gap_rank == 2 for m in recommendation.modules)
+    written = truncate_saved(tmp_path / "planted", tmp_path / "cut", "suggested")
+    assert set(written.values()) == {2} and len(written) == len(recommendation.modules)
+    # An update of noise suggests nothing: nothing to cut to, said plainly.
+    noise = tiny_llama_lora(rank=8, seed=0)
+    noise.save_pretrained(str(tmp_path / "noise"))
+    assert inspect_adapter(tmp_path / "noise")[1].rank is None
+    with pytest.raises(LoRAMonitorError, match="no rank is suggested .* give --rank K"):
+        truncate_saved(tmp_path / "noise", tmp_path / "cut_noise", "suggested")
 
 
 @pytest.mark.parametrize("rank", ["0", "two"])
@@ -242,7 +255,7 @@ def test_cli_base_config_splits_a_saved_per_head_layout(tmp_path, capsys):
     for (layer, projection), f in live.items():
         norm = torch.linalg.matrix_norm(f.scaling * f.lora_B.detach() @ f.lora_A.detach()).item()
         row = next(line for line in table.splitlines() if line.startswith(f"| layer_{layer:02d}.{projection} "))
-        assert float(row.split("|")[3]) == pytest.approx(norm, rel=1e-3), row
+        assert float(row.split("|")[5]) == pytest.approx(norm, rel=1e-3), row  # the ‖ΔW‖_F column
     directory = str(tmp_path / "adapter")
     assert (
         main(

@@ -154,7 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch  # after parsing: --help and usage errors load no torch
 
     from lora_monitor.adapters import LoRAMonitorError
-    from lora_monitor.outputs.report import CAUTIONS_BELOW, report_markdown, summary_line
+    from lora_monitor.outputs.report import CAUTIONS_BELOW, advice, report_markdown, summary_line
 
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)  # restored below: main() may run inside a longer process
@@ -181,8 +181,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             table, recommendation = inspect_adapter(
                 args.directory, projections=args.projections, layers=args.layers, base_config=args.base_config
             )
-            cautions = "".join(f"\n- {caution}" for caution in recommendation.cautions)
-            print(f"# {args.directory}\n\n{table}\n\n{summary_line(recommendation, CAUTIONS_BELOW)}{cautions}")
+            print(f"# {args.directory}\n\n{table}\n\n{summary_line(recommendation, CAUTIONS_BELOW)}\n")
+            print(f"What to do: {advice(recommendation)}")
+            if recommendation.cautions:
+                print("\nCautions:\n" + "\n".join(f"- {caution}" for caution in recommendation.cautions))
         else:
             ranks = truncate_saved(args.directory, args.output, args.rank, base_config=args.base_config)
             counts = ", ".join(f"{n} at rank {r}" for r, n in sorted(Counter(ranks.values()).items()))

@@ -109,7 +109,7 @@ def compare_adapters(
         problems = "; ".join(sorted({p for a in analyses.values() for p in [*a.problems, *a.notes]}))
         raise LoRAMonitorError(f"no module of {directory} could be compared with {reference_dir}: {problems}")
     bar.step("φ grids computed")
-    recommendation = recommend_rank(analyses, basis)
+    recommendation = recommend_rank(analyses, reference_is_run=True, basis=basis)
     bar.step("rank suggested")
     key = next(iter(current.factors))
     reference_rank, rank = reference.factors[key].rank, current.factors[key].rank
@@ -154,14 +154,15 @@ def inspect_adapter(
     layers: Optional[Sequence[int]] = None,
     base_config: Optional[str | Path] = None,
 ) -> tuple[str, RankRecommendation]:
-    """The spectral table of one saved adapter and the rank its spectra alone suggest
-    (``base_config`` as for :func:`compare_adapters`)."""
+    """The spectral table of one saved adapter and the rank its spectra alone suggest (the
+    rule of :func:`~lora_monitor.analysis.rank.recommend_rank` without a probe: a saved
+    adapter holds no batch to probe) (``base_config`` as for :func:`compare_adapters`)."""
     from lora_monitor.analysis.rank import ModuleEvidence, recommend_rank
     from lora_monitor.outputs.report import spectrum_table
 
     analyses = analyze_saved(SavedFactors.open(directory, projections, layers, base_config))
-    rows = [ModuleEvidence.from_analysis(analysis, use_phi=False) for _, analysis in sorted(analyses.items())]
-    return spectrum_table(rows), recommend_rank(analyses, "A")
+    rows = [ModuleEvidence.from_analysis(analysis) for _, analysis in sorted(analyses.items())]
+    return spectrum_table(rows), recommend_rank(analyses)
 
 
 def truncate_saved(
@@ -172,17 +173,24 @@ def truncate_saved(
     base_config: Optional[str | Path] = None,
 ) -> dict[str, int]:
     """Write to ``output`` the adapter of ``directory`` cut to rank ``rank`` — a number, or
-    ``"suggested"``: each module the rank :func:`inspect_adapter` suggests for it (the largest
-    of a fused module's projections, at least 1). Returns the rank of each module written
-    (:func:`lora_monitor.adapters.truncation.truncate_adapter`)."""
+    ``"suggested"``: the rank :func:`inspect_adapter` suggests for the model, for every module
+    (one module's own spectral reading is too noisy to cut it alone: in validation, modules
+    that all needed 4 directions read 0 to 4). A module of a lower rank keeps its own.
+    Returns the rank of each module written
+    (:func:`lora_monitor.adapters.truncation.truncate_adapter`).
+
+    Raises:
+        LoRAMonitorError: ``"suggested"`` and no rank is suggested (no spectral gap anywhere).
+    """
+    from lora_monitor.adapters import LoRAMonitorError
     from lora_monitor.adapters.truncation import truncate_adapter
 
-    if rank != "suggested":
-        return truncate_adapter(directory, output, int(rank))
-    _, recommendation = inspect_adapter(directory, base_config=base_config)
-    factors = SavedFactors.open(directory, None, None, base_config).factors
-    ranks: dict[str, int] = {}
-    for module in recommendation.modules:
-        name = factors[module.key].module_name
-        ranks[name] = max(ranks.get(name, 1), module.suggested)
-    return truncate_adapter(directory, output, lambda name: ranks.get(name, 1))
+    if rank == "suggested":
+        _, recommendation = inspect_adapter(directory, base_config=base_config)
+        if recommendation.rank is None:
+            raise LoRAMonitorError(
+                f"no rank is suggested for {directory} (no ΔW shows a spectral gap), so there is "
+                f"nothing to cut it to; give --rank K"
+            )
+        rank = recommendation.rank
+    return truncate_adapter(directory, output, int(rank))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -21,9 +21,11 @@ from torch import Tensor
 from lora_monitor.adapters import LoRAFactors, LoRAMonitorError, ModuleKey, find_lora_factors, select_factors
 from lora_monitor.analysis import ModuleAnalysis, Snapshot, analyze, shares_lora_A
 from lora_monitor.analysis.device import base_weight_results
+from lora_monitor.analysis.probe import ProbeReading
 from lora_monitor.analysis.rank import RankRecommendation, recommend_rank
 from lora_monitor.engine.distributed import Process, full_factors, sharded_base_results
 from lora_monitor.engine.options import MonitorOptions, Reference
+from lora_monitor.engine.probing import FunctionalProbe
 from lora_monitor.engine.references import References
 from lora_monitor.engine.reporter import Reporter
 from lora_monitor.engine.runner import AnalysisRunner, Job, Outcome
@@ -106,6 +108,13 @@ class LoRAMonitor:
             on a GPU) while training goes on; its results are written at a later step, under
             their own step, and all of them when training ends. Default (None): on when the
             monitored factors are on a CUDA device.
+        functional_probe: read the functional probe at every snapshot
+            (:mod:`lora_monitor.analysis.probe`), the loss on one batch with every monitored
+            ΔW cut to k directions; it drives the rank suggestion with ΔW's spectral gaps.
+        probe: the plain loop's probe: a callable of no argument returning the loss on a fixed
+            batch (a tensor, a number, or an output with ``.loss``), called in eval mode
+            without gradients, e.g. ``lambda: model(**probe_batch).loss``. The front-ends
+            supply their own.
 
     With several processes (DDP, FSDP, DeepSpeed, ``torchrun``), every rank takes each
     snapshot, a synchronous analysis is split across the ranks, and only global rank zero
@@ -129,6 +138,8 @@ class LoRAMonitor:
         strict: bool = False,
         intruder_top_k: Optional[int] = None,
         asynchronous: Optional[bool] = None,
+        functional_probe: bool = True,
+        probe: Optional[Callable[[], Any]] = None,
         options: Optional[MonitorOptions] = None,
     ) -> None:
         if options is None:
@@ -140,6 +151,10 @@ class LoRAMonitor:
         self.process = Process()
         self.references = References(options)
         self.reporter = Reporter(options)
+        self.probing = FunctionalProbe(self.reporter, options.functional_probe)
+        self.probing.loss = probe
+        #: The paths of the monitored LoRA modules (what the probe cuts).
+        self._module_names: set[str] = set()
         self.runner: Optional[AnalysisRunner] = None
         self._model: Optional[torch.nn.Module] = None
         self._last_step: Optional[int] = None
@@ -147,6 +162,8 @@ class LoRAMonitor:
         self._seen_step: Optional[int] = None
         #: The analysis of the latest snapshot, ``(layer, projection) → ModuleAnalysis``.
         self.latest_analysis: dict[ModuleKey, ModuleAnalysis] = {}
+        #: The functional probe read at the latest snapshot (None: not read).
+        self.latest_probe: Optional[ProbeReading] = None
         #: The rank suggested when training ended, from the latest analysis (None before).
         self.recommendation: Optional[RankRecommendation] = None
         if model is not None:
@@ -208,6 +225,7 @@ class LoRAMonitor:
             if options.layers is not None:
                 select_factors(monitored, None, options.layers)  # raises if an entry matches nothing
             self.references.load(monitored)
+        self._module_names = {f.module_name for f in monitored.values()}
         self.reporter.bind(self._outputs_of_process(outputs), speaks=self.process.is_main)
         self.reporter.drawn_layers = (
             list(options.layers) if options.layers is not None else default_layers([layer for layer, _ in monitored])
@@ -250,7 +268,10 @@ class LoRAMonitor:
         if self.latest_analysis:
             with self.reporter.contained(f"step {step}: the rank recommendation"):
                 self.recommendation = recommend_rank(
-                    self.latest_analysis, self.options.basis, reference_is_run=self.options.compares_runs
+                    self.latest_analysis,
+                    probe=self.latest_probe,
+                    reference_is_run=self.options.compares_runs,
+                    basis=self.options.basis,
                 )
                 self.reporter.write_recommendation(self.recommendation, step)
 
@@ -306,6 +327,7 @@ class LoRAMonitor:
     def _publish(self, outcome: Outcome) -> None:
         if outcome.analyses is not None:
             self.latest_analysis = outcome.analyses
+            self.latest_probe = outcome.probe
         self.reporter.publish(outcome)
 
     def _take_snapshot(self, step: int) -> None:
@@ -326,7 +348,11 @@ class LoRAMonitor:
             # reference: a run stopped there and resumed must compare with what an
             # uninterrupted run compares with.
             self.references.remember(snapshot)
-        self.runner.submit(Job(snapshot, reference, reference_step, self.references.initial_factors, base_results))
+        assert self._model is not None
+        probe = self.probing.read(self._model, self.options.adapter_name, self._module_names, self.process, step)
+        self.runner.submit(
+            Job(snapshot, reference, reference_step, self.references.initial_factors, base_results, probe)
+        )
         self._collect(wait=False)  # a synchronous analysis is done: published at its own step
 
     def _analyze(self, job: Job) -> Outcome:
@@ -334,7 +360,7 @@ class LoRAMonitor:
         included: an analysis fault must never end a training run). Runs in whichever thread
         analyses; writes only the reference bases' cache."""
         step = job.snapshot.step
-        outcome = Outcome(step)
+        outcome = Outcome(step, probe=job.probe)
         try:
             outcome.analyses = analyze(
                 job.snapshot,
@@ -358,8 +384,9 @@ class LoRAMonitor:
     def state_dict(self) -> dict[str, Any]:
         """The references ("first", "previous", the factors before the first step) and the
         last snapshot's step."""
-        return {"last_step": self._last_step, **self.references.state_dict()}
+        return {"last_step": self._last_step, **self.references.state_dict(), "probe": self.probing.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = state_dict.get("last_step")
         self.references.load_state_dict(state_dict)
+        self.probing.load_state_dict(state_dict.get("probe") or {})

@@ -32,6 +32,7 @@ class MonitorOptions:
     strict: bool = False
     intruder_top_k: Optional[int] = None
     asynchronous: Optional[bool] = None
+    functional_probe: bool = True
     owner: str = "LoRAMonitor"
 
     def __post_init__(self) -> None:
@@ -68,6 +69,8 @@ class MonitorOptions:
                 "intruder_top_k must be None (off) or a positive number of singular vectors to "
                 f"check, such as 10; got {top_k!r}"
             )
+        if not isinstance(self.functional_probe, bool):
+            fail(f"functional_probe must be True or False, got {self.functional_probe!r}")
         if self.asynchronous is not None and not isinstance(self.asynchronous, bool):
             fail(
                 "asynchronous must be True, False or None (on when the LoRA factors are on a CUDA "

@@ -18,7 +18,7 @@ from lora_monitor.analysis import new_notes
 from lora_monitor.analysis.rank import RankRecommendation, recommend_rank
 from lora_monitor.engine.options import MonitorOptions
 from lora_monitor.engine.runner import Job, Outcome
-from lora_monitor.outputs.report import report_markdown, summary_line
+from lora_monitor.outputs.report import advice, report_markdown, summary_line
 from lora_monitor.outputs.tags import (
     RECOMMENDATION_TAG,
     custom_scalars_layout,
@@ -87,7 +87,7 @@ class Reporter:
         if self._layout_written:
             return
         self._layout_written = True
-        for failure in write_layout(self.outputs, custom_scalars_layout(sorted(keys))):
+        for failure in write_layout(self.outputs, custom_scalars_layout(sorted(keys), self.options.compares_runs)):
             self.report(f"could not write the custom-scalars layout to {failure}")
 
     def prepare(self, outcome: Outcome, job: Job) -> None:
@@ -96,9 +96,12 @@ class Reporter:
         assert outcome.analyses is not None
         step = outcome.step
         try:
-            outcome.scalars = snapshot_scalars(outcome.analyses)
+            outcome.scalars = snapshot_scalars(outcome.analyses, self.options.compares_runs)
             suggestion = recommend_rank(
-                outcome.analyses, self.options.basis, reference_is_run=self.options.compares_runs
+                outcome.analyses,
+                probe=outcome.probe,
+                reference_is_run=self.options.compares_runs,
+                basis=self.options.basis,
             )
             outcome.scalars.update(recommendation_scalars(suggestion))
             grids = {
@@ -144,12 +147,14 @@ class Reporter:
                 self.report(f"step {step}: could not log to {failure}")
 
     def write_recommendation(self, recommendation: RankRecommendation, step: int) -> None:
-        """The end-of-training report to the outputs, its summary line to the console."""
+        """The end-of-training report to the outputs; its summary line and what to do with it
+        to the console."""
         if not self.speaks:
             return
         for failure in write_text(self.outputs, RECOMMENDATION_TAG, report_markdown(recommendation), step):
             self.report(f"step {step}: could not log the rank recommendation to {failure}")
         self.info(f"{self.options.owner}: {summary_line(recommendation)}")
+        self.info(f"{self.options.owner}: what to do: {advice(recommendation)}")
 
     def close(self) -> None:
         """Close the outputs the monitor opened (a writer it was given is only flushed)."""

@@ -8,6 +8,7 @@ on. The caller submits a :class:`Job` at its step and collects :class:`Outcome` 
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from lora_monitor.adapters import LoRAFactors, ModuleKey
 from lora_monitor.analysis import ModuleAnalysis, Snapshot
+from lora_monitor.analysis.probe import ProbeReading
 from lora_monitor.engine.background import Background
 from lora_monitor.engine.distributed import Process, all_gather_objects, rank_share
 
@@ -34,6 +36,8 @@ class Job:
     reference_step: Optional[int]
     initial: Optional[Factors]
     base_results: dict[ModuleKey, dict[str, Tensor]] = field(default_factory=dict)
+    #: The functional probe read at the snapshot's step (None: not read).
+    probe: Optional[ProbeReading] = None
 
 
 @dataclass
@@ -44,6 +48,7 @@ class Outcome:
     step: int
     #: None when the analysis failed.
     analyses: Optional[dict[ModuleKey, ModuleAnalysis]] = None
+    probe: Optional[ProbeReading] = None
     scalars: dict[str, float] = field(default_factory=dict)
     images: dict[str, np.ndarray] = field(default_factory=dict)
     #: Warnings to give (errors with ``strict``), in the order they arose.
@@ -129,10 +134,8 @@ class AnalysisRunner:
         snapshot = job.snapshot
         keys = rank_share(snapshot.factors, self.process.rank, self.process.world_size)
         share = Snapshot(step=snapshot.step, factors={key: snapshot.factors[key] for key in keys})
-        shares: list[Outcome] = all_gather_objects(
-            self.analyze(Job(share, job.reference, job.reference_step, job.initial, job.base_results))
-        )
-        outcome = Outcome(snapshot.step, problems=[problem for s in shares for problem in s.problems])
+        shares: list[Outcome] = all_gather_objects(self.analyze(dataclasses.replace(job, snapshot=share)))
+        outcome = Outcome(snapshot.step, probe=job.probe, problems=[problem for s in shares for problem in s.problems])
         analyzed = [s.analyses for s in shares if s.analyses is not None]
         if analyzed:
             outcome.analyses = dict(sorted(item for analyses in analyzed for item in analyses.items()))

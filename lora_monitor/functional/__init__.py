@@ -31,7 +31,13 @@ if TYPE_CHECKING:
         shared_directions,
         subspace_similarity,
     )
-    from lora_monitor.functional.spectra import effective_rank, energy_rank, frobenius_norm, stable_rank
+    from lora_monitor.functional.spectra import (
+        effective_rank,
+        energy_rank,
+        frobenius_norm,
+        gap_rank,
+        stable_rank,
+    )
     from lora_monitor.functional.svd import Scaling, compute_dtype, factored_basis, factored_svd, singular_basis
     from lora_monitor.functional.updates import DoraUpdate, dora_update, since_initial
     from lora_monitor.functional.weights import (
@@ -52,7 +58,7 @@ _SUBMODULE = {
         ),
         "similarity",
     ),
-    **dict.fromkeys(("effective_rank", "energy_rank", "frobenius_norm", "stable_rank"), "spectra"),
+    **dict.fromkeys(("effective_rank", "energy_rank", "frobenius_norm", "gap_rank", "stable_rank"), "spectra"),
     **dict.fromkeys(("Scaling", "compute_dtype", "factored_basis", "factored_svd", "singular_basis"), "svd"),
     **dict.fromkeys(("DoraUpdate", "dora_update", "since_initial"), "updates"),
     **dict.fromkeys(
@@ -79,6 +85,7 @@ __all__ = [
     "factored_basis",
     "factored_svd",
     "frobenius_norm",
+    "gap_rank",
     "intruder_dimensions",
     "random_subspace_similarity",
     "sample_random_subspace_similarity",

@@ -73,3 +73,40 @@ def frobenius_norm(S: Tensor) -> Tensor:
     x, top = _normalized_spectrum(S)
     norm = top * x.square().sum(-1).sqrt()
     return torch.where(torch.isinf(top), top, norm)
+
+
+def gap_rank(S: Tensor, ratio: float = 1.5, floor: float = 0.0) -> Tensor:
+    """The largest k ≤ m/2 with a spectral gap ``σ_k / σ_{k+1} ≥ ratio`` and ``σ_k² ≥ floor ·
+    Σσ²`` (0 if none): how many leading directions stand clear of the rest.
+
+    A LoRA update's noise (the gradients' noise, shaped by the activations) gives a steep but
+    smooth spectrum, no flat bulk a threshold could find; a direction the task needs stands
+    above it by a gap. Davis–Kahan: the top-k block is determined when the gap is large next
+    to the perturbation; ``ratio`` 1.5 is a looser form of that bound. Capped at half the
+    spectrum: the last singular values of B·A (near zero) have large ratios that say nothing;
+    and, with ``floor``, to directions holding a share of the energy: a short, ragged noise tail
+    (a small r on a small model) has gaps of its own among directions that hold almost none.
+
+    Args:
+        S: singular values ``(..., m)``, in decreasing order.
+        ratio: the least σ_k / σ_{k+1} that counts as a gap, > 1.
+        floor: the least share of Σσ² that σ_k² must hold for its gap to count, in [0, 1).
+
+    Returns:
+        ``(...)`` int64 in ``0..m/2``; 0 for a spectrum of fewer than 2 values, all zero, or
+        holding NaN.
+    """
+    if not ratio > 1:
+        raise ValueError(f"gap_rank: ratio must be above 1, got {ratio}")
+    if not 0 <= floor < 1:
+        raise ValueError(f"gap_rank: floor must be in [0, 1), got {floor}")
+    m = S.shape[-1] // 2
+    if m < 1:
+        return torch.zeros(S.shape[:-1], dtype=torch.int64, device=S.device)
+    S = S.to(compute_dtype(S))
+    above, below = S[..., :m], S[..., 1 : m + 1]
+    gaps = (above >= ratio * below) & (above > 0)  # σ_{k+1} = 0 after a nonzero σ_k: a gap
+    if floor:
+        gaps &= above.square() >= floor * S.square().sum(-1, keepdim=True)
+    k = torch.arange(1, m + 1, device=S.device)
+    return (gaps * k).amax(-1)

@@ -45,6 +45,17 @@ def _gathered(trainer: pl.Trainer, pl_module: pl.LightningModule) -> AbstractCon
     return contextlib.nullcontext()
 
 
+def _quiet_training_step(pl_module: pl.LightningModule, batch: Any) -> Any:
+    """``training_step`` on the probe batch, its ``self.log`` calls dropped (the probe's loss is
+    not a training metric)."""
+    quiet = lambda *args, **kwargs: None  # noqa: E731
+    pl_module.log = pl_module.log_dict = quiet  # type: ignore[method-assign]
+    try:
+        return pl_module.training_step(batch, 0)
+    finally:
+        del pl_module.log, pl_module.log_dict  # the class's methods again
+
+
 class LoRASubspaceMonitor(Callback):
     r"""Watch the low-rank updates ΔW = s·B·A of a peft LoRA model while Lightning trains it.
 
@@ -62,6 +73,12 @@ class LoRASubspaceMonitor(Callback):
     Args:
         every_n_steps, reference, target_modules, layers, basis, adapter_name, log_images,
         strict, intruder_top_k, asynchronous: as :class:`lora_monitor.LoRAMonitor`.
+        functional_probe: read the rank the task needs from the loss of ``training_step`` on
+            the first batch of the fit with every monitored ΔW cut to k directions (a few
+            forward passes a snapshot, without gradients, in eval mode, ``self.log`` silenced;
+            not for manual optimization). ``training_step`` is then called more often than
+            the optimizer steps: turn this off if it does more than compute the loss (counts
+            calls, updates a torchmetrics metric).
 
     Under several processes (DDP, FSDP, DeepSpeed), FSDP and ZeRO-3 gather only the LoRA
     factors, a synchronous analysis is split across the ranks, and only global rank zero logs.
@@ -90,6 +107,7 @@ class LoRASubspaceMonitor(Callback):
         strict: bool = False,
         intruder_top_k: Optional[int] = None,
         asynchronous: Optional[bool] = None,
+        functional_probe: bool = True,
     ) -> None:
         try:
             options = MonitorOptions.of(locals(), owner=type(self).__name__)
@@ -109,6 +127,7 @@ class LoRASubspaceMonitor(Callback):
     strict = property(lambda self: self.engine.options.strict)
     intruder_top_k = property(lambda self: self.engine.options.intruder_top_k)
     asynchronous = property(lambda self: self.engine.options.asynchronous)
+    functional_probe = property(lambda self: self.engine.options.functional_probe)
 
     @property
     def latest_analysis(self) -> dict[ModuleKey, ModuleAnalysis]:
@@ -149,6 +168,17 @@ class LoRASubspaceMonitor(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.engine.start(trainer.global_step)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        probing = self.engine.probing
+        if probing.wants_batch:
+            if pl_module.automatic_optimization:
+                probing.capture(batch, lambda probe_batch: _quiet_training_step(pl_module, probe_batch))
+            else:
+                probing.disable("under manual optimization training_step steps the optimizers itself")
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:

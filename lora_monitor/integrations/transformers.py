@@ -101,6 +101,9 @@ class LoRASubspaceCallback(TrainerCallback):
     Args:
         every_n_steps, reference, target_modules, layers, basis, adapter_name, log_images,
         strict, intruder_top_k, asynchronous: as :class:`lora_monitor.LoRAMonitor`.
+        functional_probe: read the rank the task needs from the model's own loss on the first
+            batch it trains on with every monitored ΔW cut to k directions (a few forward
+            passes a snapshot, without gradients; the batch must hold ``labels``).
         log_dir: write the TensorBoard run there instead.
 
     Only the main process writes. Under ``torchrun`` / ``accelerate`` every process snapshots
@@ -131,6 +134,7 @@ class LoRASubspaceCallback(TrainerCallback):
         strict: bool = False,
         intruder_top_k: Optional[int] = None,
         asynchronous: Optional[bool] = None,
+        functional_probe: bool = True,
         log_dir: Optional[Union[str, os.PathLike]] = None,
     ) -> None:
         options = MonitorOptions.of(locals(), owner=type(self).__name__)
@@ -182,6 +186,20 @@ class LoRASubspaceCallback(TrainerCallback):
         if state.global_step > 0:
             self._resume(args, state)
         self.engine.start(state.global_step)
+        if self.engine.probing.wants_batch:
+            self._capture_first_batch(model)
+
+    def _capture_first_batch(self, model: torch.nn.Module) -> None:
+        """The functional probe's batch: the inputs of the model's first training forward
+        (what the Trainer's ``compute_loss`` passes it); its loss is the model's own."""
+        probing = self.engine.probing
+
+        def capture(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            if module.training and kwargs:
+                probing.capture(kwargs, lambda batch: model(**batch))
+                handle.remove()
+
+        handle = model.register_forward_pre_hook(capture, with_kwargs=True)
 
     @override
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:

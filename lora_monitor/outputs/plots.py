@@ -1,6 +1,6 @@
-"""The figures: φ heatmaps laid out like the LoRA paper's Section 7 / Appendix H figures, a
-TensorBoard card per layer, the overview of every layer. (:mod:`lora_monitor.outputs.rendering` draws
-them fast, snapshot after snapshot.)
+"""The figures: φ heatmaps laid out like the LoRA paper's Section 7 / Appendix H figures and a
+TensorBoard card per layer (the overview of every layer is :mod:`lora_monitor.outputs.overview`;
+:mod:`lora_monitor.outputs.rendering` draws them fast, snapshot after snapshot).
 
 Pure matplotlib (the object-oriented API, no pyplot state), so figures can be drawn from a
 training process without a display and without touching other figures.
@@ -20,7 +20,6 @@ from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 
 from lora_monitor.adapters import ModuleKey
-from lora_monitor.analysis.rank import RankRecommendation
 from lora_monitor.functional.bases import basis_info
 from lora_monitor.functional.similarity import random_subspace_similarity, sample_random_subspace_similarity
 
@@ -320,100 +319,3 @@ def figure_to_rgb(figure: Figure) -> np.ndarray:
     canvas = FigureCanvasAgg(figure)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
-
-
-# --------------------------------------------------------------------------------------------
-# Fast rendering: the figure's frame is drawn by matplotlib once per layout, the heatmaps by numpy
-
-
-def _rank_ticks(top: int) -> list[int]:
-    """Powers of two from 1, at most five, and ``top`` itself: a log₂ axis of ranks."""
-    powers = [2**k for k in range(int(np.log2(max(top, 1))) + 1)]
-    ticks = powers[:: -(-len(powers) // 5)]
-    return sorted(set(ticks) | {top})
-
-
-def overview_figure(recommendation: RankRecommendation) -> Figure:
-    """Every layer at once: per projection, the rank each layer supports against the LoRA rank
-    r, and the suggested rank; sized for a TensorBoard card and readable for 80 layers.
-
-    TensorBoard's default image card fits an image into a box about 217 px high (its cards are
-    320 px high at least) and shrinks taller ones, pixelated; so the panels sit two side by
-    side, and up to two projections make a figure 201 px high, shown unshrunk.
-
-    Bars: the rank each module supports (what the suggestion is the largest of): directions
-    shared with the reference run, by their top-k blocks, or without one the 90 %-energy rank of
-    ΔW; dots, beside a reference, ΔW's 90 %-energy rank. Solid line: the suggested rank of the
-    projection; dashed: r. The y axis is logarithmic (1 to r), so 2 against 64 stays visible.
-    """
-    by_projection: dict[str, list] = {}
-    for module in recommendation.modules:
-        by_projection.setdefault(module.key[1], []).append(module)
-    projections = list(recommendation.projections)
-    columns = min(2, max(len(projections), 1))
-    rows = -(-max(len(projections), 1) // columns)
-    # Inches: a row of panels with titles and tick labels, the heading (title, legend), the
-    # layer axis, the space between rows.
-    width, panel, heading, foot, gap = CARD_WIDTH / DPI, 1.05, 0.62, 0.34, 0.4
-    height = panel * rows + heading + foot
-    figure = Figure(figsize=(width, height), dpi=DPI)
-    top_rank = max((m.rank for m in recommendation.modules), default=1)
-    axes_height = (panel * rows - 0.2 - gap * (rows - 1)) / rows
-    grid = figure.add_gridspec(
-        rows,
-        columns,
-        left=0.36 / width,
-        right=1 - 0.1 / width,
-        wspace=0.08,
-        bottom=foot / height,
-        top=1 - (heading + 0.2) / height,
-        hspace=gap / axes_height,
-    )
-    source = "shared with the reference run" if recommendation.compared else "ΔW's 90 %-energy rank"
-    for index, projection in enumerate(projections):
-        row, column = divmod(index, columns)
-        ax = figure.add_subplot(grid[row, column])
-        modules = by_projection.get(projection, [])
-        layers = np.array([m.key[0] for m in modules])
-        supported = np.array([m.suggested for m in modules], dtype=float)
-        ranks = np.array([m.rank for m in modules], dtype=float)
-        # A few pixels a layer beyond 24 layers: gaps between the bars would alias.
-        ax.bar(layers, supported, width=0.8 if layers.size <= 24 else 1.0, color="#4c72b0", linewidth=0)
-        if recommendation.compared:
-            ax.plot(layers, [m.delta_w_energy_rank for m in modules], "o", ms=2.5, color="#dd8452")
-        ax.plot(layers, ranks, ls="--", lw=1, color="#555555", drawstyle="steps-mid")
-        suggested = recommendation.projections[projection]
-        if suggested:
-            ax.axhline(suggested, color="#c44e52", lw=1.5)
-        ax.set_yscale("log", base=2)
-        ax.set_ylim(0.7, top_rank * 1.5)
-        ax.set_yticks(_rank_ticks(top_rank))
-        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        if layers.size:
-            ax.set_xlim(layers.min() - 0.6, layers.max() + 0.6)
-            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(8 // columns, integer=True))
-        ax.tick_params(labelsize=CARD_FONT - 2, length=2, pad=1)
-        if column:  # every panel has the same rank axis: labelled once, on the left
-            ax.tick_params(labelleft=False)
-        rank_text = "none" if not suggested else str(suggested)
-        r_text = "/".join(str(r) for r in sorted({m.rank for m in modules}))
-        # The mathtext label alone, constant over a run (matplotlib caches its parse, which
-        # costs tens of ms a title); the numbers that change go in plain text beside it.
-        ax.set_title(projection_label(projection), fontsize=CARD_FONT - 1, loc="left", pad=3)
-        ax.set_title(f"suggested {rank_text}, r = {r_text}", fontsize=CARD_FONT - 1, loc="right", pad=3)
-        if index + columns >= len(projections):  # the bottom panel of its column
-            ax.set_xlabel("layer", fontsize=CARD_FONT - 1, labelpad=0)
-    head = "no rank supported" if recommendation.rank is None else f"suggested LoRA rank {recommendation.rank}"
-    strength = "weak evidence" if recommendation.weak else "evidence consistent"
-    figure.text(
-        0.5, 1 - 0.08 / height, f"{head} ({strength})", ha="center", va="top", fontsize=CARD_FONT + 1, weight="bold"
-    )
-    legend = f"bars: rank each layer supports ({source})"
-    if recommendation.compared:
-        legend += "\ndots: ΔW's 90 %-energy rank; "
-    else:
-        legend += "\n"
-    legend += "red: suggestion; dashed: r"
-    figure.text(0.5, 1 - 0.32 / height, legend, ha="center", va="top", fontsize=CARD_FONT - 2, color="#333333")
-    return figure

@@ -24,7 +24,7 @@ from matplotlib.text import Text
 
 from lora_monitor.adapters import ModuleKey
 from lora_monitor.analysis.rank import RankRecommendation
-from lora_monitor.outputs import plots
+from lora_monitor.outputs import overview, plots
 from lora_monitor.outputs.plots import DPI, figure_to_rgb, phi_colormap, phi_figure
 from lora_monitor.outputs.tags import OVERVIEW_TAG, heatmap_tag
 
@@ -226,7 +226,7 @@ def snapshot_images(
     """Every image the monitor logs for one snapshot, by tag: the φ heatmaps of each drawn layer
     (``grids`` oriented reference × current, see :func:`comparison_symbols`), one image per
     layer sized for TensorBoard's card (:func:`heatmap_tag`), and with ``recommendation`` the
-    overview of every layer (:data:`OVERVIEW_TAG`, :func:`overview_figure`)."""
+    overview of every layer (:data:`OVERVIEW_TAG`, :func:`~lora_monitor.outputs.overview.overview_figure`)."""
     images = {}
     for layer in layers:
         layer_grids = {key: grid for key, grid in grids.items() if key[0] == layer}
@@ -268,18 +268,7 @@ def comparison_images(
     return snapshot_images(grids, layers=drawn, row_symbol=row, column_symbol=column, recommendation=recommendation)
 
 
-def _overview_content(recommendation: RankRecommendation) -> Hashable:
-    """Everything :func:`overview_figure` draws, as integers and flags: two recommendations
-    with the same content give the same picture."""
-    modules = tuple(
-        (m.key, m.rank, m.suggested, m.delta_w_energy_rank if recommendation.compared else None)
-        for m in recommendation.modules
-    )
-    projections = tuple(recommendation.projections.items())
-    return modules, projections, recommendation.rank, recommendation.weak, recommendation.compared
-
-
-#: Overview images already drawn, by their content (:func:`_overview_content`).
+#: Overview images already drawn, by their content (:func:`~lora_monitor.outputs.overview.overview_content`).
 _OVERVIEWS: OrderedDict[Hashable, np.ndarray] = OrderedDict()
 
 
@@ -287,11 +276,11 @@ def overview_image(recommendation: RankRecommendation) -> np.ndarray:
     """``figure_to_rgb(overview_figure(recommendation))``, drawn only when its content changed:
     once a run's suggestion and per-layer ranks settle, every snapshot has the same overview,
     and drawing it with matplotlib costs 50–100 ms (most of a snapshot's hook time)."""
-    content = _overview_content(recommendation)
+    content = overview.overview_content(recommendation)
     with _DRAWING:
         image = _OVERVIEWS.get(content)
         if image is None:
-            image = figure_to_rgb(plots.overview_figure(recommendation))
+            image = figure_to_rgb(overview.draw_overview(content))
             _OVERVIEWS[content] = image
             if len(_OVERVIEWS) > _FRAME_CACHE_SIZE:
                 _OVERVIEWS.popitem(last=False)

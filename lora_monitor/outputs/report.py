@@ -11,72 +11,129 @@ from collections.abc import Sequence
 from statistics import median
 from typing import Optional
 
+from lora_monitor.analysis.probe import KEEP, KEEP_HIGH, KEEP_LOW
 from lora_monitor.analysis.rank import ModuleEvidence, RankRecommendation, layer_name
+from lora_monitor.analysis.results import GAP_FLOOR, GAP_RATIO
 from lora_monitor.functional.bases import basis_info
 from lora_monitor.outputs.tags import RECOMMENDATION_PLACE
 
 #: Where the cautions are, in a text that lists them after its first line.
 CAUTIONS_BELOW = "the cautions below"
+#: Where the README states how often the suggestion was right.
+VALIDATION_PLACE = "README, “How right the suggestion is”"
+
+
+def _span(recommendation: RankRecommendation) -> str:
+    low, high = recommendation.low, recommendation.high
+    # low ≤ rank ≤ high: one number says it all when they meet.
+    return "" if low is None or high is None or low == high else f"likely {low}–{high}, "
 
 
 def summary_line(recommendation: RankRecommendation, details: str = RECOMMENDATION_PLACE) -> str:
-    """The suggestion in one line, for the console; ``details`` says where the cautions are."""
-    source = (
-        "directions shared with the reference above chance"
-        if recommendation.compared
-        else ("the 90 %-energy rank of ΔW (spectrum only)")
-    )
-    per_projection = ", ".join(f"{p}: {'none' if r is None else r}" for p, r in recommendation.projections.items())
-    if recommendation.rank is None:
-        head = "no LoRA rank is supported by the evidence"
+    """The suggestion in one line, for the console; ``details`` says where the cautions are.
+
+    E.g. ``suggested LoRA rank 4 (likely 3–6, r = 64; functional probe 4, ΔW's spectral gaps
+    q 2 / v 4; evidence consistent)``.
+    """
+    rec = recommendation
+    probe = rec.probe.rank if rec.probe is not None else None
+    readings = ("functional probe " + ("none" if probe is None else str(probe)) + ", ") if rec.probe else ""
+    if rec.spectral is None:
+        readings += "no spectral gap in ΔW"
     else:
-        head = f"suggested LoRA rank {recommendation.rank}"
-    strength = f"weak evidence: see {details}" if recommendation.weak else "evidence consistent"
-    return f"{head} ({per_projection}; from {source}, {len(recommendation.modules)} modules; {strength})"
+        readings += "ΔW's spectral gaps " + " / ".join(f"{p} {v or 'none'}" for p, v in rec.projections.items())
+    if rec.too_small:
+        strength = f"r may be too small: see {details}"
+    elif rec.weak:
+        strength = f"weak evidence: see {details}"
+    else:
+        strength = "evidence consistent"
+    head = "no LoRA rank is supported by the evidence yet" if rec.rank is None else f"suggested LoRA rank {rec.rank}"
+    return f"{head} ({_span(rec)}r = {rec.r}; {readings}; {strength})"
+
+
+def advice(recommendation: RankRecommendation) -> str:
+    """What to do with the suggestion, in a sentence or two."""
+    rec = recommendation
+    if rec.rank is None:
+        return "Nothing to act on yet: train longer and read the suggestion again."
+    if rec.too_small:
+        return (
+            f"Train again with a larger r (e.g. r = {2 * rec.r}): every one of the r = {rec.r} "
+            f"directions counts on the probe batch, so the task may need more."
+        )
+    if rec.rank >= rec.r:
+        return f"Keep r = {rec.r}."
+    act = (
+        f"Train with r = {rec.rank}, or keep this run and cut its adapter to the suggestion: "
+        f"`lora-monitor truncate ADAPTER_DIR --rank {rec.rank} -o OUT_DIR`."
+    )
+    if rec.weak:
+        act += " The evidence is weak: read the suggestion again later in training before acting on it."
+    return act
 
 
 def report_markdown(recommendation: RankRecommendation) -> str:
-    """A Markdown report: the suggestion, the cautions, a table per projection and per module."""
-    lines = [f"**{summary_line(recommendation, CAUTIONS_BELOW)}**", ""]
-    if recommendation.rank is None and recommendation.compared:
+    """A Markdown report: the suggestion, what to do, the cautions, the probe's losses, and a
+    table per projection and per module."""
+    rec = recommendation
+    lines = [f"**{summary_line(rec, CAUTIONS_BELOW)}**", "", f"What to do: {advice(rec)}", ""]
+    if rec.cautions:
+        lines += ["Cautions:", ""] + [f"- {c}" for c in rec.cautions] + [""]
+    lines += [
+        f"How it is read ({VALIDATION_PLACE} says how often it was right): the functional probe "
+        f"cuts every monitored ΔW to its top k directions at once and measures the loss on one "
+        f"batch; its rank is the smallest k keeping {KEEP:.0%} of the whole update's log-loss "
+        f"reduction ({KEEP_LOW:.0%} and {KEEP_HIGH:.0%} bound the range). A module's spectral gap "
+        f"rank is the largest k ≤ r/2 with σ_k/σ_k+1 ≥ {GAP_RATIO:g} and σ_k² ≥ {GAP_FLOOR:.0%} of "
+        f"‖ΔW‖_F². The suggestion is the larger "
+        f"of the probe's rank and the largest gap rank.",
+        "",
+    ]
+    if rec.probe is not None and rec.probe.rank is not None:
+        probe = rec.probe
+        rows = [[str(k), f"{loss:.4g}", f"{probe.kept(k):.1%}"] for k, loss in probe.losses.items()]
         lines += [
-            "No module shares a direction with the reference clearly above the level of "
-            "random subspaces (φ(i, i) at chance, max(i, j)/n): the two runs agree on nothing "
-            "yet. Train longer, or the update is noise at this rank.",
+            f"Functional probe ({len(probe.losses)} forward passes, {probe.seconds:.2f} s):",
+            "",
+            markdown_table(["k (every ΔW cut to)", "probe loss", "share of the log-loss reduction kept"], rows),
             "",
         ]
-    if recommendation.cautions:
-        lines += ["Evidence is weak:", ""] + [f"- {c}" for c in recommendation.cautions] + [""]
     by_projection: dict[str, list[ModuleEvidence]] = defaultdict(list)
-    for m in recommendation.modules:
+    for m in rec.modules:
         by_projection[m.key[1]].append(m)
-    evidence = "per layer (shared blocks)" if recommendation.compared else "per layer (90 %-energy rank)"
     rows = []
-    for projection, suggested in recommendation.projections.items():
+    for projection, gap in rec.projections.items():
         modules = by_projection[projection]
-        per_layer = ", ".join(f"{m.key[0]}: {m.suggested}" for m in modules)
         rows.append(
             [
                 projection,
-                "none" if suggested is None else str(suggested),
-                per_layer,
+                "none" if gap is None else str(gap),
+                ", ".join(f"{m.key[0]}: {m.delta_w_gap_rank}" for m in modules),
                 f"{median(m.delta_w_energy_rank for m in modules):g}",
                 f"{median(m.delta_w_stable_rank for m in modules):.2f}",
             ]
         )
-    lines += [
-        markdown_table(
-            ["projection", "suggested rank", evidence, "median ΔW energy rank (90 %)", "median ΔW stable rank"],
-            rows,
-        ),
-        "",
-        f"Per module (φ in basis {recommendation.basis!r}, the singular vectors of "
-        f"{basis_info(recommendation.basis).matrix}; k = the suggested rank; chance of φ(i, i) is i/n):",
-        "",
-        evidence_table(recommendation.modules, recommendation.basis, compared=recommendation.compared),
+    headers = [
+        "projection",
+        "ΔW gap rank (largest)",
+        "per layer",
+        "median ΔW energy rank (90 %)",
+        "median ΔW stable rank",
     ]
-    if recommendation.skipped:
-        lines += ["", "Skipped: " + "; ".join(recommendation.skipped)]
+    lines += [markdown_table(headers, rows), ""]
+    if rec.compared:
+        lines += [
+            f"Per module; φ against the reference run in basis {rec.basis!r} (the singular vectors "
+            f"of {basis_info(rec.basis).matrix}; chance of φ(1, 1) is 1/n) is shown beside, not "
+            f"used for the rank: two seeds share the update's structured noise too.",
+            "",
+        ]
+    else:
+        lines += ["Per module:", ""]
+    lines.append(evidence_table(rec.modules, compared=rec.compared))
+    if rec.skipped:
+        lines += ["", "Skipped: " + "; ".join(rec.skipped)]
     return "\n".join(lines)
 
 
@@ -92,6 +149,8 @@ def _top(m: ModuleEvidence) -> str:
     return "–" if m.phi_top is None else f"{m.phi_top:.3f} / {m.chance_top:.4f}"
 
 
+GAP_RANK_COLUMN = f"ΔW gap rank (σ_k/σ_k+1 ≥ {GAP_RATIO:g})"
+
 #: Every column a table of modules can have: header → cell. A header names the matrix it
 #: describes, and the same header is the same quantity, formatted the same, in every table
 #: (the report in TensorBoard's Text tab, ``lora-monitor compare`` and ``inspect``).
@@ -99,8 +158,9 @@ COLUMNS = {
     "module": lambda m: layer_name(m.key),
     "r": lambda m: str(m.rank),
     "r (ref → cur)": _ranks,
+    GAP_RANK_COLUMN: lambda m: str(m.delta_w_gap_rank),
+    "ΔW σ_k/σ_k+1": lambda m: _number(m.delta_w_gap, ".3f"),
     "shared directions": lambda m: "–" if m.shared_directions is None else str(m.shared_directions),
-    "φ(k, k)": lambda m: _number(m.block_overlap, ".3f"),
     "φ(1, 1) / chance": _top,
     "‖ΔW‖_F": lambda m: f"{m.delta_w_norm:.4g}",
     "ΔW σ₁": lambda m: f"{m.delta_w_sigma_max:.4g}",
@@ -114,6 +174,8 @@ COLUMNS = {
 SPECTRAL_COLUMNS = (
     "module",
     "r",
+    GAP_RANK_COLUMN,
+    "ΔW σ_k/σ_k+1",
     "‖ΔW‖_F",
     "ΔW σ₁",
     "ΔW σ₁/σ₂",
@@ -123,23 +185,14 @@ SPECTRAL_COLUMNS = (
 )
 
 
-def evidence_table(modules: Sequence[ModuleEvidence], basis: str, *, compared: bool) -> str:
-    """The per-module table of the report: ΔW's spectrum, and with a reference φ and the gaps
-    of the basis matrix's spectra (the smaller of the two runs')."""
-    matrix = basis_info(basis).matrix
-    columns = {name: COLUMNS[name] for name in SPECTRAL_COLUMNS[:1]}
-    columns["r (ref → cur)"] = COLUMNS["r (ref → cur)"]
+def evidence_table(modules: Sequence[ModuleEvidence], *, compared: bool) -> str:
+    """The per-module table of the report: ΔW's spectrum and, beside another run, φ."""
+    names = ["module", "r (ref → cur)", *SPECTRAL_COLUMNS[2:]]
     if compared:
-        columns |= {name: COLUMNS[name] for name in ("shared directions", "φ(k, k)", "φ(1, 1) / chance")}
-    columns |= {name: COLUMNS[name] for name in SPECTRAL_COLUMNS[2:]}
-    if compared:
-        columns[f"{matrix} σ₁/σ₂ (min of ref, cur)"] = lambda m: _number(m.top_gap, ".3f")
-        columns[f"{matrix} σ_k/σ_k+1 (min of ref, cur)"] = lambda m: _number(m.cut_gap, ".3f")
-    else:
-        columns["ΔW σ_k/σ_k+1"] = lambda m: _number(m.cut_gap, ".3f")
+        names[4:4] = ["shared directions", "φ(1, 1) / chance"]
     if any(m.delta_w_relative_norm is not None for m in modules):  # saved adapters have no W₀
-        columns["‖ΔW‖_F/‖W₀‖_F"] = COLUMNS["‖ΔW‖_F/‖W₀‖_F"]
-    return markdown_table(list(columns), [[cell(m) for cell in columns.values()] for m in modules])
+        names.append("‖ΔW‖_F/‖W₀‖_F")
+    return markdown_table(names, [[COLUMNS[name](m) for name in names] for m in modules])
 
 
 def spectrum_table(modules: Sequence[ModuleEvidence]) -> str:

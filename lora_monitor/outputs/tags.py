@@ -14,15 +14,26 @@ tables use the same names.
 
 At every snapshot, at step ``step``:
 
-- ``LoRA_rank/suggested.<p>``, ``LoRA_rank/suggested.model``: the rank suggested by this
-  snapshot (:func:`lora_monitor.analysis.rank.recommend_rank`) per projection and for the
-  model, so that it can be watched as it forms; 0 where no rank is supported.
-- ``LoRA_rank/weak_evidence``: 1 when that suggestion's evidence is weak, else 0.
-- ``LoRA_rank/overview`` (image): every layer at once, per projection the rank each layer
-  supports against r and the suggestion (:func:`lora_monitor.outputs.plots.overview_figure`).
+- ``LoRA_rank/suggested.model``: the LoRA rank suggested by this snapshot
+  (:func:`lora_monitor.analysis.rank.recommend_rank`: the larger of the functional probe's
+  rank and the largest spectral gap rank), so that it can be watched as it forms; 0 where no
+  rank is supported.
+- ``LoRA_rank/likely_low``, ``LoRA_rank/likely_high``: the range the suggestion likely lies in
+  (with a probe only).
+- ``LoRA_rank/probe_rank``: the functional probe's rank: the smallest k whose joint truncation
+  of every monitored ΔW keeps 95 % of the log-loss reduction on the probe batch (with a probe
+  only; 0 while the update has not lowered the probe loss).
+- ``LoRA_rank/gap_rank.<p>``: per projection, the largest ``delta_w_gap_rank`` over layers.
+- ``LoRA_rank/weak_evidence``: 1 when that suggestion's evidence is weak (or r may be too
+  small), else 0.
+- ``LoRA_rank/overview`` (image): every layer at once, per projection each layer's gap rank
+  against r and the suggestion, and the probe's curve
+  (:func:`lora_monitor.outputs.overview.overview_figure`).
 - ``LoRA_summary/median_<metric>.<p>``: the median over layers of the per-layer metrics of
-  :func:`summary_metrics` (``shared_directions``, ``delta_w_energy_rank``, ``phi_top``,
-  ``delta_w_relative_norm``, ``a_init_similarity``, as many as fit).
+  :func:`summary_metrics` (``delta_w_gap_rank``, ``delta_w_relative_norm``,
+  ``delta_w_energy_rank``, ``a_init_similarity``, as many as fit; beside another run,
+  ``shared_directions`` and ``phi_top`` first — never for two snapshots of one run, where in
+  A's basis they measure how little A has moved, not the rank).
 
 Per module, ``lora_monitor.<metric>/layer_<L>.<p>`` (layer L, projection p):
 
@@ -32,6 +43,8 @@ Per module, ``lora_monitor.<metric>/layer_<L>.<p>`` (layer L, projection p):
 - ``shared_directions``: the number of top directions shared with the reference clearly above
   the level of random subspaces (:func:`lora_monitor.functional.shared_directions` gives the
   precise rule).
+- ``delta_w_gap_rank``: the largest k ≤ r/2 with σ_k/σ_{k+1} ≥ 1.5 and σ_k² ≥ 1 % of
+  ‖ΔW‖_F² in ΔW's spectrum: the directions standing clear of its noise (0: none).
 - ``delta_w_energy_rank``, ``delta_w_effective_rank``, ``delta_w_stable_rank``: of ΔW's
   spectrum: the smallest k holding 90 % of ‖ΔW‖_F², exp(entropy of σ/Σσ) (Roy & Vetterli),
   ‖ΔW‖_F²/σ₁².
@@ -77,23 +90,27 @@ RANK_GROUP = "LoRA_rank"
 SUMMARY_GROUP = "LoRA_summary"
 #: Per-layer groups are ``lora_monitor.<metric>``.
 LAYER_GROUP_PREFIX = "lora_monitor"
-#: At most this many cards in the two groups TensorBoard opens (for up to 21 projections).
+#: At most this many cards in the two groups TensorBoard opens (for up to 18 projections).
 MAX_SUMMARY_CARDS = 24
 
 #: Per-projection medians in ``LoRA_summary``, most telling first: as many as fit the budget.
-SUMMARY_METRICS = ("shared_directions", "delta_w_energy_rank", "phi_top", "delta_w_relative_norm", "a_init_similarity")
+SUMMARY_METRICS = ("delta_w_gap_rank", "delta_w_relative_norm", "delta_w_energy_rank", "a_init_similarity")
+#: Shown first beside another run only: for two snapshots of one run in A's basis they read
+#: how far A moved from its random init, which is no evidence of the rank the task needs.
+COMPARISON_METRICS = ("shared_directions", "phi_top")
 
 #: The φ heatmaps of one drawn layer: ``lora_monitor.phi_heatmaps/layer_<L>`` (image).
 HEATMAP_GROUP = f"{LAYER_GROUP_PREFIX}.phi_heatmaps"
-#: One figure of every layer: supported rank per layer and projection against r and the suggestion.
+#: One figure of every layer: gap rank per layer and projection against r and the suggestion.
 OVERVIEW_TAG = f"{RANK_GROUP}/overview"
 #: The end-of-fit report, Markdown (TensorBoard → Text).
 RECOMMENDATION_TAG = f"{RANK_GROUP}/recommendation"
 #: Where a user finds the report in TensorBoard, for messages.
 RECOMMENDATION_PLACE = f"TensorBoard → Text → {RECOMMENDATION_TAG}"
 
-#: Cards of ``LoRA_rank`` besides one per projection: overview, model, weak evidence.
-_RANK_CARDS = 3
+#: Cards of ``LoRA_rank`` besides one per projection: overview, model, weak evidence, the
+#: probe's rank and the range's two ends.
+_RANK_CARDS = 6
 
 
 def scalar_tag(name: str, key: ModuleKey) -> str:
@@ -110,12 +127,15 @@ def heatmap_tag(layer: int) -> str:
     return f"{HEATMAP_GROUP}/layer_{layer:02d}"
 
 
-def suggested_rank_tag(projection: str | None) -> str:
-    """``LoRA_rank/suggested.<p>``, or ``LoRA_rank/suggested.model`` for ``None``."""
-    return f"{RANK_GROUP}/suggested.{'model' if projection is None else projection}"
-
-
+SUGGESTED_TAG = f"{RANK_GROUP}/suggested.model"
+LIKELY_LOW_TAG, LIKELY_HIGH_TAG = f"{RANK_GROUP}/likely_low", f"{RANK_GROUP}/likely_high"
+PROBE_RANK_TAG = f"{RANK_GROUP}/probe_rank"
 WEAK_EVIDENCE_TAG = f"{RANK_GROUP}/weak_evidence"
+
+
+def gap_rank_tag(projection: str) -> str:
+    """``LoRA_rank/gap_rank.<p>``: the largest spectral gap rank of projection ``p``."""
+    return f"{RANK_GROUP}/gap_rank.{projection}"
 
 
 def is_monitor_tag(tag: str) -> bool:
@@ -124,15 +144,17 @@ def is_monitor_tag(tag: str) -> bool:
     return group in (RANK_GROUP, SUMMARY_GROUP, LAYER_GROUP_PREFIX) or group.startswith(f"{LAYER_GROUP_PREFIX}.")
 
 
-def summary_metrics(projections: int) -> tuple[str, ...]:
-    """The :data:`SUMMARY_METRICS` whose medians fit, with ``projections`` projections, in
+def summary_metrics(projections: int, compares_runs: bool = False) -> tuple[str, ...]:
+    """The medians of ``LoRA_summary`` that fit, with ``projections`` projections, in
     :data:`MAX_SUMMARY_CARDS` cards beside ``LoRA_rank``'s (fixed by the projections alone, so
-    the same tags are written at every snapshot of a run)."""
+    the same tags are written at every snapshot of a run): :data:`SUMMARY_METRICS`, after
+    :data:`COMPARISON_METRICS` when the reference is another run (``compares_runs``)."""
     room = MAX_SUMMARY_CARDS - _RANK_CARDS - projections
-    return SUMMARY_METRICS[: max(0, room // max(projections, 1))]
+    metrics = (COMPARISON_METRICS if compares_runs else ()) + SUMMARY_METRICS
+    return metrics[: max(0, room // max(projections, 1))]
 
 
-def snapshot_scalars(analyses: Mapping[ModuleKey, ModuleAnalysis]) -> dict[str, float]:
+def snapshot_scalars(analyses: Mapping[ModuleKey, ModuleAnalysis], compares_runs: bool = False) -> dict[str, float]:
     """Every scalar of one snapshot's analyses, by tag: each module's series and, per
     projection, the medians over layers of :func:`summary_metrics`."""
     values = {
@@ -143,7 +165,7 @@ def snapshot_scalars(analyses: Mapping[ModuleKey, ModuleAnalysis]) -> dict[str, 
     by_projection: dict[str, list[dict[str, float]]] = {}
     for (_, projection), analysis in sorted(analyses.items()):
         by_projection.setdefault(projection, []).append(analysis.scalars)
-    for name in summary_metrics(len(by_projection)):
+    for name in summary_metrics(len(by_projection), compares_runs):
         for projection, modules in by_projection.items():
             present = [m[name] for m in modules if name in m]
             if present:
@@ -153,12 +175,17 @@ def snapshot_scalars(analyses: Mapping[ModuleKey, ModuleAnalysis]) -> dict[str, 
 
 def recommendation_scalars(recommendation: RankRecommendation) -> dict[str, float]:
     """The rank suggested at one snapshot, as scalars (logged at every snapshot, so that the
-    suggestion can be watched as it forms): for the model, per projection, and whether the
-    evidence is weak (1: spectrum only, too early or another caution; 0: consistent). A
-    projection with no supported rank logs 0."""
-    values = {suggested_rank_tag(p): float(r or 0) for p, r in recommendation.projections.items()}
-    values[suggested_rank_tag(None)] = float(recommendation.rank or 0)
-    values[WEAK_EVIDENCE_TAG] = float(recommendation.weak)
+    suggestion can be watched as it forms): for the model, with a probe its reading and the
+    range, each projection's gap rank, and whether the evidence is weak (1: spectrum only, too
+    early, r may be too small or another caution; 0: consistent). No rank logs 0."""
+    rec = recommendation
+    values = {SUGGESTED_TAG: float(rec.rank or 0)}
+    if rec.probe is not None:
+        values[PROBE_RANK_TAG] = float(rec.probe.rank or 0)
+        values[LIKELY_LOW_TAG] = float(rec.low or 0)
+        values[LIKELY_HIGH_TAG] = float(rec.high or 0)
+    values |= {gap_rank_tag(p): float(r or 0) for p, r in rec.projections.items()}
+    values[WEAK_EVIDENCE_TAG] = float(rec.weak)
     return values
 
 
@@ -166,19 +193,24 @@ def _exactly(tag: str) -> str:
     return f"^{re.escape(tag)}$"
 
 
-def custom_scalars_layout(keys: Sequence[ModuleKey]) -> dict[str, dict[str, list]]:
+def custom_scalars_layout(keys: Sequence[ModuleKey], compares_runs: bool = False) -> dict[str, dict[str, list]]:
     """A TensorBoard custom-scalars layout (``SummaryWriter.add_custom_scalars``): the
-    suggested ranks on one chart; each summary metric on one chart, projections as lines; and
-    for each per-module metric, one multi-line chart per projection with the layers as lines."""
+    suggestion, its range and its readings on one chart; each summary metric on one chart,
+    projections as lines; and for each per-module metric, one multi-line chart per projection
+    with the layers as lines."""
     projections = list(dict.fromkeys(projection for _, projection in sorted(keys)))
+    readings = [SUGGESTED_TAG, LIKELY_LOW_TAG, LIKELY_HIGH_TAG, PROBE_RANK_TAG]
     layout: dict[str, dict[str, list]] = {
         f"{RANK_GROUP}: suggested rank": {
-            "suggested rank (model and per projection)": ["Multiline", [rf"^{RANK_GROUP}/suggested\."]],
+            "suggested rank, its range, the probe's and the gap ranks": [
+                "Multiline",
+                [_exactly(tag) for tag in readings] + [rf"^{RANK_GROUP}/gap_rank\."],
+            ],
             "weak evidence (1: weak, 0: consistent)": ["Multiline", [_exactly(WEAK_EVIDENCE_TAG)]],
         },
         f"{SUMMARY_GROUP}: medians over layers": {
             f"median {name}": ["Multiline", [_exactly(summary_tag(name, p)) for p in projections]]
-            for name in summary_metrics(len(projections))
+            for name in summary_metrics(len(projections), compares_runs)
         },
     }
     for name in SCALAR_NAMES + OPTIONAL_SCALAR_NAMES:

@@ -1,5 +1,6 @@
-"""lora_monitor.analysis.rank: the rank recommendation on synthetic adapters whose answer is known,
-and the cautions of a run too early to tell.
+"""lora_monitor.analysis.rank: the rank recommendation on synthetic adapters whose answer is known
+(planted directions standing out of noise), with and without a functional probe, the range and
+strength said beside it, and the cautions of a run too early to tell.
 
 The adapters are LoRA factors built from planted structure; the analysis is the package's real
 one (:func:`lora_monitor.analysis.analyze`), so the test covers the path from factors to text.
@@ -7,7 +8,7 @@ one (:func:`lora_monitor.analysis.analyze`), so the test covers the path from fa
 
 from __future__ import annotations
 
-from dataclasses import replace
+import math
 
 import pytest
 import torch
@@ -15,9 +16,10 @@ import torch
 from lora_monitor import LoRASubspaceMonitor
 from lora_monitor.adapters import LoRAFactors
 from lora_monitor.analysis import Snapshot, analyze
-from lora_monitor.analysis.rank import GAP_RATIO, recommend_rank
+from lora_monitor.analysis.probe import read_probe
+from lora_monitor.analysis.rank import recommend_rank
 from lora_monitor.functional import random_subspace_similarity
-from lora_monitor.outputs.report import report_markdown, summary_line
+from lora_monitor.outputs.report import advice, report_markdown, summary_line
 from tests.helpers.lightning import CausalLMModule, make_trainer
 from tests.helpers.models import tiny_llama_lora
 
@@ -70,98 +72,100 @@ def planted_directions():
     return _orthonormal(D, 8, generator), _orthonormal(K, 8, generator)
 
 
-@pytest.mark.parametrize("basis", ["A", "delta_w_left", "delta_w_right"])
-def test_planted_rank_4_inside_rank_64_is_recovered(planted_directions, basis):
+def _probe(scale: float, r: int):
+    """A probe reading whose log loss falls as 1 − exp(−k/scale): directions of shrinking worth."""
+    return read_probe(lambda k: 1e-3 * math.exp(-3 * (1 - math.exp(-k / scale))), r)
+
+
+SIGMA = [10.0, 8.0, 6.0, 4.0]
+
+
+def test_planted_rank_4_inside_rank_64_is_read_off_the_spectral_gaps(planted_directions):
     U, V = planted_directions
-    sigma = [10.0, 8.0, 6.0, 4.0]
-    reference = planted_adapter(U, V, sigma, rank=64, seed=1)
-    current = planted_adapter(U, V, sigma, rank=64, seed=2)
-    analyses = analyze(Snapshot(step=100, factors=current), reference, basis)
-
-    for analysis in analyses.values():
-        assert analysis.shared_directions == 4
-    recommendation = recommend_rank(analyses, basis)
-    assert recommendation.compared
-    assert recommendation.rank == 4
-    assert recommendation.projections == {"q": 4, "v": 4}
-    assert all(m.block_overlap > 0.95 for m in recommendation.modules)
+    current = planted_adapter(U, V, SIGMA, rank=64, seed=2)
+    recommendation = recommend_rank(analyze(Snapshot(step=100, factors=current)))
+    assert [m.delta_w_gap_rank for m in recommendation.modules] == [4] * 6
+    assert recommendation.projections == {"q": 4, "v": 4} and recommendation.rank == 4
+    # Without a probe the gaps alone are weak evidence, and no range is claimed.
+    assert recommendation.weak and recommendation.cautions[0].startswith("spectrum only")
+    assert recommendation.low is None and recommendation.high is None
+    assert not recommendation.compared and all(m.shared_directions is None for m in recommendation.modules)
     report = report_markdown(recommendation)
-    assert "suggested LoRA rank 4" in report
-    assert "layer_02.v" in report
+    assert "suggested LoRA rank 4 (r = 64;" in report and "layer_02.v" in report
+    assert "lora-monitor truncate ADAPTER_DIR --rank 4 -o OUT_DIR" in report
+    assert "read the suggestion again later" in advice(recommendation)
 
 
-def test_pure_noise_supports_no_rank(planted_directions):
+def test_a_probe_that_agrees_makes_the_evidence_consistent_with_a_range(planted_directions):
+    U, V = planted_directions
+    current = planted_adapter(U, V, SIGMA, rank=64, seed=2)
+    probe = _probe(scale=1.5, r=64)  # keeps 93 % at k = 4, 96 % at 5, 98 % at 6
+    assert (probe.low, probe.rank, probe.high) == (4, 5, 6)
+    recommendation = recommend_rank(analyze(Snapshot(step=100, factors=current)), probe=probe)
+    assert (recommendation.low, recommendation.rank, recommendation.high) == (4, 5, 6)
+    assert not recommendation.weak
+    assert summary_line(recommendation) == (
+        "suggested LoRA rank 5 (likely 4–6, r = 64; functional probe 5, ΔW's spectral gaps q 4 / v 4; "
+        "evidence consistent)"
+    )
+    assert "| k (every ΔW cut to)" in report_markdown(recommendation)
+
+
+def test_the_probe_and_the_gaps_far_apart_is_weak_and_the_larger_wins(planted_directions):
+    U, V = planted_directions
+    current = planted_adapter(U, V, SIGMA, rank=64, seed=2)
+    recommendation = recommend_rank(analyze(Snapshot(step=100, factors=current)), probe=_probe(scale=0.25, r=64))
+    assert recommendation.rank == 4 and recommendation.weak
+    assert any("the probe reads 1 and ΔW's spectral gaps 4" in c for c in recommendation.cautions)
+
+
+def test_a_probe_that_needs_every_direction_says_r_may_be_too_small(planted_directions):
+    U, V = planted_directions
+    current = planted_adapter(U, V, [10.0, 9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0], rank=8, seed=2)
+    recommendation = recommend_rank(analyze(Snapshot(step=100, factors=current)), probe=_probe(scale=40, r=8))
+    assert recommendation.too_small and recommendation.rank == 8
+    assert "r may be too small" in summary_line(recommendation)
+    assert "Train again with a larger r (e.g. r = 16)" in advice(recommendation)
+
+
+def test_an_update_that_has_not_lowered_the_probe_loss_is_too_early(planted_directions):
+    U, V = planted_directions
+    current = planted_adapter(U, V, SIGMA, rank=64, seed=2)
+    flat = read_probe(lambda k: 1.0, 64)
+    recommendation = recommend_rank(analyze(Snapshot(step=100, factors=current)), probe=flat)
+    assert recommendation.rank == 4 and recommendation.low is None and recommendation.weak
+    assert recommendation.cautions[0].startswith("too early: the update has not lowered")
+
+
+def test_pure_noise_supports_no_rank_and_phi_against_another_run_is_shown_beside(planted_directions):
     U, V = planted_directions
     # No planted direction: two independent rank-64 updates of noise.
     reference = planted_adapter(U, V, [], rank=64, seed=1)
     current = planted_adapter(U, V, [], rank=64, seed=2)
     analyses = analyze(Snapshot(step=100, factors=current), reference, "A")
-
     for analysis in analyses.values():
         assert analysis.shared_directions == 0
         # φ sits at the random level max(i, j)/n (within noise), far below 0.5.
-        chance = random_subspace_similarity(K, 64, 64)
-        assert float((analysis.phi - chance).abs().max()) < 0.1
-    recommendation = recommend_rank(analyses, "A")
-    assert recommendation.rank is None
-    assert recommendation.projections == {"q": None, "v": None}
+        assert float((analysis.phi - random_subspace_similarity(K, 64, 64)).abs().max()) < 0.1
+    recommendation = recommend_rank(analyses, reference_is_run=True)
+    assert recommendation.rank is None and recommendation.projections == {"q": None, "v": None}
+    assert recommendation.compared and all(m.shared_directions == 0 for m in recommendation.modules)
     assert "no LoRA rank is supported" in summary_line(recommendation)
-    assert "agree on nothing" in report_markdown(recommendation)
-
-
-def test_swapped_top_directions_are_read_as_a_shared_block(planted_directions):
-    """σ₁ ≈ σ₂: the two runs order their top two directions differently."""
-    U, V = planted_directions
-    reference = planted_adapter(U, V, [5.0, 4.95, 2.0], rank=16, seed=1)
-    # The same directions with the first two swapped: U[:, 1] now leads.
-    swapped_U = U[:, [1, 0, 2]]
-    swapped_V = V[:, [1, 0, 2]]
-    current = planted_adapter(swapped_U, swapped_V, [5.0, 4.95, 2.0], rank=16, seed=2)
-    analyses = analyze(Snapshot(step=100, factors=current), reference, "A")
-
-    for analysis in analyses.values():
-        assert float(analysis.phi[0, 0]) < 0.01  # single vectors: nothing in common
-        assert float(analysis.phi[1, 1]) > 0.99  # the top-2 blocks: the same plane
-        assert analysis.shared_directions == 3
-    recommendation = recommend_rank(analyses, "A")
-    assert recommendation.rank == 3
-    assert all(m.top_gap < GAP_RATIO for m in recommendation.modules)
     report = report_markdown(recommendation)
-    assert "σ₁ ≈ σ₂" in report and "blocks" in report
-    assert "Evidence is weak" in report
+    assert "Nothing to act on yet" in report and "shown beside, not used for the rank" in report
 
 
-def test_cut_inside_a_cluster_of_equal_singular_values_is_flagged(planted_directions):
+def test_one_answer_with_or_without_a_reference_run(planted_directions):
+    """The same update gives the same rank read alone (``inspect``) and beside another run
+    (``compare``): φ is shown, never used."""
     U, V = planted_directions
-    # Directions 2 and 3 (σ = 6, 5.9) are shared, the third of the cluster (5.8) is not: the
-    # shared count stops inside the cluster and rank 2 vs 3 cannot be told apart.
-    reference = planted_adapter(U, V, [10.0, 6.0, 5.9], rank=16, seed=1)
-    current = planted_adapter(U, V, [10.0, 6.0], rank=16, seed=2)
-    unshared = 5.8 * _orthonormal(K, 1, torch.Generator().manual_seed(3))[:, 0]
-    current = {key: replace(f, lora_A=_with_row(f.lora_A, 2, unshared)) for key, f in current.items()}
-    analyses = analyze(Snapshot(step=100, factors=current), reference, "A")
-    recommendation = recommend_rank(analyses, "A")
-    assert recommendation.rank == 2
-    assert any("too small to order the directions" in c for c in recommendation.cautions)
-
-
-def _with_row(A: torch.Tensor, row: int, values: torch.Tensor) -> torch.Tensor:
-    A = A.clone()
-    A[row] = values.to(A.dtype)
-    return A
-
-
-def test_spectrum_only_recommendation_says_it_is_weak(planted_directions):
-    U, V = planted_directions
-    current = planted_adapter(U, V, [10.0, 8.0, 6.0, 5.0], rank=64, seed=2)
-    recommendation = recommend_rank(analyze(Snapshot(step=1, factors=current)), "A")
-    assert not recommendation.compared and recommendation.weak
-    # σ² = 100 + 64 + 36 + 25 (+ tiny noise): the top 3 hold 89 % of ‖ΔW‖², the top 4 over 90 %.
-    for f in current.values():
-        energy = torch.linalg.svdvals((f.lora_B @ f.lora_A).double()).square().cumsum(0)
-        assert int((energy < 0.9 * energy[-1]).sum()) + 1 == 4
-    assert recommendation.rank == 4
-    assert recommendation.cautions[0].startswith("spectrum only")
+    reference = planted_adapter(U, V, SIGMA, rank=8, seed=1)
+    current = planted_adapter(U, V, SIGMA, rank=64, seed=2)
+    alone = recommend_rank(analyze(Snapshot(step=100, factors=current)))
+    beside = recommend_rank(analyze(Snapshot(step=100, factors=current), reference, "A"), reference_is_run=True)
+    assert alone.rank == beside.rank == 4 and beside.compared and not alone.compared
+    assert all(m.shared_directions == 4 for m in beside.modules)
+    assert "| shared directions" in report_markdown(beside) and "| shared directions" not in report_markdown(alone)
 
 
 def test_an_early_run_is_reported_as_weak_evidence(tmp_path):
@@ -170,10 +174,8 @@ def test_an_early_run_is_reported_as_weak_evidence(tmp_path):
     monitor = LoRASubspaceMonitor(every_n_steps=1, reference="first")
     trainer = make_trainer(tmp_path, [monitor], max_steps=2)
     trainer.fit(CausalLMModule(model, lr=1e-5))
-    cautions = " ".join(monitor.recommendation.cautions)
-    assert "ΔW is still tiny next to W₀" in cautions
-    assert "A is still close to its random initialization" in cautions
     assert monitor.recommendation.weak
-    # φ against the run's own first snapshot is stability, not a second run: spectra decide.
+    assert "ΔW is still tiny next to W₀" in " ".join(monitor.recommendation.cautions)
+    # φ against the run's own first snapshot is stability, not a second run: never shown beside.
     assert not monitor.recommendation.compared
     assert all(m.shared_directions is None for m in monitor.recommendation.modules)

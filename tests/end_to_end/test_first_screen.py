@@ -98,17 +98,24 @@ def test_first_screen_of_a_32_layer_model(tmp_path):
         assert len(members) == LAYERS, title
         assert metric.split(".", 1)[1] in title and projection in title
 
-    # The suggested rank, per projection and for the model, with the evidence, at every snapshot.
+    # The suggestion, its range, the probe's and the gaps' readings, the evidence, at every
+    # snapshot; the suggestion is the larger of the probe's rank and the largest gap rank.
     suggested = [
         "LoRA_rank/suggested.model",
-        "LoRA_rank/suggested.q",
-        "LoRA_rank/suggested.v",
+        "LoRA_rank/likely_low",
+        "LoRA_rank/likely_high",
+        "LoRA_rank/probe_rank",
+        "LoRA_rank/gap_rank.q",
+        "LoRA_rank/gap_rank.v",
         "LoRA_rank/weak_evidence",
     ]
     for tag in suggested:
         assert [event.step for event in events.Scalars(tag)] == SNAPSHOTS, tag
     for step in range(len(SNAPSHOTS)):
-        by_projection = [events.Scalars(f"LoRA_rank/suggested.{p}")[step].value for p in PROJECTIONS]
-        assert events.Scalars("LoRA_rank/suggested.model")[step].value == max(by_projection)
-        assert 1 <= max(by_projection) <= 4  # between 1 and the LoRA rank r
-        assert events.Scalars("LoRA_rank/weak_evidence")[step].value in (0.0, 1.0)
+        value = {tag: events.Scalars(tag)[step].value for tag in suggested}
+        gaps = [value[f"LoRA_rank/gap_rank.{p}"] for p in PROJECTIONS]
+        assert value["LoRA_rank/suggested.model"] == max(gaps + [value["LoRA_rank/probe_rank"]])
+        assert 1 <= value["LoRA_rank/suggested.model"] <= 4  # between 1 and the LoRA rank r
+        assert value["LoRA_rank/weak_evidence"] in (0.0, 1.0)
+    # Beside the suggestion, no same-run φ: in A's basis it reads how little A moved.
+    assert not any("shared_directions" in tag or "phi_top" in tag for tag in summary_cards)

@@ -138,6 +138,8 @@ def test_live_monitor_matches_the_saved_adapters_and_recommends(study):
     recommendation = monitor.recommendation
     assert recommendation.compared and recommendation.rank is not None
     assert 1 <= recommendation.rank <= 8
+    # The functional probe ran on the real model: training_step's loss fell with the update.
+    assert recommendation.probe is not None and recommendation.probe.losses[8] < recommendation.probe.losses[0]
     events = read_events(run["log_dir"])
     text = events.Tensors(f"{RECOMMENDATION_TAG}/text_summary")
     assert text[-1].step == STEPS

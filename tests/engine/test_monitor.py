@@ -134,7 +134,8 @@ def test_merged_or_unloaded_adapter_mid_run_warns_and_training_goes_on(tmp_path)
         3: lambda module: module.model.unmerge_adapter(),
         4: lambda module: module.model.base_model.unload(),
     }
-    monitor = LoRASubspaceMonitor(every_n_steps=1, log_images=False)
+    # No probe: it would call the counting training_step between optimizer steps.
+    monitor = LoRASubspaceMonitor(every_n_steps=1, log_images=False, functional_probe=False)
     trainer = make_trainer(tmp_path, [AtStep(actions), monitor], max_steps=5)
     model = tiny_llama_lora(rank=4)
     # lm_head trains too (as with modules_to_save), so the steps with the adapter merged or

@@ -27,6 +27,7 @@ from lora_monitor.outputs.report import CAUTIONS_BELOW, summary_line
 from lora_monitor.outputs.tags import (
     OPTIONAL_SCALAR_NAMES,
     OVERVIEW_TAG,
+    PROBE_RANK_TAG,
     RECOMMENDATION_TAG,
     SCALAR_NAMES,
     heatmap_tag,
@@ -255,3 +256,51 @@ def test_fused_c_attn_is_split_into_q_and_v(tmp_path):
     trainer.fit(CausalLMModule(model))
     assert set(monitor.latest_analysis) == {(layer, p) for layer in range(2) for p in ("q", "v")}
     assert all(a.phi.shape == (4, 4) for a in monitor.latest_analysis.values())
+
+
+def test_the_functional_probe_reads_training_step_and_changes_no_training(tmp_path):
+    """With the probe (the default) and without: the same training losses, bit for bit; with
+    it, a probe reading at every snapshot whose whole-update loss is ``training_step``'s loss
+    on the fit's first batch, the model in eval mode."""
+    runs = {}
+    for probe in (True, False):
+        torch.manual_seed(0)
+        model = tiny_llama_lora(rank=4)
+        monitor = LoRASubspaceMonitor(every_n_steps=2, log_images=False, functional_probe=probe)
+        trainer = make_trainer(tmp_path / str(probe), [monitor], max_steps=6)
+        module = CausalLMModule(model)
+        trainer.fit(module)
+        runs[probe] = (model, module, monitor, read_events(trainer.logger.log_dir))
+    (model, module, monitor, events), (_, _, plain, plain_events) = runs[True], runs[False]
+    assert scalar_series(events, "train_loss") == scalar_series(plain_events, "train_loss")
+    assert sorted(scalar_series(events, "train_loss")) == list(range(6))  # the probe's self.log dropped
+    assert sorted(scalar_series(events, PROBE_RANK_TAG)) == [2, 4, 6]
+    assert PROBE_RANK_TAG not in plain_events.Tags()["scalars"] and plain.recommendation.probe is None
+    reading = monitor.recommendation.probe
+    (tokens,) = next(iter(module.train_dataloader()))
+    model.eval()
+    with torch.no_grad():
+        assert reading.losses[4] == pytest.approx(float(model(input_ids=tokens, labels=tokens).loss), rel=1e-5)
+    assert reading.losses[0] > reading.losses[4]  # the update lowered the first batch's loss
+
+
+def test_manual_optimization_has_no_probe_and_says_so_once(tmp_path, caplog):
+    class Manual(CausalLMModule):
+        def __init__(self, model):
+            super().__init__(model)
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            optimizer = self.optimizers()
+            loss = super().training_step(batch, batch_idx)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+
+    monitor = LoRASubspaceMonitor(every_n_steps=2, log_images=False)
+    with caplog.at_level(logging.INFO):
+        make_trainer(tmp_path, [monitor], max_steps=4).fit(Manual(tiny_llama_lora(rank=4)))
+    said = [r.getMessage() for r in caplog.records if "functional probe" in r.getMessage()]
+    assert len(said) == 1 and "probe does not run: under manual optimization" in said[0]
+    assert monitor.recommendation.probe is None
+    assert monitor.recommendation.cautions[0].startswith("spectrum only")

@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from lora_monitor import AnalysisWarning, LoRASubspaceCallback
-from lora_monitor.outputs.tags import OVERVIEW_TAG, RECOMMENDATION_TAG, SCALAR_NAMES, heatmap_tag, scalar_tag
+from lora_monitor.outputs.tags import (
+    OVERVIEW_TAG,
+    PROBE_RANK_TAG,
+    RECOMMENDATION_TAG,
+    SCALAR_NAMES,
+    heatmap_tag,
+    scalar_tag,
+)
 from tests.helpers.data import TEXTS, TokenDataset, minilm_tokenizer, trainer_arguments
 from tests.helpers.events import read_events, run_dirs, scalar_values
 from tests.helpers.models import add_lora, tiny_llama
@@ -110,16 +117,60 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_figures(tokenizer, tmp
     _train_with_checkpoints(tokenizer, interrupted, lora_seed=7, resume=str(interrupted / "checkpoint-3"))
 
     (whole_run,) = run_dirs(whole)
-    expected = scalar_values(read_events(whole_run))
+    events = read_events(whole_run)
+    expected = scalar_values(events) | scalar_values(events, "LoRA_rank")
     resumed: dict[str, dict[int, float]] = {}
     for run in run_dirs(interrupted):
-        for tag, series in scalar_values(read_events(run)).items():
+        events = read_events(run)
+        for tag, series in (scalar_values(events) | scalar_values(events, "LoRA_rank")).items():
             resumed.setdefault(tag, {}).update({step: v for step, v in series.items() if step > 3})
     compared = [scalar_tag(name, key) for name in SCALAR_NAMES for key in [(0, "q"), (1, "v")]]
+    # The probe reads the batch the uninterrupted run captured (restored from the checkpoint),
+    # not the first batch after resuming.
+    assert set(resumed[PROBE_RANK_TAG]) == {4, 6}
+    compared.append(PROBE_RANK_TAG)
     for tag in compared:
         assert sorted(resumed[tag]) == [4, 6], tag
         for step in (4, 6):
             assert resumed[tag][step] == pytest.approx(expected[tag][step], rel=1e-4, abs=1e-6), (tag, step)
+
+
+def test_the_functional_probe_reads_the_model_s_loss_and_changes_no_training(tokenizer, tmp_path, monkeypatch):
+    """With the probe (the default) and without: the same ``train/loss``, bit for bit; with it,
+    a reading at every snapshot whose whole-update loss is the model's own loss on the first
+    batch it trained on, the model in eval mode."""
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    runs = {}
+    for probe in (True, False):
+        callback = LoRASubspaceCallback(every_n_steps=EVERY, log_images=False, functional_probe=probe)
+        model = lora_model(tokenizer)
+        first: list[dict] = []
+
+        def record(module, args, kwargs, first=first):
+            if not first:
+                first.append(kwargs)
+
+        hook = model.register_forward_pre_hook(record, with_kwargs=True)
+        Trainer(
+            model=model,
+            args=trainer_arguments(tmp_path / str(probe), max_steps=6),
+            train_dataset=TokenDataset(tokenizer),
+            callbacks=[callback],
+        ).train()
+        hook.remove()
+        (run,) = run_dirs(tmp_path / str(probe))
+        runs[probe] = (model, first[0], callback, read_events(run))
+    (model, batch, callback, events), (_, _, plain, plain_events) = runs[True], runs[False]
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+        (e.step, e.value) for e in plain_events.Scalars("train/loss")
+    ]
+    assert sorted(scalar_values(events, "LoRA_rank")[PROBE_RANK_TAG]) == [2, 4, 6]
+    assert plain.recommendation.probe is None
+    reading = callback.recommendation.probe
+    model.eval()
+    with torch.no_grad():
+        assert reading.losses[4] == pytest.approx(float(model(**batch).loss), rel=1e-5)
+    assert reading.losses[0] > reading.losses[4]
 
 
 def test_resume_without_saved_state_says_so(tokenizer, tmp_path, monkeypatch):

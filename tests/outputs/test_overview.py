@@ -1,43 +1,61 @@
-"""lora_monitor.outputs.plots: the overview figure of every layer against r and the suggested rank
-(real analyses of random factors; no training)."""
+"""lora_monitor.outputs.overview: the overview of every layer against r and the suggestion, and
+the probe's curve (real analyses of random factors and a probe reading; no training)."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 from lora_monitor.analysis import Snapshot, analyze
+from lora_monitor.analysis.probe import KEEP, read_probe
 from lora_monitor.analysis.rank import recommend_rank
-from lora_monitor.outputs import plots, rendering
+from lora_monitor.outputs import overview, plots, rendering
 from lora_monitor.outputs.tags import OVERVIEW_TAG
 from tests.helpers.factors import random_factors
 
 
+def _probe(r: int):
+    return read_probe(lambda k: 1e-3 * math.exp(-3 * (1 - math.exp(-k / 1.5))), r)
+
+
 def test_overview_draws_every_layer_against_r_and_the_suggestion():
-    # 80 layers of rank 16; the reference shares the q modules and nothing of the v modules.
-    current = random_factors(80, ("q", "v"), rank=16, seed=0, n=64)
-    other = random_factors(80, ("q", "v"), rank=16, seed=1, n=64)
-    reference = {key: current[key] if key[1] == "q" else other[key] for key in current}
-    recommendation = recommend_rank(analyze(Snapshot(step=5, factors=current), reference, "A"), "A")
-    assert recommendation.projections["v"] is None
-    assert recommendation.compared and recommendation.rank
-    figure = plots.overview_figure(recommendation)
+    factors = random_factors(80, ("q", "v"), rank=16, seed=0, n=64)
+    recommendation = recommend_rank(analyze(Snapshot(step=5, factors=factors)), probe=_probe(16))
+    assert recommendation.rank and recommendation.low < recommendation.high
+    figure = overview.overview_figure(recommendation)
     assert figure.get_size_inches()[0] * figure.dpi == plots.CARD_WIDTH
-    axes = figure.axes
-    assert len(axes) == 2  # a panel per projection
-    for ax, projection in zip(axes, ("q", "v")):
+    assert figure.get_size_inches()[1] * figure.dpi <= 217  # one row: TensorBoard shows it unshrunk
+    *gap_axes, probe_ax = figure.axes
+    assert len(gap_axes) == 2  # a panel per projection, then the probe's
+    for ax, projection in zip(gap_axes, ("q", "v")):
         modules = [m for m in recommendation.modules if m.key[1] == projection]
         bars = ax.patches
         assert [round(b.get_x() + b.get_width() / 2) for b in bars] == list(range(80))
-        assert [b.get_height() for b in bars] == [m.suggested for m in modules]
-        # The suggestion is the largest bar, drawn as a line (none for v); r as a dashed one.
-        suggestions = [line for line in ax.lines if line.get_linestyle() == "-" and len(line.get_ydata()) == 2]
-        if projection == "q":
-            assert suggestions[0].get_ydata()[0] == recommendation.projections["q"] == max(m.suggested for m in modules)
-            assert f"suggested {recommendation.projections['q']}, r = 16" in ax.get_title(loc="right")
-        else:
-            assert suggestions == [] and "suggested none, r = 16" in ax.get_title(loc="right")
+        assert [b.get_height() for b in bars] == [m.delta_w_gap_rank for m in modules]
+        # The model's suggestion as a solid line, r as a dashed one.
+        (suggestion,) = [line for line in ax.lines if line.get_linestyle() == "-" and len(line.get_ydata()) == 2]
+        assert suggestion.get_ydata()[0] == recommendation.rank
+        gap = recommendation.projections[projection]
+        assert f"gap {gap or 'none'}, r = 16" in ax.get_title(loc="right")
         assert ax.get_title(loc="left") == plots.projection_label(projection)
         (r_line,) = [line for line in ax.lines if line.get_linestyle() == "--"]
         assert set(r_line.get_ydata()) == {16}
+    # The probe: the share kept at every k read, the 95 % line, the suggestion.
+    (curve,) = [line for line in probe_ax.lines if len(line.get_xdata()) > 2]
+    probe = recommendation.probe
+    assert list(curve.get_xdata()) == [k for k in probe.losses if k > 0]
+    assert np.allclose(curve.get_ydata(), [round(probe.kept(k), 2) for k in probe.losses if k > 0])
+    assert any(list(line.get_ydata()) == [KEEP, KEEP] for line in probe_ax.lines)
+    assert any(list(line.get_xdata()) == [recommendation.rank] * 2 for line in probe_ax.lines)
+    assert probe_ax.get_title(loc="right") == f"rank {probe.rank}"
     texts = " ".join(t.get_text() for t in figure.texts)
-    assert f"suggested LoRA rank {recommendation.rank}" in texts
+    assert f"suggested rank {recommendation.rank}, likely {recommendation.low}–{recommendation.high}: " in texts
     image = rendering.snapshot_images({}, layers=[], row_symbol="A", column_symbol="A", recommendation=recommendation)
     assert list(image) == [OVERVIEW_TAG] and image[OVERVIEW_TAG].shape[1] == plots.CARD_WIDTH
+
+
+def test_without_a_probe_the_overview_has_the_projections_only():
+    factors = random_factors(4, ("q", "k", "v"), rank=8, seed=1, n=32)
+    figure = overview.overview_figure(recommend_rank(analyze(Snapshot(step=5, factors=factors))))
+    assert len(figure.axes) == 3 and "probe" not in " ".join(ax.get_title(loc="left") for ax in figure.axes)

@@ -9,7 +9,7 @@ import numpy as np
 
 from lora_monitor.analysis import Snapshot, analyze
 from lora_monitor.analysis.rank import recommend_rank
-from lora_monitor.outputs import plots, rendering
+from lora_monitor.outputs import overview, plots, rendering
 from lora_monitor.outputs.tags import heatmap_tag
 from tests.helpers.factors import random_factors
 
@@ -53,24 +53,20 @@ def test_a_card_per_layer_one_frame_for_all_and_the_matplotlib_picture():
 def test_the_overview_is_drawn_again_only_when_what_it_shows_changed(monkeypatch):
     current = random_factors(6, ("q", "v"), rank=8, seed=0, n=64)
     later = {key: f for key, f in current.items()}  # the same modules, another snapshot
-    first = recommend_rank(analyze(Snapshot(step=5, factors=current), None, "A"), "A", reference_is_run=False)
-    again = recommend_rank(analyze(Snapshot(step=10, factors=later), None, "A"), "A", reference_is_run=False)
-    other = recommend_rank(
-        analyze(Snapshot(step=15, factors=random_factors(6, ("q", "v"), rank=4, seed=3, n=64)), None, "A"),
-        "A",
-        reference_is_run=False,
-    )
+    first = recommend_rank(analyze(Snapshot(step=5, factors=current)))
+    again = recommend_rank(analyze(Snapshot(step=10, factors=later)))
+    other = recommend_rank(analyze(Snapshot(step=15, factors=random_factors(6, ("q", "v"), rank=4, seed=3, n=64))))
     drawn = []
-    real = plots.overview_figure
+    real = overview.draw_overview
 
-    def counting(recommendation):
-        drawn.append(recommendation)
-        return real(recommendation)
+    def counting(content):
+        drawn.append(content)
+        return real(content)
 
-    monkeypatch.setattr(plots, "overview_figure", counting)
+    monkeypatch.setattr(overview, "draw_overview", counting)
     rendering._OVERVIEWS.clear()
     image = rendering.overview_image(first)
     assert np.array_equal(rendering.overview_image(again), image) and len(drawn) == 1
     changed = rendering.overview_image(other)  # r = 4: other bars, another dashed line
     assert len(drawn) == 2 and not np.array_equal(changed, image)
-    assert np.array_equal(image, plots.figure_to_rgb(real(first)))
+    assert np.array_equal(image, plots.figure_to_rgb(overview.overview_figure(first)))

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 
 from lora_monitor import LoRASubspaceMonitor
 from lora_monitor.cli import main
+from lora_monitor.outputs.report import GAP_RANK_COLUMN
 from lora_monitor.outputs.tags import RECOMMENDATION_TAG
 from tests.helpers.events import read_events
 from tests.helpers.lightning import CausalLMModule, make_trainer
@@ -56,7 +58,7 @@ def test_inspect_and_the_tensorboard_report_agree(tmp_path):
     model.save_pretrained(str(tmp_path / "adapter"))
     (live,) = module_tables(report(trainer))
     (offline,) = module_tables(cli("inspect", str(tmp_path / "adapter")))
-    assert_agree(live, offline, {"‖ΔW‖_F", "ΔW σ₁", "ΔW σ₁/σ₂", "ΔW energy rank (90 %)", "ΔW stable rank"})
+    assert_agree(live, offline, {"‖ΔW‖_F", "ΔW σ₁", GAP_RANK_COLUMN, "ΔW energy rank (90 %)", "ΔW stable rank"})
     assert len(live["module"]) == 4
 
 
@@ -74,7 +76,14 @@ def test_compare_and_the_tensorboard_report_agree(tmp_path):
     assert_agree(
         live,
         offline,
-        {"shared directions", "φ(1, 1) / chance", "ΔW σ₁/σ₂", "A σ₁/σ₂ (min of ref, cur)", "ΔW energy rank (90 %)"},
+        {"shared directions", "φ(1, 1) / chance", "ΔW σ₁/σ₂", GAP_RANK_COLUMN, "ΔW energy rank (90 %)"},
     )
+    # One answer: compare and inspect of the same adapter give the same rank (φ is shown beside,
+    # never used), and the live report gives its readings, which the offline ones are part of.
+    inspected = cli("inspect", str(tmp_path / "adapter"))
+    gaps = re.search(r"(ΔW's spectral gaps [^;]*|no spectral gap in ΔW);", inspected).group(0)
+    assert gaps in output and gaps in report(trainer)
+    head = re.search(r"(suggested LoRA rank \d+|no LoRA rank is supported)", inspected).group(0)
+    assert head in output
     # The live report alone has W₀.
     assert "‖ΔW‖_F/‖W₀‖_F" in live and "‖ΔW‖_F/‖W₀‖_F" not in offline

@@ -1,0 +1,74 @@
+"""The functional probe: the rank a task needs, read off what the loss does when every ΔW is cut.
+
+At a snapshot, every monitored ΔW is cut to its top k directions at once and the loss of the
+model is measured on one fixed batch (:class:`~lora_monitor.adapters.truncation.LiveTruncation`
+does the cutting; a front-end gives the loss: Lightning's ``training_step``, the transformers
+model's own loss, a plain loop's ``probe=``). The update so far lowered the loss from ``loss(0)``
+(no update) to ``loss(r)``; the rank it needs is the smallest k that keeps :data:`KEEP` of that
+reduction, measured in log loss — a loss that fell a hundredfold is cut at the same share of the
+way as one that halved. It reads the task, not r: directions that only add noise raise the loss
+or leave it where it is, so they never count.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Optional
+
+#: The share of the log-loss reduction of the whole update that the suggested rank keeps.
+KEEP = 0.95
+#: The shares that bound the range said beside the suggestion ("4, likely 3–6").
+KEEP_LOW, KEEP_HIGH = 0.9, 0.98
+#: The ranks tried, upwards (and r, the whole update).
+GRID = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+@dataclass(frozen=True)
+class ProbeReading:
+    """What cutting every monitored ΔW to k directions did to the loss on the probe batch.
+
+    Attributes:
+        r: the largest rank of the modules cut (``losses[r]``: the whole update).
+        losses: k → the probe batch's loss with every ΔW cut to k directions (0: none).
+        rank: the smallest k keeping :data:`KEEP` of the log-loss reduction; None when the
+            update has not lowered the probe loss (nothing to keep).
+        low, high: the smallest k keeping :data:`KEEP_LOW` and :data:`KEEP_HIGH` of it.
+        seconds: the probe's wall time (its forward passes).
+    """
+
+    r: int
+    losses: dict[int, float] = field(default_factory=dict)
+    rank: Optional[int] = None
+    low: Optional[int] = None
+    high: Optional[int] = None
+    seconds: float = 0.0
+
+    def kept(self, k: int) -> float:
+        """The share of the whole update's log-loss reduction that rank ``k`` keeps."""
+        full, none = math.log(self.losses[self.r]), math.log(self.losses[0])
+        return (none - math.log(self.losses[k])) / (none - full)
+
+
+def read_probe(loss_at: Callable[[int], float], r: int) -> ProbeReading:
+    """Cut to 0 and to r, then upwards through :data:`GRID` until :data:`KEEP_HIGH` of the
+    log-loss reduction is kept (2 + a few forward passes: the suggestion is usually small)."""
+    start = time.perf_counter()
+    losses = {0: float(loss_at(0)), r: float(loss_at(r))}
+    if not (math.isfinite(losses[0]) and math.isfinite(losses[r]) and 0 < losses[r] < losses[0]):
+        return ProbeReading(r, losses, seconds=time.perf_counter() - start)
+    reading = ProbeReading(r, losses)
+    found: dict[float, int] = {}
+    for k in [k for k in GRID if k < r] + [r]:
+        if k not in losses:
+            losses[k] = float(loss_at(k))
+        for share in (KEEP_LOW, KEEP, KEEP_HIGH):
+            if share not in found and reading.kept(k) >= share:
+                found[share] = k
+        if KEEP_HIGH in found:
+            break
+    return ProbeReading(
+        r, dict(sorted(losses.items())), found[KEEP], found[KEEP_LOW], found[KEEP_HIGH], time.perf_counter() - start
+    )

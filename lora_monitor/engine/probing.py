@@ -1,0 +1,171 @@
+"""The functional probe of a monitored run: :class:`FunctionalProbe`.
+
+The loss on one fixed batch — a plain loop's ``probe=``, Lightning's ``training_step`` on the
+first batch of the fit, the transformers model's own loss on the first batch it trains on —
+read at each snapshot with every monitored ΔW cut to k directions
+(:func:`lora_monitor.analysis.probe.read_probe`), in the training thread, the model in eval
+mode, without gradients, the random number generators left as they were, and the factors put
+back exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Collection, Iterator
+from typing import Any, Optional
+
+import torch
+from torch.utils._pytree import tree_map
+
+from lora_monitor.adapters import plain_lora_layers
+from lora_monitor.adapters.truncation import LiveTruncation
+from lora_monitor.analysis.probe import ProbeReading, read_probe
+from lora_monitor.engine.distributed import Process
+from lora_monitor.engine.reporter import Reporter
+
+
+def loss_value(output: Any) -> float:
+    """A loss as a number, from what a probe returns: a tensor, a number, a mapping holding
+    ``"loss"`` (Lightning's ``training_step``), or an object with ``.loss`` (transformers)."""
+    if isinstance(output, dict):
+        output = output.get("loss")
+    elif not isinstance(output, (torch.Tensor, float, int)) and hasattr(output, "loss"):
+        output = output.loss
+    if output is None:
+        raise ValueError("the probe returned no loss (None, or no 'loss' in what it returned)")
+    return float(output.detach()) if isinstance(output, torch.Tensor) else float(output)
+
+
+@contextlib.contextmanager
+def _evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode, no gradients, and the random generators unchanged, for a reading that must
+    not change training."""
+    training = model.training
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        model.train(training)
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, (torch.Tensor, int, float, str, bool)) or value is None:
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if type(value) is dict:
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, batch)
+
+
+class FunctionalProbe:
+    """Reads the probe when a snapshot is taken, if a loss is known and the run allows it.
+
+    The loss is a plain loop's callable (:attr:`loss`), or a front-end's evaluation of one
+    batch it captured (:meth:`capture`): that batch is kept in the monitor's state, so that a
+    resumed run probes the batch an uninterrupted one does.
+
+    Args:
+        reporter: where the reasons the probe does not run are said (once each), and its failures.
+        enabled: the monitor's ``functional_probe`` option.
+    """
+
+    def __init__(self, reporter: Reporter, enabled: bool) -> None:
+        self.reporter, self.enabled = reporter, enabled
+        #: The loss on the probe batch: a callable of no argument (None: not known yet).
+        self.loss: Optional[Callable[[], Any]] = None
+        #: The batch a front-end captured (on the host), and how it gives a loss.
+        self.batch: Any = None
+        self._evaluate: Optional[Callable[[Any], Any]] = None
+        self._said: set[str] = set()
+
+    @property
+    def wants_batch(self) -> bool:
+        """Whether a front-end should :meth:`capture` a batch (enabled, none given yet)."""
+        return self.enabled and self.loss is None and self._evaluate is None
+
+    def capture(self, batch: Any, evaluate: Callable[[Any], Any]) -> None:
+        """Probe ``evaluate(batch)`` from now on; the first batch captured (or restored) stays."""
+        self._evaluate = evaluate
+        if self.batch is None:
+            self.batch = tree_map(lambda x: x.detach().cpu().clone() if isinstance(x, torch.Tensor) else x, batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The captured batch, where it is plain tensors, numbers and containers (what a
+        checkpoint loads with ``weights_only=True``); else nothing, and a resumed run captures
+        its own first batch."""
+        return {"batch": self.batch if _plain(self.batch) else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batch = state.get("batch")
+
+    def _loss(self, model: torch.nn.Module) -> Optional[Callable[[], Any]]:
+        if self.loss is not None:
+            return self.loss
+        if self._evaluate is None or self.batch is None:
+            return None
+        evaluate, device = self._evaluate, next(model.parameters()).device
+        batch = _to_device(self.batch, device)
+        return lambda: evaluate(batch)
+
+    def disable(self, reason: str) -> None:
+        """No probe in this run, and why (said once)."""
+        self.enabled = False
+        self._note(f"the functional probe does not run: {reason}; the suggestion rests on ΔW's spectra alone")
+
+    def _note(self, message: str) -> None:
+        """Why the probe is not read where it cannot be: said once, to the console (not a
+        warning: nothing failed, and the report says the suggestion is spectrum only)."""
+        if message not in self._said and self.reporter.speaks:
+            self._said.add(message)
+            self.reporter.info(f"{self.reporter.options.owner}: {message}")
+
+    def read(
+        self,
+        model: torch.nn.Module,
+        adapter_name: Optional[str],
+        module_names: Collection[str],
+        process: Process,
+        step: int,
+    ) -> Optional[ProbeReading]:
+        """The probe at ``step``, or None (not enabled, no loss known, not this process's, or it
+        cannot run: said once, with the reason)."""
+        loss = self._loss(model)
+        if not self.enabled or loss is None or not process.is_main:
+            return None
+        if process.world_size > 1 and not process.keeps_base_weight:
+            self._note("the functional probe does not run under FSDP (its forward is collective); no probe reading")
+            return None
+        try:
+            layers = {
+                name: found for name, found in plain_lora_layers(model, adapter_name).items() if name in module_names
+            }
+            if any(layer.lora_A[name].weight.__class__.__name__ == "DTensor" for layer, name in layers.values()):
+                self._note("the functional probe does not cut sharded factors (FSDP2); no probe reading")
+                return None
+            if not layers:
+                self._note(
+                    "the functional probe cuts plain LoRA updates (s·B·A) and none of the monitored "
+                    "modules has one (DoRA, AdaLoRA and PiSSA-like updates are not cut); no probe reading"
+                )
+                return None
+            with _evaluating(model), LiveTruncation(layers) as truncation:
+
+                def loss_at(k: int) -> float:
+                    truncation.cut(k)
+                    return loss_value(loss())
+
+                return read_probe(loss_at, truncation.rank)
+        except Exception as error:  # an analysis problem: never the end of a training run
+            self.enabled = False
+            self.reporter.report(
+                f"step {step}: the functional probe failed with {type(error).__name__}: {error}; it is "
+                f"not read again in this run"
+            )
+            return None

@@ -1,0 +1,177 @@
+"""The overview of every layer, ``LoRA_rank/overview``: per projection each layer's spectral gap
+rank against r and the suggestion, and the functional probe's curve.
+
+:func:`overview_content` reduces a recommendation to what the figure shows (integers, flags and
+the probe's shares rounded to the pixel), so that :mod:`lora_monitor.outputs.rendering` draws it
+again only when that changed; :func:`draw_overview` draws exactly that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import matplotlib.ticker
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from lora_monitor.adapters import ModuleKey
+from lora_monitor.analysis.probe import KEEP
+from lora_monitor.analysis.rank import RankRecommendation
+from lora_monitor.outputs.plots import CARD_FONT, CARD_WIDTH, DPI, projection_label
+
+SUGGESTION_COLOR, BAR_COLOR, R_COLOR = "#c44e52", "#4c72b0", "#555555"
+
+
+@dataclass(frozen=True)
+class OverviewContent:
+    """Everything the overview shows; equal contents draw the same picture."""
+
+    #: ``(key, r, gap rank)`` of every module, by key.
+    modules: tuple[tuple[ModuleKey, int, int], ...]
+    #: ``(projection, its largest gap rank)``.
+    projections: tuple[tuple[str, Optional[int]], ...]
+    rank: Optional[int]
+    low: Optional[int]
+    high: Optional[int]
+    strength: str
+    #: ``(k, share of the log-loss reduction kept)`` for k ≥ 1, two decimals; empty: no probe.
+    probe: tuple[tuple[int, float], ...]
+    probe_rank: Optional[int]
+
+
+def overview_content(recommendation: RankRecommendation) -> OverviewContent:
+    rec = recommendation
+    probe: tuple[tuple[int, float], ...] = ()
+    if rec.probe is not None and rec.probe.rank is not None:
+        probe = tuple((k, round(rec.probe.kept(k), 2)) for k in rec.probe.losses if k > 0)
+    strength = "r may be too small" if rec.too_small else ("weak evidence" if rec.weak else "evidence consistent")
+    return OverviewContent(
+        modules=tuple((m.key, m.rank, m.delta_w_gap_rank) for m in rec.modules),
+        projections=tuple(rec.projections.items()),
+        rank=rec.rank,
+        low=rec.low,
+        high=rec.high,
+        strength=strength,
+        probe=probe,
+        probe_rank=rec.probe.rank if rec.probe is not None else None,
+    )
+
+
+def overview_figure(recommendation: RankRecommendation) -> Figure:
+    """``draw_overview(overview_content(recommendation))``."""
+    return draw_overview(overview_content(recommendation))
+
+
+def _rank_ticks(top: int) -> list[int]:
+    """Powers of two from 1, at most five, and ``top`` itself: a log₂ axis of ranks."""
+    powers = [2**k for k in range(int(np.log2(max(top, 1))) + 1)]
+    ticks = powers[:: -(-len(powers) // 5)]
+    return sorted(set(ticks) | {top})
+
+
+def _rank_axis(axis: matplotlib.axis.Axis, top: int) -> None:
+    axis.set_ticks(_rank_ticks(top))
+    axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axis.set_minor_locator(matplotlib.ticker.NullLocator())
+
+
+def _gap_panel(ax: Axes, content: OverviewContent, projection: str, gap: Optional[int], top_rank: int) -> None:
+    modules = [(key[0], r, g) for key, r, g in content.modules if key[1] == projection]
+    layers = np.array([layer for layer, _, _ in modules])
+    # A few pixels a layer beyond 24 layers: gaps between the bars would alias.
+    ax.bar(layers, [g for _, _, g in modules], width=0.8 if layers.size <= 24 else 1.0, color=BAR_COLOR, lw=0)
+    ax.plot(layers, [r for _, r, _ in modules], ls="--", lw=1, color=R_COLOR, drawstyle="steps-mid")
+    if content.rank:
+        ax.axhline(content.rank, color=SUGGESTION_COLOR, lw=1.5)
+    ax.set_yscale("log", base=2)
+    ax.set_ylim(0.7, top_rank * 1.5)
+    _rank_axis(ax.yaxis, top_rank)
+    if layers.size:
+        ax.set_xlim(layers.min() - 0.6, layers.max() + 0.6)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(4, integer=True))
+    r_text = "/".join(str(r) for r in sorted({r for _, r, _ in modules}))
+    # The mathtext label alone, constant over a run (matplotlib caches its parse, which costs
+    # tens of ms a title); the numbers that change go in plain text beside it.
+    ax.set_title(projection_label(projection), fontsize=CARD_FONT - 1, loc="left", pad=3)
+    ax.set_title(f"gap {gap or 'none'}, r = {r_text}", fontsize=CARD_FONT - 2, loc="right", pad=3)
+    ax.set_xlabel("layer", fontsize=CARD_FONT - 2, labelpad=0)
+
+
+def _probe_panel(ax: Axes, content: OverviewContent, top_rank: int) -> None:
+    ks = [k for k, _ in content.probe]
+    ax.plot(ks, [kept for _, kept in content.probe], "o-", ms=2.5, lw=1, color=BAR_COLOR)
+    ax.axhline(KEEP, color=R_COLOR, lw=0.8, ls=":")
+    if content.rank:
+        ax.axvline(content.rank, color=SUGGESTION_COLOR, lw=1.5)
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(0.8, top_rank * 1.25)
+    _rank_axis(ax.xaxis, top_rank)
+    ax.set_ylim(min(0.0, *(kept for _, kept in content.probe)) - 0.05, 1.08)
+    ax.set_yticks([0, 0.5, 1])
+    ax.yaxis.tick_right()
+    ax.set_title("probe", fontsize=CARD_FONT - 1, loc="left", pad=3)
+    ax.set_title(f"rank {content.probe_rank}", fontsize=CARD_FONT - 2, loc="right", pad=3)
+    ax.set_xlabel("k: every ΔW cut to", fontsize=CARD_FONT - 2, labelpad=0)
+
+
+def draw_overview(content: OverviewContent) -> Figure:
+    """Every layer at once, sized for a TensorBoard card and readable for 80 layers.
+
+    TensorBoard's default image card fits an image into a box about 217 px high and shrinks
+    taller ones, pixelated; so panels sit side by side (two, or three with the probe), and a
+    row of them makes a figure about 200 px high, shown unshrunk.
+
+    Bars: each layer's ΔW spectral gap rank (:func:`~lora_monitor.functional.gap_rank`);
+    dashed: r; red: the suggested rank, the same for every projection (one r serves the
+    model). The probe's panel: the share of the whole update's log-loss reduction kept with
+    every ΔW cut to k directions; dotted: the 95 % the suggestion keeps. Rank axes are
+    logarithmic (1 to r), so 2 against 64 stays visible.
+    """
+    projections = list(content.projections)
+    panels = len(projections) + bool(content.probe)
+    columns = 3 if panels == 3 else min(2, max(panels, 1))
+    rows = -(-max(panels, 1) // columns)
+    # Inches: a row of panels with titles and tick labels, the heading (title, legend), the
+    # axis labels, the space between rows.
+    width, panel, heading, foot, gap = CARD_WIDTH / DPI, 1.05, 0.62, 0.36, 0.45
+    height = panel * rows + heading + foot
+    figure = Figure(figsize=(width, height), dpi=DPI)
+    top_rank = max((r for _, r, _ in content.modules), default=1)
+    axes_height = (panel * rows - 0.2 - gap * (rows - 1)) / rows
+    grid = figure.add_gridspec(
+        rows,
+        columns,
+        left=0.36 / width,
+        right=1 - (0.36 if content.probe else 0.1) / width,
+        wspace=0.12,
+        bottom=foot / height,
+        top=1 - (heading + 0.2) / height,
+        hspace=gap / axes_height,
+    )
+    for index, (projection, gap_rank) in enumerate(projections):
+        row, column = divmod(index, columns)
+        ax = figure.add_subplot(grid[row, column])
+        _gap_panel(ax, content, projection, gap_rank, top_rank)
+        if column:  # every gap panel has the same rank axis: labelled once, on the left
+            ax.tick_params(labelleft=False)
+        ax.tick_params(labelsize=CARD_FONT - 2, length=2, pad=1)
+    if content.probe:
+        ax = figure.add_subplot(grid[divmod(len(projections), columns)])
+        _probe_panel(ax, content, top_rank)
+        ax.tick_params(labelsize=CARD_FONT - 2, length=2, pad=1)
+    if content.rank is None:
+        head = "no rank supported yet"
+    else:
+        span = f", likely {content.low}–{content.high}" if content.low and content.high != content.low else ""
+        head = f"suggested rank {content.rank}{span}"
+    strength = "consistent" if content.strength == "evidence consistent" else content.strength
+    figure.text(
+        0.5, 1 - 0.08 / height, f"{head}: {strength}", ha="center", va="top", fontsize=CARD_FONT + 1, weight="bold"
+    )
+    legend = "bars: ΔW's spectral gap rank per layer; red: suggestion; dashed: r"
+    if content.probe:
+        legend += "\nprobe: share of the loss reduction kept with every ΔW cut to k"
+    figure.text(0.5, 1 - 0.32 / height, legend, ha="center", va="top", fontsize=CARD_FONT - 2, color="#333333")
+    return figure

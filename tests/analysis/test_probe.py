@@ -1,0 +1,54 @@
+"""``read_probe``: the smallest rank keeping a share of the log-loss reduction, read off a loss
+curve it asks for lazily."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lora_monitor.analysis.probe import GRID, KEEP, KEEP_HIGH, KEEP_LOW, read_probe
+
+
+def _curve(losses: dict[int, float]):
+    asked: list[int] = []
+
+    def loss_at(k: int) -> float:
+        asked.append(k)
+        return losses[k]
+
+    return loss_at, asked
+
+
+def _kept(losses, k, r):
+    return (math.log(losses[0]) - math.log(losses[k])) / (math.log(losses[0]) - math.log(losses[r]))
+
+
+def test_the_suggestion_is_the_first_rank_keeping_the_share():
+    # A loss falling geometrically to a floor at k = 4: log reductions 0, 60 %, 85 %, 96 %, 100 %.
+    r = 16
+    losses = {k: 1e-4 * 100 ** (1 - min(k, 4) / 4) ** 1.5 for k in range(r + 1)}
+    loss_at, asked = _curve(losses)
+    reading = read_probe(loss_at, r)
+    shares = (KEEP_LOW, KEEP, KEEP_HIGH)
+    expected = {share: min(k for k in [*GRID, r] if k <= r and _kept(losses, k, r) >= share) for share in shares}
+    assert (reading.low, reading.rank, reading.high) == (expected[KEEP_LOW], expected[KEEP], expected[KEEP_HIGH])
+    assert reading.low <= reading.rank <= reading.high
+    assert reading.kept(reading.rank) >= KEEP > reading.kept(max(k for k in GRID if k < reading.rank))
+    assert asked[:2] == [0, r] and max(asked[2:]) == reading.high  # scanned upwards, stopped there
+    assert set(reading.losses) == set(asked)
+
+
+def test_noise_that_raises_the_loss_never_counts():
+    # The whole update is worse than its top 3 directions (noise that hurts): rank 3 keeps it all.
+    r = 64
+    losses = {0: 1.0, 1: 0.2, 2: 0.05, 3: 0.01, 4: 0.011, 5: 0.012, 6: 0.013, 8: 0.015, 64: 0.03}
+    reading = read_probe(_curve(losses)[0], r)
+    assert reading.rank <= 3 and reading.high <= 3
+
+
+@pytest.mark.parametrize("full", [1.0, 1.5, float("nan")])
+def test_an_update_that_did_not_lower_the_loss_suggests_nothing(full):
+    reading = read_probe(_curve({0: 1.0, 8: full})[0], 8)
+    assert reading.rank is None and reading.low is None and reading.high is None
+    assert set(reading.losses) == {0, 8}

@@ -1,0 +1,89 @@
+"""The rank suggestion on tasks whose needed rank is known, small enough for every CI run: the
+planted-rank teacher/student cases of ``benchmarks/rank_validation.py`` on a tiny random Llama.
+
+The teacher is the base model with a planted rank-K update (K flat singular values, twice a
+typical σ of the weight) added to every q and v weight; the student is the base model + LoRA,
+trained to match the teacher's last hidden states (MSE) on random tokens, a plain loop with
+``LoRAMonitor(probe=...)``. The benchmark supports: within [K, 2K] from a quarter of training on
+(flat planted spectrum: k* = K); r below K: "r may be too small". Each case trains in seconds.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from lora_monitor import LoRAMonitor
+from lora_monitor.outputs.tags import SUGGESTED_TAG, WEAK_EVIDENCE_TAG
+from tests.helpers.events import read_events, scalar_series
+from tests.helpers.models import tiny_llama
+
+HIDDEN, VOCAB, STEPS = 64, 64, 120
+
+
+def _tokens(seed: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (16, 16), generator=torch.Generator().manual_seed(100 + seed))
+
+
+def _teacher(planted: int) -> torch.nn.Module:
+    teacher = tiny_llama(hidden_size=HIDDEN, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in teacher.model.layers:
+            for linear in (layer.self_attn.q_proj, layer.self_attn.v_proj):
+                n, m = linear.weight.shape
+                U = torch.linalg.qr(torch.randn(n, planted, generator=generator))[0]
+                V = torch.linalg.qr(torch.randn(m, planted, generator=generator))[0]
+                sigma = 2 * float(linear.weight.norm()) / n**0.5
+                linear.weight += sigma * U @ V.T
+    return teacher.eval()
+
+
+def _train_student(planted: int, rank: int, seed: int, log_dir) -> LoRAMonitor:
+    teacher = _teacher(planted)
+    torch.manual_seed(seed)
+    student = get_peft_model(
+        tiny_llama(hidden_size=HIDDEN, seed=0), LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "v_proj"])
+    )
+
+    def hidden(model, tokens):
+        return model(input_ids=tokens, output_hidden_states=True).hidden_states[-1]
+
+    with torch.no_grad():
+        data = [(tokens, hidden(teacher, tokens)) for tokens in map(_tokens, range(9))]
+    probe_tokens, probe_target = data[0]
+    monitor = LoRAMonitor(
+        student,
+        log_dir=log_dir,
+        every_n_steps=STEPS // 4,
+        log_images=False,
+        probe=lambda: torch.nn.functional.mse_loss(hidden(student, probe_tokens), probe_target),
+    )
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-2)
+    with monitor:
+        for step in range(1, STEPS + 1):
+            tokens, target = data[1 + step % 8]
+            torch.nn.functional.mse_loss(hidden(student, tokens), target).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            monitor.step(step)
+    return monitor
+
+
+@pytest.mark.parametrize("planted, seed", [(2, 0), (2, 1), (4, 0), (4, 1)])
+def test_the_suggestion_finds_a_planted_rank_from_a_quarter_of_training(planted, seed, tmp_path):
+    monitor = _train_student(planted, rank=16, seed=seed, log_dir=tmp_path)
+    suggested = scalar_series(read_events(tmp_path), SUGGESTED_TAG)
+    assert sorted(suggested) == [30, 60, 90, 120]
+    assert all(planted <= rank <= 2 * planted for rank in suggested.values()), suggested
+    recommendation = monitor.recommendation
+    assert recommendation.probe is not None and recommendation.probe.rank == planted
+    assert not recommendation.weak and recommendation.low <= recommendation.rank <= recommendation.high
+
+
+def test_a_rank_below_the_planted_one_is_said_to_be_too_small(tmp_path):
+    monitor = _train_student(planted=8, rank=4, seed=0, log_dir=tmp_path)
+    recommendation = monitor.recommendation
+    assert recommendation.too_small and recommendation.rank == 4
+    assert scalar_series(read_events(tmp_path), WEAK_EVIDENCE_TAG)[STEPS] == 1.0
