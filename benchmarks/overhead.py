@@ -39,30 +39,34 @@ from minilm_topics import TopicClassifier  # noqa: E402
 
 from lora_monitor import LoRASubspaceMonitor  # noqa: E402
 
-HOOKS = ("setup", "on_train_start", "on_train_batch_end", "on_train_end")
+HOOKS = ("setup", "on_train_start", "on_train_batch_start", "on_train_batch_end", "on_train_end")
 
 
 class HookTimer:
-    """Wraps a callback's hooks on the instance and adds up the wall time spent in them."""
+    """Wraps a callback's hooks on the instance and adds up the wall time spent in them, and
+    apart the functional probe's readings (inside the snapshot hooks)."""
 
-    def __init__(self, callback: pl.Callback) -> None:
-        self.seconds = 0.0
+    def __init__(self, callback: LoRASubspaceMonitor) -> None:
+        self.seconds = self.probe_seconds = 0.0
         for name in HOOKS:
-            setattr(callback, name, self._timed(getattr(callback, name)))
+            setattr(callback, name, self._timed(getattr(callback, name), "seconds"))
+        probing = callback.engine.probing
+        probing.read = self._timed(probing.read, "probe_seconds")
 
-    def _timed(self, hook):
+    def _timed(self, hook, total: str):
         def timed(*args, **kwargs):
             start = time.perf_counter()
             try:
                 return hook(*args, **kwargs)
             finally:
-                self.seconds += time.perf_counter() - start
+                setattr(self, total, getattr(self, total) + time.perf_counter() - start)
 
         return timed
 
 
-def fit(steps: int, monitor: bool, logdir: str) -> tuple[float, float]:
-    """``(fit wall seconds, seconds inside the monitor's hooks)`` of one fresh training run."""
+def fit(steps: int, monitor: bool, logdir: str) -> tuple[float, float, float]:
+    """``(fit wall seconds, seconds inside the monitor's hooks, of which the probe's)`` of one
+    fresh training run."""
     module = TopicClassifier(rank=8, seed=0)
     callbacks, timer = [], None
     if monitor:
@@ -85,10 +89,10 @@ def fit(steps: int, monitor: bool, logdir: str) -> tuple[float, float]:
     )
     start = time.perf_counter()
     trainer.fit(module)
-    return time.perf_counter() - start, timer.seconds if timer else 0.0
+    return time.perf_counter() - start, timer.seconds if timer else 0.0, timer.probe_seconds if timer else 0.0
 
 
-def fit_in_child(steps: int, monitor: bool, logdir: str) -> tuple[float, float]:
+def fit_in_child(steps: int, monitor: bool, logdir: str) -> tuple[float, float, float]:
     """:func:`fit` in a new Python process (see the module docstring for why)."""
     command = [sys.executable, __file__, "--steps", str(steps), "--logdir", logdir,
                "--child", "on" if monitor else "off"]
@@ -96,7 +100,7 @@ def fit_in_child(steps: int, monitor: bool, logdir: str) -> tuple[float, float]:
     if done.returncode:
         sys.exit(f"a benchmark run failed:\n{done.stderr[-4000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    return result["wall"], result["inside"]
+    return result["wall"], result["inside"], result["probe"]
 
 
 def main() -> int:
@@ -107,26 +111,28 @@ def main() -> int:
     parser.add_argument("--logdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        wall, inside = fit(args.steps, args.child == "on", args.logdir)
-        print(json.dumps({"wall": wall, "inside": inside}))
+        wall, inside, probe = fit(args.steps, args.child == "on", args.logdir)
+        print(json.dumps({"wall": wall, "inside": inside, "probe": probe}))
         return 0
-    runs: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+    runs: dict[bool, list[tuple[float, float, float]]] = {True: [], False: []}
     pair_ratios = []
     with tempfile.TemporaryDirectory() as logdir:
         for pair in range(args.pairs):
             for monitor in ((True, False) if pair % 2 else (False, True)):
                 runs[monitor].append(fit_in_child(args.steps, monitor, logdir))
-                wall, inside = runs[monitor][-1]
-                print(f"  monitor {'on ' if monitor else 'off'}: fit {wall:.1f} s, inside the monitor {inside:.2f} s",
-                      flush=True)
+                wall, inside, probe = runs[monitor][-1]
+                print(f"  monitor {'on ' if monitor else 'off'}: fit {wall:.1f} s, inside the monitor {inside:.2f} s"
+                      f" (the functional probe {probe:.2f} s)", flush=True)
             pair_ratios.append(runs[True][-1][0] / runs[False][-1][0])
-    on = statistics.median(wall for wall, _ in runs[True])
-    off = statistics.median(wall for wall, _ in runs[False])
-    share = statistics.median(100 * inside / wall for wall, inside in runs[True])
+    on = statistics.median(wall for wall, _, _ in runs[True])
+    off = statistics.median(wall for wall, _, _ in runs[False])
+    share = statistics.median(100 * inside / wall for wall, inside, _ in runs[True])
+    probe_share = statistics.median(100 * probe / wall for wall, _, probe in runs[True])
     print(f"MiniLM, {args.steps} steps, medians of {args.pairs}: fit on {on:.1f} s, off {off:.1f} s "
           f"({100 * (on / off - 1):+.2f} %); on/off pair by pair: "
           f"{', '.join(f'{100 * (r - 1):+.1f} %' for r in pair_ratios)}; "
-          f"time inside the monitor: {share:.2f} % of the monitored fit")
+          f"time inside the monitor: {share:.2f} % of the monitored fit, of which the functional probe "
+          f"{probe_share:.2f} %")
     targets = Targets()
     targets.check("monitor overhead, fit wall time on vs off", 100 * (on / off - 1), 1.0, " %")
     targets.check("time inside the monitor's hooks, share of fit wall time", share, 1.0, " %")
