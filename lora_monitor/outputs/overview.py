@@ -2,7 +2,7 @@
 rank against r and the suggestion, and the functional probe's curve.
 
 :func:`overview_content` reduces a recommendation to what the figure shows (integers, flags and
-the probe's shares rounded to the pixel), so that :mod:`lora_monitor.outputs.rendering` draws it
+the probe's shares rounded to a few pixels), so that :mod:`lora_monitor.outputs.rendering` draws it
 again only when that changed; :func:`draw_overview` draws exactly that.
 """
 
@@ -36,7 +36,8 @@ class OverviewContent:
     low: Optional[int]
     high: Optional[int]
     strength: str
-    #: ``(k, share of the log-loss reduction kept)`` for k ≥ 1, two decimals; empty: no probe.
+    #: ``(k, share of the log-loss reduction kept)`` for k ≥ 1, to 0.05 (3 pixels of the panel:
+    #: finer would draw the figure again at nearly every snapshot); empty: no probe.
     probe: tuple[tuple[int, float], ...]
     probe_rank: Optional[int]
 
@@ -45,7 +46,7 @@ def overview_content(recommendation: RankRecommendation) -> OverviewContent:
     rec = recommendation
     probe: tuple[tuple[int, float], ...] = ()
     if rec.probe is not None and rec.probe.rank is not None:
-        probe = tuple((k, round(rec.probe.kept(k), 2)) for k in rec.probe.losses if k > 0)
+        probe = tuple((k, round(20 * rec.probe.kept(k)) / 20) for k in rec.probe.losses if k > 0)
     strength = "r may be too small" if rec.too_small else ("weak evidence" if rec.weak else "evidence consistent")
     return OverviewContent(
         modules=tuple((m.key, m.rank, m.delta_w_gap_rank) for m in rec.modules),

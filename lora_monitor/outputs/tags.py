@@ -14,21 +14,25 @@ tables use the same names.
 
 At every snapshot, at step ``step``:
 
+The cards of a group are sorted by name: ``LoRA_rank`` shows the overview first, then the
+probe's reading, the suggestion and its range, the strength.
+
 - ``LoRA_rank/suggested.model``: the LoRA rank suggested by this snapshot
   (:func:`lora_monitor.analysis.rank.recommend_rank`: the larger of the functional probe's
   rank and the largest spectral gap rank), so that it can be watched as it forms; 0 where no
   rank is supported.
-- ``LoRA_rank/likely_low``, ``LoRA_rank/likely_high``: the range the suggestion likely lies in
-  (with a probe only).
+- ``LoRA_rank/suggested.range_low``, ``LoRA_rank/suggested.range_high``: the range the
+  suggestion likely lies in (with a probe only).
 - ``LoRA_rank/probe_rank``: the functional probe's rank: the smallest k whose joint truncation
   of every monitored ΔW keeps 95 % of the log-loss reduction on the probe batch (with a probe
   only; 0 while the update has not lowered the probe loss).
-- ``LoRA_rank/gap_rank.<p>``: per projection, the largest ``delta_w_gap_rank`` over layers.
 - ``LoRA_rank/weak_evidence``: 1 when that suggestion's evidence is weak (or r may be too
   small), else 0.
 - ``LoRA_rank/overview`` (image): every layer at once, per projection each layer's gap rank
   against r and the suggestion, and the probe's curve
   (:func:`lora_monitor.outputs.overview.overview_figure`).
+- ``LoRA_summary/max_delta_w_gap_rank.<p>``: per projection, the largest ``delta_w_gap_rank``
+  over layers (the spectral reading of the suggestion).
 - ``LoRA_summary/median_<metric>.<p>``: the median over layers of the per-layer metrics of
   :func:`summary_metrics` (``delta_w_gap_rank``, ``delta_w_relative_norm``,
   ``delta_w_energy_rank``, ``a_init_similarity``, as many as fit; beside another run,
@@ -128,14 +132,15 @@ def heatmap_tag(layer: int) -> str:
 
 
 SUGGESTED_TAG = f"{RANK_GROUP}/suggested.model"
-LIKELY_LOW_TAG, LIKELY_HIGH_TAG = f"{RANK_GROUP}/likely_low", f"{RANK_GROUP}/likely_high"
+RANGE_LOW_TAG, RANGE_HIGH_TAG = f"{RANK_GROUP}/suggested.range_low", f"{RANK_GROUP}/suggested.range_high"
 PROBE_RANK_TAG = f"{RANK_GROUP}/probe_rank"
 WEAK_EVIDENCE_TAG = f"{RANK_GROUP}/weak_evidence"
 
 
 def gap_rank_tag(projection: str) -> str:
-    """``LoRA_rank/gap_rank.<p>``: the largest spectral gap rank of projection ``p``."""
-    return f"{RANK_GROUP}/gap_rank.{projection}"
+    """``LoRA_summary/max_delta_w_gap_rank.<p>``: the largest spectral gap rank of projection
+    ``p`` over its layers."""
+    return f"{SUMMARY_GROUP}/max_delta_w_gap_rank.{projection}"
 
 
 def is_monitor_tag(tag: str) -> bool:
@@ -182,8 +187,8 @@ def recommendation_scalars(recommendation: RankRecommendation) -> dict[str, floa
     values = {SUGGESTED_TAG: float(rec.rank or 0)}
     if rec.probe is not None:
         values[PROBE_RANK_TAG] = float(rec.probe.rank or 0)
-        values[LIKELY_LOW_TAG] = float(rec.low or 0)
-        values[LIKELY_HIGH_TAG] = float(rec.high or 0)
+        values[RANGE_LOW_TAG] = float(rec.low or 0)
+        values[RANGE_HIGH_TAG] = float(rec.high or 0)
     values |= {gap_rank_tag(p): float(r or 0) for p, r in rec.projections.items()}
     values[WEAK_EVIDENCE_TAG] = float(rec.weak)
     return values
@@ -199,12 +204,12 @@ def custom_scalars_layout(keys: Sequence[ModuleKey], compares_runs: bool = False
     projections as lines; and for each per-module metric, one multi-line chart per projection
     with the layers as lines."""
     projections = list(dict.fromkeys(projection for _, projection in sorted(keys)))
-    readings = [SUGGESTED_TAG, LIKELY_LOW_TAG, LIKELY_HIGH_TAG, PROBE_RANK_TAG]
+    readings = [SUGGESTED_TAG, RANGE_LOW_TAG, RANGE_HIGH_TAG, PROBE_RANK_TAG]
     layout: dict[str, dict[str, list]] = {
         f"{RANK_GROUP}: suggested rank": {
             "suggested rank, its range, the probe's and the gap ranks": [
                 "Multiline",
-                [_exactly(tag) for tag in readings] + [rf"^{RANK_GROUP}/gap_rank\."],
+                [_exactly(tag) for tag in readings] + [rf"^{SUMMARY_GROUP}/max_delta_w_gap_rank\."],
             ],
             "weak evidence (1: weak, 0: consistent)": ["Multiline", [_exactly(WEAK_EVIDENCE_TAG)]],
         },

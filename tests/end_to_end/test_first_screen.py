@@ -102,18 +102,18 @@ def test_first_screen_of_a_32_layer_model(tmp_path):
     # snapshot; the suggestion is the larger of the probe's rank and the largest gap rank.
     suggested = [
         "LoRA_rank/suggested.model",
-        "LoRA_rank/likely_low",
-        "LoRA_rank/likely_high",
+        "LoRA_rank/suggested.range_low",
+        "LoRA_rank/suggested.range_high",
         "LoRA_rank/probe_rank",
-        "LoRA_rank/gap_rank.q",
-        "LoRA_rank/gap_rank.v",
+        "LoRA_summary/max_delta_w_gap_rank.q",
+        "LoRA_summary/max_delta_w_gap_rank.v",
         "LoRA_rank/weak_evidence",
     ]
     for tag in suggested:
         assert [event.step for event in events.Scalars(tag)] == SNAPSHOTS, tag
     for step in range(len(SNAPSHOTS)):
         value = {tag: events.Scalars(tag)[step].value for tag in suggested}
-        gaps = [value[f"LoRA_rank/gap_rank.{p}"] for p in PROJECTIONS]
+        gaps = [value[f"LoRA_summary/max_delta_w_gap_rank.{p}"] for p in PROJECTIONS]
         assert value["LoRA_rank/suggested.model"] == max(gaps + [value["LoRA_rank/probe_rank"]])
         assert 1 <= value["LoRA_rank/suggested.model"] <= 4  # between 1 and the LoRA rank r
         assert value["LoRA_rank/weak_evidence"] in (0.0, 1.0)

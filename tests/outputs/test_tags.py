@@ -72,7 +72,7 @@ def test_per_layer_series_in_their_own_groups_summary_bounded(deep_analyses):
             expected = median(a.scalars[name] for (_, q), a in deep_analyses.items() if q == p)
             assert scalars[summary_tag(name, p)] == pytest.approx(expected)
     suggested = recommendation_scalars(probed(deep_analyses, compared=True))
-    assert {group(tag) for tag in suggested} == {RANK_GROUP}
+    assert {group(tag) for tag in suggested} == {RANK_GROUP, SUMMARY_GROUP}  # max gap ranks: a summary
     # What TensorBoard opens: the two capitalized groups, the overview figure among them.
     opened = summary | set(suggested) | {OVERVIEW_TAG}
     assert len(opened) <= MAX_SUMMARY_CARDS
@@ -109,15 +109,17 @@ def test_suggested_rank_scalars(deep_analyses):
     assert recommendation.probe.rank == 5
     assert scalars["LoRA_rank/suggested.model"] == recommendation.rank == max(5, recommendation.spectral or 0)
     assert scalars["LoRA_rank/probe_rank"] == 5
-    assert scalars["LoRA_rank/likely_low"] == recommendation.low == 4
-    assert scalars["LoRA_rank/likely_high"] == recommendation.high
-    assert scalars["LoRA_rank/gap_rank.q"] == (recommendation.projections["q"] or 0)
-    assert scalars["LoRA_rank/gap_rank.v"] == (recommendation.projections["v"] or 0)
+    assert scalars["LoRA_rank/suggested.range_low"] == recommendation.low == 4
+    assert scalars["LoRA_rank/suggested.range_high"] == recommendation.high
+    assert scalars["LoRA_summary/max_delta_w_gap_rank.q"] == (recommendation.projections["q"] or 0)
+    assert scalars["LoRA_summary/max_delta_w_gap_rank.v"] == (recommendation.projections["v"] or 0)
     assert scalars["LoRA_rank/weak_evidence"] == float(recommendation.weak)
     # Without a probe: the gaps alone, weak; no probe or range tags.
     spectral = recommendation_scalars(recommend_rank(deep_analyses))
     assert spectral["LoRA_rank/weak_evidence"] == 1.0
-    assert not {"LoRA_rank/probe_rank", "LoRA_rank/likely_low", "LoRA_rank/likely_high"} & set(spectral)
+    assert not {"LoRA_rank/probe_rank", "LoRA_rank/suggested.range_low", "LoRA_rank/suggested.range_high"} & set(
+        spectral
+    )
 
 
 def test_no_supported_rank_logs_zero():
