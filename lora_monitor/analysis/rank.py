@@ -171,10 +171,10 @@ def _cautions(
     cautions = []
     if probe is None:
         cautions.append(
-            "spectrum only: no probe batch was read (a plain loop gives LoRAMonitor(probe=...); "
-            "the Lightning and transformers front-ends read their first batch), so the suggestion "
-            "is ΔW's spectral gaps alone, right on 9 of 15 validation runs at a quarter of "
-            "training and 15 of 15 from half way"
+            "spectrum only: no probe batch was read (a saved adapter has none; live, the "
+            "Lightning and transformers front-ends read their first batch and a plain loop gives "
+            "LoRAMonitor(probe=...)), so the suggestion is ΔW's spectral gaps alone, right on 9 of "
+            "15 validation runs at a quarter of training and 15 of 15 from half way"
         )
     elif probe.rank is None:
         cautions.append(
@@ -189,7 +189,7 @@ def _cautions(
     if probe is not None and probe.rank is not None and probe.rank >= r:
         cautions.append(
             f"r may be too small: the probe needs every one of the r = {r} directions to keep "
-            f"{KEEP:.0%} of the loss reduction; train with a larger r and see whether the "
+            f"{100 * KEEP:g} % of the loss reduction; train with a larger r and see whether the "
             f"suggestion stays below it"
         )
     norms = [m.delta_w_relative_norm for m in modules if m.delta_w_relative_norm is not None]

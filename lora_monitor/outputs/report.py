@@ -20,7 +20,11 @@ from lora_monitor.outputs.tags import RECOMMENDATION_PLACE
 #: Where the cautions are, in a text that lists them after its first line.
 CAUTIONS_BELOW = "the cautions below"
 #: Where the README states how often the suggestion was right.
-VALIDATION_PLACE = "README, “How right the suggestion is”"
+VALIDATION_PLACE = "README, “The suggested rank, and how right it is”"
+
+
+def _percent(share: float) -> str:
+    return f"{100 * share:g} %"
 
 
 def _span(recommendation: RankRecommendation) -> str:
@@ -81,11 +85,11 @@ def report_markdown(recommendation: RankRecommendation) -> str:
     if rec.cautions:
         lines += ["Cautions:", ""] + [f"- {c}" for c in rec.cautions] + [""]
     lines += [
-        f"How it is read ({VALIDATION_PLACE} says how often it was right): the functional probe "
+        f"How it is read (how often it was right: {VALIDATION_PLACE}): the functional probe "
         f"cuts every monitored ΔW to its top k directions at once and measures the loss on one "
-        f"batch; its rank is the smallest k keeping {KEEP:.0%} of the whole update's log-loss "
-        f"reduction ({KEEP_LOW:.0%} and {KEEP_HIGH:.0%} bound the range). A module's spectral gap "
-        f"rank is the largest k ≤ r/2 with σ_k/σ_k+1 ≥ {GAP_RATIO:g} and σ_k² ≥ {GAP_FLOOR:.0%} of "
+        f"batch; its rank is the smallest k keeping {_percent(KEEP)} of the whole update's log-loss "
+        f"reduction ({_percent(KEEP_LOW)} and {_percent(KEEP_HIGH)} bound the range). A module's spectral "
+        f"gap rank is the largest k ≤ r/2 with σ_k/σ_k+1 ≥ {GAP_RATIO:g} and σ_k² ≥ {_percent(GAP_FLOOR)} of "
         f"‖ΔW‖_F². The suggestion is the larger "
         f"of the probe's rank and the largest gap rank.",
         "",
