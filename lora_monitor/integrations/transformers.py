@@ -9,7 +9,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -104,6 +104,9 @@ class LoRASubspaceCallback(TrainerCallback):
         functional_probe: read the rank the task needs from the model's own loss on the first
             batch it trains on with every monitored ΔW cut to k directions (a few forward
             passes a snapshot, without gradients; the batch must hold ``labels``).
+        probe: the loss to probe instead, a callable of no argument (e.g. a ``Trainer`` whose
+            ``compute_loss`` is not the model's own loss: ``lambda: trainer.compute_loss(model,
+            probe_batch)``), called in eval mode without gradients.
         log_dir: write the TensorBoard run there instead.
 
     Only the main process writes. Under ``torchrun`` / ``accelerate`` every process snapshots
@@ -135,10 +138,11 @@ class LoRASubspaceCallback(TrainerCallback):
         intruder_top_k: Optional[int] = None,
         asynchronous: Optional[bool] = None,
         functional_probe: bool = True,
+        probe: Optional[Callable[[], Any]] = None,
         log_dir: Optional[Union[str, os.PathLike]] = None,
     ) -> None:
         options = MonitorOptions.of(locals(), owner=type(self).__name__)
-        self.engine = LoRAMonitor(options=options)
+        self.engine = LoRAMonitor(options=options, probe=probe)
         self.log_dir = None if log_dir is None else Path(log_dir)
         self._created = time.time()
         self._tensorboard: Optional[SummaryWriterOutput] = None

@@ -173,6 +173,29 @@ def test_the_functional_probe_reads_the_model_s_loss_and_changes_no_training(tok
     assert reading.losses[0] > reading.losses[4]
 
 
+def test_a_probe_given_to_the_callback_replaces_the_model_s_loss(tokenizer, tmp_path, monkeypatch):
+    """A ``Trainer`` whose ``compute_loss`` is not the model's own loss gives its own probe."""
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    model = lora_model(tokenizer)
+    dataset = TokenDataset(tokenizer)
+    ids = dataset.input_ids[:4]
+    calls = []
+
+    def probe():
+        calls.append(1)
+        return 2 * model(input_ids=ids, labels=ids).loss  # a loss the model alone does not give
+
+    callback = LoRASubspaceCallback(every_n_steps=EVERY, log_images=False, probe=probe)
+    Trainer(
+        model=model, args=trainer_arguments(tmp_path, max_steps=4), train_dataset=dataset, callbacks=[callback]
+    ).train()
+    reading = callback.recommendation.probe
+    assert reading is not None and calls and callback.engine.probing.batch is None  # nothing captured
+    model.eval()
+    with torch.no_grad():
+        assert reading.losses[4] == pytest.approx(2 * float(model(input_ids=ids, labels=ids).loss), rel=1e-5)
+
+
 def test_resume_without_saved_state_says_so(tokenizer, tmp_path, monkeypatch):
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     _train_with_checkpoints(tokenizer, tmp_path, lora_seed=0, stop_at=3)
