@@ -152,8 +152,7 @@ class RankRecommendation:
     @property
     def spectral(self) -> Optional[int]:
         """The largest spectral reading over the projections (None: no gap anywhere)."""
-        readings = [value for value in self.projections.values() if value]
-        return max(readings) if readings else None
+        return _largest(self.projections)
 
     @property
     def weak(self) -> bool:
@@ -163,6 +162,10 @@ class RankRecommendation:
     def too_small(self) -> bool:
         """The probe needs the whole update: every direction of r counts, more might help."""
         return self.probe is not None and self.probe.rank is not None and self.probe.rank >= self.r
+
+
+def _largest(projections: Mapping[str, Optional[int]]) -> Optional[int]:
+    return max(filter(None, projections.values()), default=None)
 
 
 def _cautions(
@@ -230,8 +233,7 @@ def recommend_rank(
         best = projections.get(m.key[1]) or 0
         projections[m.key[1]] = max(best, m.delta_w_gap_rank) or None
     r = max((m.rank for m in modules), default=0)
-    readings = [value for value in projections.values() if value]
-    spectral = max(readings) if readings else None
+    spectral = _largest(projections)
     probed = probe.rank if probe is not None else None
     rank = max(filter(None, (probed, spectral)), default=None)
     low = high = None

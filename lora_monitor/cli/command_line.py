@@ -107,9 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspecting = commands.add_parser(
         "inspect",
         help="spectral table of one adapter",
-        description="Print, per module, ‖ΔW‖_F, σ₁, σ₁/σ₂, the 90 %-energy rank, the effective "
-        "rank (Roy & Vetterli) and the stable rank of ΔW = s·B·A, from the factors (ΔW is never "
-        "formed), then the rank these spectra alone suggest.",
+        description="Print, per module, the spectral gap rank, ‖ΔW‖_F, σ₁, σ₁/σ₂, the 90 %-energy "
+        "rank, the effective rank (Roy & Vetterli) and the stable rank of ΔW = s·B·A, from the "
+        "factors (ΔW is never formed), then the rank the spectral gaps alone suggest (a saved "
+        "adapter holds no batch for the functional probe) and what to do with it.",
     )
     inspecting.add_argument("directory", metavar="DIR", help="adapter directory")
     _add_selection(inspecting, None)
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write to OUT a peft adapter whose every ΔW is the best rank-K approximation "
         "of DIR's (its top K singular directions), loadable by PeftModel.from_pretrained; "
         "modules of another rank go through peft's rank_pattern. K is a number, or 'suggested': "
-        "each module's rank as `inspect` suggests it.",
+        "the rank `inspect` suggests for the model, for every module.",
     )
     truncating.add_argument("directory", metavar="DIR", help="adapter directory")
     truncating.add_argument(

@@ -108,21 +108,20 @@ def test_load_adapter_corrupt_safetensors(saved_llama_adapter):
         load_adapter(directory)
 
 
+def _edit_config(directory, **changes) -> None:
+    config_file = directory / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **changes}))
+
+
 def test_load_adapter_not_lora(saved_llama_adapter):
     _, directory = saved_llama_adapter
-    config_file = directory / "adapter_config.json"
-    config = json.loads(config_file.read_text())
-    config["peft_type"] = "IA3"
-    config_file.write_text(json.dumps(config))
+    _edit_config(directory, peft_type="IA3")
     with pytest.raises(LoRAMonitorError, match=r"peft_type 'IA3', not 'LORA'"):
         load_adapter(directory)
 
 
 def test_load_adapter_config_rank_disagrees_with_weights(saved_llama_adapter):
     _, directory = saved_llama_adapter
-    config_file = directory / "adapter_config.json"
-    config = json.loads(config_file.read_text())
-    config["r"] = 4
-    config_file.write_text(json.dumps(config))
+    _edit_config(directory, r=4)
     with pytest.raises(LoRAMonitorError, match=r"rank r=4 .* has 8 rows"):
         load_adapter(directory)
