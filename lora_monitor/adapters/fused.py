@@ -10,7 +10,8 @@ authority, see ``MATHS.md``): how the output of the fused module is viewed and c
   ``.view(num_heads, 3·head_dim).split(head_dim)`` — per head q, k, v interleaved.
 - Phi-3 ``qkv_proj``: ``[:num_heads·head_dim]``, then ``num_key_value_heads·head_dim`` key
   rows, then the value rows — contiguous.
-- Falcon ``query_key_value`` (``_split_heads``): ``new_decoder_architecture``:
+- Falcon ``query_key_value`` (``FalconAttention.forward``; ``_split_heads`` before transformers 5):
+  ``new_decoder_architecture``:
   ``.view(num_kv_heads, num_heads/num_kv_heads + 2, head_dim)`` — per key-value group its
   query heads, then its key head and its value head; ``multi_query``:
   ``.view(num_heads + 2, head_dim)`` — query heads, one key head, one value head; else

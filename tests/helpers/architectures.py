@@ -273,7 +273,7 @@ def peft_model(arch: Architecture, base: torch.nn.Module, seed: int = 1, **lora_
 def probe_fused_rows(arch: Architecture, base: torch.nn.Module) -> dict[str, list[int]]:
     """The rows of layer 0's fused module that the architecture's own attention code hands to
     q, k and v: its output is replaced by the row numbers, and what reaches the attention
-    (scaled_dot_product_attention, or Falcon's ``_split_heads`` / BLOOM's ``_reshape``) is read
+    (scaled_dot_product_attention, or Falcon's ``_split_heads`` before transformers 5 / BLOOM's ``_reshape``) is read
     back. Independent of lora_monitor's layout table."""
     modules = dict(base.named_modules())
     fused = modules[arch.fused]
@@ -309,7 +309,10 @@ def probe_fused_rows(arch: Architecture, base: torch.nn.Module) -> dict[str, lis
         torch.nn.functional.scaled_dot_product_attention = sdpa
         handle.remove()
     q, k, v = captured[0]
-    return {name: rows(t[0, :, 0], 0) for name, t in zip("qkv", (q, k, v))}
+    # (heads, tokens, head_dim) of the one token: transformers' SDPA path may fold a
+    # key-value group's query heads into the token axis (no repeat of k and v), so every
+    # (head_dim,) row of the tensor is a head, in order.
+    return {name: rows(t[0].reshape(-1, t.shape[-1]), 0) for name, t in zip("qkv", (q, k, v))}
 
 
 def training_samples(arch: Architecture, count: int = 16, length: int = 8) -> list[dict[str, torch.Tensor]]:
