@@ -21,7 +21,7 @@ from lora_monitor.analysis.variants import UpdateFactors, needs_update, update_o
 from lora_monitor.functional.bases import Basis, basis_info
 from lora_monitor.functional.similarity import column_space_similarity, subspace_similarity
 from lora_monitor.functional.spectra import frobenius_norm
-from lora_monitor.functional.svd import factored_basis, factored_svd
+from lora_monitor.functional.svd import compute_dtype, factored_basis, factored_svd
 from lora_monitor.functional.updates import dora_update
 from lora_monitor.functional.weights import amplification_factor, intruder_dimensions
 
@@ -172,8 +172,9 @@ def device_results(
             if f.initial_in_base is not None:
                 assert initial is not None  # else the update is not known
                 # The pretrained weight: the base layer holds W − s·B₀·A₀ (formed for this module).
-                start = initial[key]
-                W0 = W0.to(device) + f.scaling * (start.lora_B.to(device) @ start.lora_A.to(device)).to(W0.dtype)
+                B0, A0 = initial[key].lora_B.to(device), initial[key].lora_A.to(device)
+                dtype = compute_dtype(B0, A0)  # float64 where float32 products are rounded
+                W0 = W0.to(device) + f.scaling * (B0.to(dtype) @ A0.to(dtype)).to(W0.dtype)
             if f.magnitude is not None:
                 results[key].update(_dora_results(f, W0.to(device), intruder_top_k))
                 continue

@@ -2,7 +2,8 @@
 
 Tensors in, tensors out: batched over any leading dimensions, computed on the inputs' device,
 no I/O, and no knowledge of peft or of any training framework. Half-precision inputs are
-computed in float32.
+computed in float32, and everything in float64 while the user's settings round float32 matrix
+products (TF32, bfloat16 matmul precision, autocast: :func:`~lora_monitor.functional.compute_dtype`).
 
 - :mod:`~lora_monitor.functional.bases` — the bases φ can be computed in (no torch);
 - :mod:`~lora_monitor.functional.thin_qr` — thin QR of tall factors, Gram path or Householder;

@@ -18,8 +18,20 @@ Scaling = Union[float, Tensor]
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """The dtype the analysis runs in: float64 if any input is float64, else float32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    """The dtype the analysis runs in: float64 if any input is float64, or if float32 matrix
+    products on the inputs' device are rounded below float32 now (TF32, bfloat16 matmul
+    precision, autocast: :func:`~lora_monitor.functional.thin_qr.exact_matmul`); else float32.
+
+    float64 products are never rounded that way, so the numbers do not depend on a global
+    switch the user set for training, and the user's settings are never touched (changing them
+    from the analysis' worker thread would change the training thread's products too).
+    """
+    if any(t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    devices = {t.device for t in tensors}
+    if any(device.type in ("cpu", "cuda") and not thin_qr.exact_matmul(device) for device in devices):
+        return torch.float64
+    return torch.float32
 
 
 def factored_svd(B: Tensor, A: Tensor, scaling: Scaling = 1.0) -> tuple[Tensor, Tensor, Tensor]:

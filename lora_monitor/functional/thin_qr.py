@@ -60,9 +60,13 @@ GRAM_SPREAD = 2.0
 
 
 def exact_matmul(device: torch.device) -> bool:
-    """Whether float32 matrix products on ``device`` are computed in float32, not in TF32 or
-    bfloat16 (which ``torch.set_float32_matmul_precision`` or a backend's ``fp32_precision``
-    allow): the Gram path's accuracy rests on it. Any doubt reads as no."""
+    """Whether float32 matrix products on ``device`` are computed in float32 here and now, not in
+    TF32 or bfloat16: ``torch.set_float32_matmul_precision("high"/"medium")``, a backend's
+    ``fp32_precision`` (``"tf32"``, ``"bf16"``), the legacy ``allow_tf32`` flags, and an autocast
+    region of this thread (Lightning's ``precision="bf16-mixed"``, a plain loop's
+    ``torch.autocast``) all round them. Any doubt reads as no. Only reads the settings."""
+    if device.type in ("cpu", "cuda") and _autocast_enabled(device.type):
+        return False
     try:
         # torch's stubs do not declare these newer settings.
         backend = torch.backends.cuda.matmul if device.type == "cuda" else torch.backends.mkldnn.matmul  # type: ignore[attr-defined]
@@ -75,6 +79,15 @@ def exact_matmul(device: torch.device) -> bool:
             return torch.get_float32_matmul_precision() == "highest"
         except RuntimeError:
             return False
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return torch.is_autocast_enabled()
 
 
 def gram_cholesky(X: Tensor) -> tuple[Optional[Tensor], Tensor]:

@@ -231,8 +231,9 @@ def test_float64_takes_the_gram_path_to_float64_accuracy():
 
 
 def test_reduced_precision_matmul_turns_the_gram_path_off():
-    # TF32 / bfloat16 matmuls (set_float32_matmul_precision, fp32_precision) round the Gram
-    # matrix at 1e-3: the certificate assumes float32 products, so it must not be used.
+    # TF32 / bfloat16 matmuls (set_float32_matmul_precision, fp32_precision, autocast) round the
+    # Gram matrix at 1e-3: the certificate assumes float32 products, so it must not be used on
+    # float32 input, and factored_svd computes in float64.
     backend = torch.backends.mkldnn.matmul
     before = backend.fp32_precision
     try:
@@ -242,7 +243,10 @@ def test_reduced_precision_matmul_turns_the_gram_path_off():
         _, T, _, _, _ = thin_qr.orthogonal_factor(B, with_q=True)
         assert T is None  # Householder for every matrix
         U, S, Vh = factored_svd(B, A)
+        assert U.dtype == torch.float64  # the analysis computes in float64 while products are rounded
         assert_identity(U.mT @ U, 1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not thin_qr.exact_matmul(torch.device("cpu"))
     finally:
         backend.fp32_precision = before
     assert thin_qr.exact_matmul(torch.device("cpu"))
