@@ -231,6 +231,54 @@ def test_truncate_refuses_a_rank_that_is_not_one(adapters, tmp_path, capsys, ran
     assert "rank" in capsys.readouterr().err
 
 
+def _tree(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` (or ``path`` itself) with its bytes."""
+    if path.is_file():
+        return {path.name: path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("existing_file", "is a file: give a new directory"),
+        ("existing_adapter", "exists: give a new directory, or replace the adapter in it (--overwrite)"),
+        ("uncreatable", "Not a directory"),
+        ("rank_of_the_adapter", "has rank r = 8: cutting it to 8 would leave every module as it is"),
+        ("rank_above_the_adapter", "has rank r = 8: cutting it to 99 would leave every module as it is"),
+    ],
+)
+def test_truncate_refuses_with_one_line_and_writes_nothing(adapters, tmp_path, capsys, case, expected):
+    _, directory = adapters["r8"]
+    output, rank = tmp_path / "out", "3"
+    if case == "existing_file":
+        output = tmp_path / "README.md"
+        output.write_text("a file of the user's\n")
+    elif case == "existing_adapter":
+        shutil.copytree(adapters["r4"][1], output)
+    elif case == "uncreatable":  # a directory under a file: the file system refuses it
+        (tmp_path / "notes.txt").write_text("a file\n")
+        output = tmp_path / "notes.txt" / "out"
+    else:
+        rank = "8" if case == "rank_of_the_adapter" else "99"
+    before = {p: _tree(p) for p in (tmp_path, directory)}
+    status, out, err = _run(["truncate", str(directory), "--rank", rank, "-o", str(output)], capsys)
+    assert (status, out) == (2, "")
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lora-monitor: error: ") and "Traceback" not in err
+    assert expected in lines[0]
+    assert {p: _tree(p) for p in (tmp_path, directory)} == before  # nothing written, nothing overwritten
+
+
+def test_truncate_overwrite_replaces_the_adapter_in_an_existing_directory(adapters, tmp_path, capsys):
+    _, directory = adapters["r8"]
+    shutil.copytree(adapters["r4"][1], tmp_path / "out")
+    argv = ["truncate", str(directory), "--rank", "3", "-o", str(tmp_path / "out"), "--overwrite"]
+    status, out, err = _run(argv, capsys)
+    assert status == 0, err
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 3
+
+
 def test_cli_base_config_splits_a_saved_per_head_layout(tmp_path, capsys):
     """``lora-monitor inspect/compare --base-config``: a per-head fused module (GPT-NeoX) saved
     without its base model's config is split into the rows the attention uses, as the live

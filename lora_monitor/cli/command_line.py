@@ -9,7 +9,8 @@ The directories are what peft's ``save_pretrained`` writes (``adapter_config.jso
 ``adapter_model.safetensors``); no base model is loaded, so the figures that need W₀
 (amplification, intruder dimensions, ‖ΔW‖/‖W₀‖) come from the training callback instead.
 Errors in the input (a missing directory, one that holds no LoRA adapter, adapters of two
-different base models) end with exit status 2 and a one-line message on stderr.
+different base models, an output that exists, a path the file system refuses) end with exit
+status 2 and a one-line message on stderr; nothing is overwritten unless ``--overwrite`` says so.
 
 Start-up is kept to argparse: torch, safetensors and the analysis are imported by the commands
 that use them (``--help`` and a usage error never load torch), matplotlib only when a figure is
@@ -129,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     truncating.add_argument("-o", "--output", required=True, metavar="OUT", help="directory to write the adapter to")
     truncating.add_argument(
+        "--overwrite", action="store_true", help="replace the adapter in OUT if that directory exists (else refused)"
+    )
+    truncating.add_argument(
         "--base-config", default=None, metavar="PATH", help="as for inspect: to split fused q|k|v modules"
     )
     truncating.add_argument("--threads", type=int, default=1, metavar="N", help="CPU threads of torch (default: 1)")
@@ -187,11 +191,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if recommendation.cautions:
                 print("\nCautions:\n" + "\n".join(f"- {caution}" for caution in recommendation.cautions))
         else:
-            ranks = truncate_saved(args.directory, args.output, args.rank, base_config=args.base_config)
+            ranks = truncate_saved(
+                args.directory, args.output, args.rank, base_config=args.base_config, overwrite=args.overwrite
+            )
             counts = ", ".join(f"{n} at rank {r}" for r, n in sorted(Counter(ranks.values()).items()))
             print(f"wrote {args.output}: {len(ranks)} modules ({counts}); load it with PeftModel.from_pretrained")
     except LoRAMonitorError as error:
         print(f"lora-monitor: error: {in_flags(str(error))}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a path that cannot be read or written: the file system's words
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"lora-monitor: error: {where}{error.strerror or error}", file=sys.stderr)
         return 2
     finally:
         torch.set_num_threads(threads)
@@ -205,6 +215,7 @@ ARGUMENT_FLAGS = {
     "target_modules [": "--projections [",
     "and layers [": "and --layers [",
     "(base_config=)": "(--base-config)",
+    "(overwrite=True)": "(--overwrite)",
 }
 
 

@@ -171,6 +171,7 @@ def truncate_saved(
     rank: int | str,
     *,
     base_config: Optional[str | Path] = None,
+    overwrite: bool = False,
 ) -> dict[str, int]:
     """Write to ``output`` the adapter of ``directory`` cut to rank ``rank`` — a number, or
     ``"suggested"``: the rank :func:`inspect_adapter` suggests for the model, for every module
@@ -180,11 +181,21 @@ def truncate_saved(
     (:func:`lora_monitor.adapters.truncation.truncate_adapter`).
 
     Raises:
-        LoRAMonitorError: ``"suggested"`` and no rank is suggested (no spectral gap anywhere).
+        LoRAMonitorError: ``output`` exists (a file; a directory, unless ``overwrite``); the
+            rank is not below the adapter's largest rank (nothing would be cut); ``"suggested"``
+            and no rank is suggested (no spectral gap anywhere).
     """
     from lora_monitor.adapters import LoRAMonitorError
     from lora_monitor.adapters.truncation import truncate_adapter
 
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise LoRAMonitorError(f"the output {output} is a file: give a new directory to write the adapter to")
+    if output.exists() and not overwrite:
+        raise LoRAMonitorError(
+            f"the output directory {output} exists: give a new directory, or replace the adapter in it (overwrite=True)"
+        )
+    largest = max(f.lora_A.shape[0] for f in SavedFactors.open(directory, base_config=base_config).factors.values())
     if rank == "suggested":
         _, recommendation = inspect_adapter(directory, base_config=base_config)
         if recommendation.rank is None:
@@ -192,5 +203,15 @@ def truncate_saved(
                 f"no rank is suggested for {directory} (no ΔW shows a spectral gap), so there is "
                 f"nothing to cut it to; give --rank K"
             )
+        if recommendation.rank >= largest:
+            raise LoRAMonitorError(
+                f"the rank suggested for {directory} is its own, r = {largest}: nothing to cut (the "
+                f"update may need all of its rank, or more)"
+            )
         rank = recommendation.rank
+    elif int(rank) >= largest:
+        raise LoRAMonitorError(
+            f"{directory} has rank r = {largest}: cutting it to {rank} would leave every module as "
+            f"it is; give a rank below {largest} (inspect suggests one)"
+        )
     return truncate_adapter(directory, output, int(rank))
