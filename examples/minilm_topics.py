@@ -212,7 +212,7 @@ class TopicClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         if lora_alpha is None:
-            lora_alpha = rank  # α = r: scaling s = α/r = 1, as in MATHS.md
+            lora_alpha = rank  # α = r: scaling s = α/r = 1, as in docs/maths.md's MiniLM set-up
         self.save_hyperparameters()
 
         from peft import LoraConfig, get_peft_model
@@ -222,7 +222,7 @@ class TopicClassifier(L.LightningModule):
         path = model_dir()
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         # BERT's hidden and attention dropout (0.1 as pretrained). Off by default, as in
-        # MATHS.md's runs: a 200-step LoRA run then reaches val_acc ≈ 0.65 instead of ≈ 0.57.
+        # The MiniLM set-up's runs (docs/maths.md): a 200-step LoRA run then reaches val_acc ≈ 0.65 instead of ≈ 0.57.
         base = AutoModel.from_pretrained(
             path, local_files_only=True, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout
         )

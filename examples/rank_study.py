@@ -16,7 +16,7 @@ then draws the paper's figures from the saved adapters with the ``lora-monitor``
 on i, j ≤ 8 (cells j > i masked) and two rows of random-subspace φ for comparison — and
 ``seeds_r64.png`` — φ(A_{r=64}, A'_{r=64}, i, j) — and prints the suggested rank with its evidence.
 
-The defaults are MATHS.md's set-up (200 steps a run, 40-word chunks cut to 64 tokens: the median
+The defaults are the MiniLM set-up of docs/maths.md (200 steps a run, 40-word chunks cut to 64 tokens: the median
 chunk is 69 tokens, so about 60 % are truncated; BERT's dropout off); on 2 idle CPU cores
 (≈ 0.5 s a step) the three runs and the figures take about 6 minutes.
 

@@ -1,7 +1,7 @@
 """Fused q|k|v projections: which output rows each architecture gives q, k and v.
 
 Each entry below follows the attention code of that architecture in transformers (the
-authority, see ``MATHS.md``): how the output of the fused module is viewed and cut.
+authority, see ``docs/maths.md``): how the output of the fused module is viewed and cut.
 
 - GPT-2 ``c_attn`` (``Conv1D``): ``.split(embed_dim)`` — contiguous thirds (k|v halves in a
   cross-attention block, whose q is ``q_attn``).

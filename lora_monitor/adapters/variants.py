@@ -3,7 +3,7 @@
 Accepted, each read so that the analysis computes the update the model applies:
 
 - plain LoRA and rsLoRA: ΔW = s·B·A;
-- DoRA (``use_dora=True``): the magnitude vector m is read as well (see ``MATHS.md``);
+- DoRA (``use_dora=True``): the magnitude vector m is read as well (see ``docs/maths.md``);
 - AdaLoRA (peft's ``AdaLoraConfig``): E is folded into A and ranknum into s, so that
   ΔW = s/(ranknum + 1e-5)·B·(E ⊙ A) is again a product of factors;
 - initializations that move s·B₀·A₀ out of the base weight (PiSSA, OLoRA, CorDA, LoftQ):

@@ -1,6 +1,6 @@
 """The peft variants' rules, at the analysis: which factors carry the update a module applies.
 
-ΔW is the merged weight minus the pretrained one (``MATHS.md``): s·B·A for plain LoRA; for a
+ΔW is the merged weight minus the pretrained one (``docs/maths.md``): s·B·A for plain LoRA; for a
 PiSSA-like initialization s·(B·A − B₀·A₀), which needs the run's initial factors; for DoRA
 (D − I)·W₀ + D·s·B·A, which needs W₀. :func:`update_of` gives the factors the analysis
 decomposes, or says why the update cannot be known from what the run has.

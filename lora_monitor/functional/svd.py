@@ -1,6 +1,6 @@
 """The SVD of a LoRA update ΔW = s·B·A from its factors, never forming ΔW, and its bases.
 
-Notation (see ``MATHS.md``): B ∈ ℝ^{d×r} (peft's ``lora_B``), A ∈ ℝ^{r×k} (``lora_A``), s the
+Notation (see ``docs/maths.md``): B ∈ ℝ^{d×r} (peft's ``lora_B``), A ∈ ℝ^{r×k} (``lora_A``), s the
 ``scaling``. Cost O((d + k)·r²) instead of O(d·k·min(d, k)).
 """
 

@@ -1,6 +1,6 @@
 """The update each peft variant applies, from its factors: tensors in, tensors out.
 
-``MATHS.md``, "What ΔW is under each peft variant": ΔW is the merged weight minus the
+``docs/maths.md``, "What ΔW is under each peft variant": ΔW is the merged weight minus the
 pretrained weight. These functions give it in the cheapest exact form:
 
 - :func:`since_initial`: s·(B·A − B₀·A₀) as the factors ``[B, −B₀]``, ``[A; A₀]`` (rank ≤ 2r),

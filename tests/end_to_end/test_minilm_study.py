@@ -1,6 +1,6 @@
 """The paper's rank-8-vs-rank-64 figure from a real pretrained model, checked on numbers.
 
-One module-scoped run of ``examples/rank_study.py`` (no second seed) in MATHS.md's set-up:
+One module-scoped run of ``examples/rank_study.py`` (no second seed) in docs/maths.md's MiniLM set-up:
 all-MiniLM-L6-v2 with LoRA on query/value (α = r, AdamW lr 1e-3, batch 16, no dropout), 20-way topic
 classification of 40-word chunks (64 tokens), rank 64 then rank 8 monitored live against it,
 200 steps each. What the paper reads in its Figure 3 must hold: the top direction of the rank-8
@@ -8,9 +8,9 @@ update lies inside the rank-64 update far above the random-subspace level, and d
 diagonal (i ≥ 5) the two updates share little, φ(i, i) < 0.5.
 
 Measured here (seeds fixed; same numbers as ``python examples/rank_study.py``): mean φ(1, 1) over
-the 12 modules 0.113 in A's basis, 44× chance (1/384), 0.003–0.368 by module — below the 0.2–0.4
-of MATHS.md, which seeds 1 and 2 (0.138, 0.180), BERT's dropout on (0.133) or 500 steps (0.124)
-do not reach either — and no φ(i, i) above 0.5; validation accuracy 0.60 at rank 64, 0.65 at
+the 12 modules 0.113 in A's basis, 44× chance (1/384), 0.003–0.368 by module (seeds 1 and 2 give
+0.138 and 0.180, BERT's dropout on 0.133, 500 steps 0.124) — and no φ(i, i) above 0.5; validation
+accuracy 0.60 at rank 64, 0.65 at
 rank 8. Wall time: 208 s for both runs and the figure on 2 idle CPU cores (0.5 s a step).
 """
 
@@ -148,7 +148,7 @@ def test_live_monitor_matches_the_saved_adapters_and_recommends(study):
 
 
 def test_example_trains_without_dropout_unless_asked():
-    # MATHS.md's set-up has BERT's dropout off; --dropout must really act when given (the
+    # The MiniLM set-up (docs/maths.md) has BERT's dropout off; --dropout must really act when given (the
     # pretrained model comes in eval mode, which Lightning keeps).
     from minilm_topics import TopicClassifier
 
