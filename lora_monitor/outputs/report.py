@@ -103,6 +103,12 @@ def report_markdown(recommendation: RankRecommendation) -> str:
             markdown_table(["k (every ΔW cut to)", "probe loss", "share of the log-loss reduction kept"], rows),
             "",
         ]
+        if any(probe.kept(k) > 1 for k in probe.losses):
+            lines += [
+                "A share above 100 %: cut to those k directions, the model's loss on the probe batch is "
+                "lower than with its whole update (the directions cut off raise it on this batch).",
+                "",
+            ]
     by_projection: dict[str, list[ModuleEvidence]] = defaultdict(list)
     for m in rec.modules:
         by_projection[m.key[1]].append(m)

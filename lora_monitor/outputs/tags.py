@@ -15,7 +15,7 @@ tables use the same names.
 At every snapshot, at step ``step``:
 
 The cards of a group are sorted by name: ``LoRA_rank`` shows the overview first, then the
-probe's reading, the suggestion and its range, the strength.
+suggestion, the probe's reading and the range, the strength.
 
 - ``LoRA_rank/suggested.model``: the LoRA rank suggested by this snapshot
   (:func:`lora_monitor.analysis.rank.recommend_rank`: the larger of the functional probe's
@@ -23,7 +23,7 @@ probe's reading, the suggestion and its range, the strength.
   rank is supported.
 - ``LoRA_rank/suggested.range_low``, ``LoRA_rank/suggested.range_high``: the range the
   suggestion likely lies in (with a probe only).
-- ``LoRA_rank/probe_rank``: the functional probe's rank: the smallest k whose joint truncation
+- ``LoRA_rank/suggested.probe_rank``: the functional probe's rank: the smallest k whose joint truncation
   of every monitored ΔW keeps 95 % of the log-loss reduction on the probe batch (with a probe
   only; 0 while the update has not lowered the probe loss).
 - ``LoRA_rank/weak_evidence``: 1 when that suggestion's evidence is weak (or r may be too
@@ -68,8 +68,9 @@ Per module, ``lora_monitor.<metric>/layer_<L>.<p>`` (layer L, projection p):
   (current) on the horizontal one, colour scale 0..1; when the reference has the smaller rank,
   a zoom on i, j ≤ r_ref with the cells j > i masked.
 
-When training ends: ``LoRA_rank/recommendation`` (text), the suggested LoRA rank with its
-evidence (the summary line also goes to the console).
+When training ends: ``LoRA_rank/recommendation`` (text; TensorBoard's Text tab shows it as
+``LoRA_rank/recommendation/text_summary``), the suggested LoRA rank with its evidence (the
+summary line also goes to the console).
 
 Once per run, a custom-scalars layout (TensorBoard → Custom Scalars) draws every per-layer
 metric as one chart per projection, the layers as its lines. No ``phi_*`` or
@@ -109,8 +110,10 @@ HEATMAP_GROUP = f"{LAYER_GROUP_PREFIX}.phi_heatmaps"
 OVERVIEW_TAG = f"{RANK_GROUP}/overview"
 #: The end-of-fit report, Markdown (TensorBoard → Text).
 RECOMMENDATION_TAG = f"{RANK_GROUP}/recommendation"
+#: The report's tag as TensorBoard's Text tab shows it (``add_text`` appends ``/text_summary``).
+RECOMMENDATION_TEXT_TAG = f"{RECOMMENDATION_TAG}/text_summary"
 #: Where a user finds the report in TensorBoard, for messages.
-RECOMMENDATION_PLACE = f"TensorBoard → Text → {RECOMMENDATION_TAG}"
+RECOMMENDATION_PLACE = f"TensorBoard → Text → {RECOMMENDATION_TEXT_TAG}"
 
 #: Cards of ``LoRA_rank`` besides one per projection: overview, model, weak evidence, the
 #: probe's rank and the range's two ends.
@@ -133,7 +136,7 @@ def heatmap_tag(layer: int) -> str:
 
 SUGGESTED_TAG = f"{RANK_GROUP}/suggested.model"
 RANGE_LOW_TAG, RANGE_HIGH_TAG = f"{RANK_GROUP}/suggested.range_low", f"{RANK_GROUP}/suggested.range_high"
-PROBE_RANK_TAG = f"{RANK_GROUP}/probe_rank"
+PROBE_RANK_TAG = f"{RANK_GROUP}/suggested.probe_rank"
 WEAK_EVIDENCE_TAG = f"{RANK_GROUP}/weak_evidence"
 
 

@@ -104,7 +104,7 @@ def test_first_screen_of_a_32_layer_model(tmp_path):
         "LoRA_rank/suggested.model",
         "LoRA_rank/suggested.range_low",
         "LoRA_rank/suggested.range_high",
-        "LoRA_rank/probe_rank",
+        "LoRA_rank/suggested.probe_rank",
         "LoRA_summary/max_delta_w_gap_rank.q",
         "LoRA_summary/max_delta_w_gap_rank.v",
         "LoRA_rank/weak_evidence",
@@ -114,7 +114,7 @@ def test_first_screen_of_a_32_layer_model(tmp_path):
     for step in range(len(SNAPSHOTS)):
         value = {tag: events.Scalars(tag)[step].value for tag in suggested}
         gaps = [value[f"LoRA_summary/max_delta_w_gap_rank.{p}"] for p in PROJECTIONS]
-        assert value["LoRA_rank/suggested.model"] == max(gaps + [value["LoRA_rank/probe_rank"]])
+        assert value["LoRA_rank/suggested.model"] == max(gaps + [value["LoRA_rank/suggested.probe_rank"]])
         assert 1 <= value["LoRA_rank/suggested.model"] <= 4  # between 1 and the LoRA rank r
         assert value["LoRA_rank/weak_evidence"] in (0.0, 1.0)
     # Beside the suggestion, no same-run φ: in A's basis it reads how little A moved.

@@ -8,11 +8,17 @@ import contextlib
 import io
 import re
 
+import pytest
+
 from lora_monitor import LoRASubspaceMonitor
+from lora_monitor.analysis import Snapshot, analyze
+from lora_monitor.analysis.probe import read_probe
+from lora_monitor.analysis.rank import recommend_rank
 from lora_monitor.cli import main
-from lora_monitor.outputs.report import GAP_RANK_COLUMN
-from lora_monitor.outputs.tags import RECOMMENDATION_TAG
+from lora_monitor.outputs.report import GAP_RANK_COLUMN, report_markdown
+from lora_monitor.outputs.tags import RECOMMENDATION_PLACE, RECOMMENDATION_TEXT_TAG
 from tests.helpers.events import read_events
+from tests.helpers.factors import random_factors
 from tests.helpers.lightning import CausalLMModule, make_trainer
 from tests.helpers.models import tiny_llama_lora
 
@@ -40,7 +46,11 @@ def cli(*argv: str) -> str:
 
 
 def report(trainer) -> str:
-    (text,) = read_events(trainer.logger.log_dir).Tensors(f"{RECOMMENDATION_TAG}/text_summary")
+    events = read_events(trainer.logger.log_dir)
+    # The console names the tag as TensorBoard's Text tab shows it.
+    assert RECOMMENDATION_PLACE.endswith(f"→ {RECOMMENDATION_TEXT_TAG}")
+    assert RECOMMENDATION_TEXT_TAG in events.Tags()["tensors"]
+    (text,) = events.Tensors(RECOMMENDATION_TEXT_TAG)
     return text.tensor_proto.string_val[0].decode()
 
 
@@ -87,3 +97,15 @@ def test_compare_and_the_tensorboard_report_agree(tmp_path):
     assert head in output
     # The live report alone has W₀.
     assert "‖ΔW‖_F/‖W₀‖_F" in live and "‖ΔW‖_F/‖W₀‖_F" not in offline
+
+
+@pytest.mark.parametrize("dip", [False, True])
+def test_a_share_kept_above_100_percent_is_explained(dip):
+    # Cut to 2 directions, the probe loss may fall below the whole update's (the rest hurt on
+    # that batch): the table shows the share as measured, and a line says what it means.
+    analyses = analyze(Snapshot(step=4, factors=random_factors(2, ("q", "v"), rank=8, seed=0)))
+    losses = {0: 1.0, 1: 0.5, 2: 0.2 if dip else 0.4, 3: 0.35, 4: 0.32, 6: 0.31, 8: 0.3}
+    probe = read_probe(lambda k: losses[min(losses, key=lambda g: abs(g - k))], 8)
+    text = report_markdown(recommend_rank(analyses, probe=probe))
+    assert ("A share above 100 %" in text) == dip
+    assert ("133.7%" in text) == dip  # log(1/0.2) / log(1/0.3): kept as measured, not clamped

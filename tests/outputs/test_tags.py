@@ -108,7 +108,9 @@ def test_suggested_rank_scalars(deep_analyses):
     scalars = recommendation_scalars(recommendation)
     assert recommendation.probe.rank == 5
     assert scalars["LoRA_rank/suggested.model"] == recommendation.rank == max(5, recommendation.spectral or 0)
-    assert scalars["LoRA_rank/probe_rank"] == 5
+    assert scalars["LoRA_rank/suggested.probe_rank"] == 5
+    # TensorBoard sorts a group's cards by name: the suggestion is the first scalar of its group.
+    assert min(tag for tag in scalars if tag.startswith("LoRA_rank/")) == "LoRA_rank/suggested.model"
     assert scalars["LoRA_rank/suggested.range_low"] == recommendation.low == 4
     assert scalars["LoRA_rank/suggested.range_high"] == recommendation.high
     assert scalars["LoRA_summary/max_delta_w_gap_rank.q"] == (recommendation.projections["q"] or 0)
@@ -117,9 +119,11 @@ def test_suggested_rank_scalars(deep_analyses):
     # Without a probe: the gaps alone, weak; no probe or range tags.
     spectral = recommendation_scalars(recommend_rank(deep_analyses))
     assert spectral["LoRA_rank/weak_evidence"] == 1.0
-    assert not {"LoRA_rank/probe_rank", "LoRA_rank/suggested.range_low", "LoRA_rank/suggested.range_high"} & set(
-        spectral
-    )
+    assert not {
+        "LoRA_rank/suggested.probe_rank",
+        "LoRA_rank/suggested.range_low",
+        "LoRA_rank/suggested.range_high",
+    } & set(spectral)
 
 
 def test_no_supported_rank_logs_zero():
