@@ -46,7 +46,7 @@ Phases (each reuses what the cache ``DIR/full`` — ``DIR/quick`` with ``--quick
     python benchmarks/rank_validation.py --cache DIR all        # the three in turn (default)
     python benchmarks/rank_validation.py --quick --cache DIR    # smoke test, every phase
 
-The report prints first the README's table (the suggestion from one r = 64 run vs the truth) and
+The report prints first the per-case table of docs/rank.md (the suggestion from one r = 64 run vs the truth) and
 the hit rates of the suggestion and its runners-up over the 15 r = 64 runs, then the evidence the
 rule was chosen by (every candidate side by side); ``--figure`` draws the suggestion over
 training against the truth.
@@ -1091,7 +1091,7 @@ def _cut(loss: Optional[float], full: float) -> str:
 
 
 def readme_table(results: dict, truths: dict, settings: Settings) -> None:
-    """The README's table: per case the truth and the package's suggestion from one r = 64 run
+    """docs/rank.md's table: per case the truth and the package's suggestion from one r = 64 run
     (seed 0; its reference run: seed 1) at 25 % and 100 % of training, and what cutting the
     trained adapter to it costs."""
     print(
@@ -1271,7 +1271,7 @@ def check_cuts(results: dict, settings: Settings) -> None:
 def report(
     results: dict, settings: Settings, figure: Optional[str] = None, how: str = "max", truth: str = "trunc"
 ) -> bool:
-    """Print the tables: the package's suggestion vs the truth (the README's table) and its hit
+    """Print the tables: the package's suggestion vs the truth (docs/rank.md's table) and its hit
     rates, the check that it is the chosen rule; then the evidence the rule was chosen by — the
     truths, loss-vs-r and truncation curves, every candidate at 10/25/50/100 % of training from
     each r = 64 run, their hit rates, the readings on runs of every r. ``how``: the aggregation of

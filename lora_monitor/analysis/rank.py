@@ -3,8 +3,8 @@
 
 The rule was chosen, and is checked, by ``benchmarks/rank_validation.py`` against tasks whose
 needed rank is known (planted-rank teachers on the real MiniLM, and the example task): from a
-single r = 64 run it was right on 15 of 15 runs from a quarter of training on (README, "How
-right the suggestion is"). Two readings, and the suggestion is the larger:
+single r = 64 run it was right on 15 of 15 runs from a quarter of training on (docs/rank.md, "How
+right it is"). Two readings, and the suggestion is the larger:
 
 1. **The functional probe** (:mod:`lora_monitor.analysis.probe`): the smallest k whose joint
    truncation of every monitored ΔW keeps 95 % of the log-loss reduction on the probe batch.

@@ -19,8 +19,8 @@ from lora_monitor.outputs.tags import RECOMMENDATION_PLACE
 
 #: Where the cautions are, in a text that lists them after its first line.
 CAUTIONS_BELOW = "the cautions below"
-#: Where the README states how often the suggestion was right.
-VALIDATION_PLACE = "README, “The suggested rank, and how right it is”"
+#: Where the documentation states how often the suggestion was right.
+VALIDATION_PLACE = "docs/rank.md, “How right it is”"
 
 
 def _percent(share: float) -> str:
