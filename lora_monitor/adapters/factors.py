@@ -53,7 +53,8 @@ class LoRAFactors:
         lora_B: B, ``(d, r)``; for a fused q|k|v module the rows of this projection.
         scaling: s (α/r, or α/√r with rsLoRA; AdaLoRA: α/r / (ranknum + 1e-5)).
         base_weight: W₀ in the (d, k) orientation, a view into the live model (None for
-            adapters loaded from disk, and where no view of it exists: see ``base_reader``).
+            adapters loaded from disk, and where no view of it exists: see ``base_reader``);
+            under DeepSpeed ZeRO-3 the partitioned parameter itself (:func:`is_partitioned`).
         base_reader: reads W₀ as a fresh (d, k) tensor where it is not stored as a plain
             matrix with these rows contiguous (4/8-bit quantized storage, rows interleaved per
             head): called one module at a time by the analysis, the result dropped after use.
@@ -70,8 +71,9 @@ class LoRAFactors:
             bytes, which each rank dequantizes from its own shard. None otherwise.
         rows: the output rows of its module this projection owns, not selected yet: set only
             where the module's tensors are sharded (DTensors, FSDP2), whose slicing would
-            gather them. ``lora_B``, ``magnitude`` and ``base_weight`` are then the whole
-            module's; gathering the factors selects the rows of B and m
+            gather them, or where W₀ is a ZeRO-3 partition (read in flat runs, not rows).
+            ``lora_B``, ``magnitude`` and ``base_weight`` are then the whole module's;
+            gathering the factors selects the rows of B and m
             (:func:`lora_monitor.engine.distributed.full_factors`), W₀ is never gathered.
     """
 
@@ -125,8 +127,9 @@ class LoRAFactors:
 
     @property
     def base_is_sharded(self) -> bool:
-        """W₀ is split across processes (FSDP2): only collective products can read it."""
-        return is_sharded(self.base_weight)
+        """W₀ is split across processes (FSDP2's DTensor, a DeepSpeed ZeRO-3 partition): only
+        collective products can read it."""
+        return is_sharded(self.base_weight) or is_partitioned(self.base_weight)
 
 
 def is_sharded(tensor: object) -> bool:
@@ -136,6 +139,15 @@ def is_sharded(tensor: object) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
+
+
+def is_partitioned(tensor: object) -> bool:
+    """Whether ``tensor`` is a DeepSpeed ZeRO-3 parameter not gathered now: its data is empty
+    (shape ``(0,)``), each rank holding a run of the flattened whole in ``ds_tensor``, and its
+    shape is ``ds_shape``. Inside ``deepspeed.zero.GatheredParameters`` it is whole again."""
+    status = getattr(tensor, "ds_status", None)
+    # Read by name: deepspeed need not be importable to tell (ZeroParamStatus.AVAILABLE).
+    return hasattr(tensor, "ds_id") and getattr(status, "name", None) != "AVAILABLE"
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,8 +250,10 @@ def select_rows(tensor: Optional[Tensor], rows: Optional[Rows]) -> Optional[Tens
 
 def _factors_of(entry: _Entry, projection: str) -> LoRAFactors:
     rows = entry.rows
-    if rows is not None and any(is_sharded(t) for t in (entry.lora_B, entry.magnitude, entry.base_weight)):
-        # Slicing a DTensor gathers it (W₀ included): the rows are kept to select once gathered.
+    sharded = any(is_sharded(t) for t in (entry.lora_B, entry.magnitude, entry.base_weight))
+    if rows is not None and (sharded or is_partitioned(entry.base_weight)):
+        # Slicing a DTensor gathers it (W₀ included), a ZeRO-3 partition has no rows to slice:
+        # the rows are kept to select once gathered, or to read the partition's share by.
         return LoRAFactors(
             module_name=entry.module_name,
             layer=entry.layer,

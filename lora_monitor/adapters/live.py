@@ -14,6 +14,7 @@ from lora_monitor.adapters.factors import (
     _assemble,
     _Entry,
     _projection_name,
+    is_partitioned,
 )
 from lora_monitor.adapters.fused import split_entry
 from lora_monitor.adapters.variants import (
@@ -37,6 +38,38 @@ def _lora_layer_class() -> type:
 def _lora_layers(model: torch.nn.Module) -> list[tuple[str, Any]]:
     lora_layer = _lora_layer_class()
     return [(n, m) for n, m in model.named_modules() if isinstance(m, lora_layer)]
+
+
+def _partitioned_factors(layer: Any, name: str) -> bool:
+    """Whether adapter ``name``'s factors in ``layer`` are DeepSpeed ZeRO-3 partitions, not
+    gathered: their data is empty on every rank (shape ``(0,)``) until gathered."""
+    # AdaLoRA's factors are parameters, LoRA's Linear modules holding one.
+    factors = [factors[name] for factors in (layer.lora_A, layer.lora_B) if name in factors]
+    return any(is_partitioned(getattr(factor, "weight", factor)) for factor in factors)
+
+
+def _partitioned_error(modules: list[str]) -> LoRAMonitorError:
+    named = ", ".join(modules[:3]) + (f" and {len(modules) - 3} more" if len(modules) > 3 else "")
+    return LoRAMonitorError(
+        f"the LoRA factors of {named} are DeepSpeed ZeRO-3 partitions (parameters "
+        f"with ds_id and ds_shape, their data empty on each rank), not gathered: the LoraConfig "
+        f"is fine, but lora_monitor reads whole factors only. Pass the model to LoRAMonitor on "
+        f"every rank in the process that ran deepspeed.initialize (LoRAMonitor(engine.module, ...)), "
+        f"or read its factors inside deepspeed.zero.GatheredParameters(params, modifier_rank=None), "
+        f"entered on every rank"
+    )
+
+
+def _partitioned_base(layer: Any, out_features: int, in_features: int) -> Optional[torch.Tensor]:
+    """W₀ of a LoRA layer as ZeRO-3 leaves it: the partitioned parameter itself, each rank's
+    share of its numbers read from its own partition, W₀ never gathered
+    (:func:`~lora_monitor.engine.distributed.sharded_base_results`). Only a weight stored in
+    the (d, k) orientation: a flat run of a transposed (Conv1D) weight crosses its columns."""
+    weight = getattr(layer.get_base_layer(), "weight", None)
+    shape = tuple(getattr(weight, "ds_shape", ()))
+    if is_partitioned(weight) and not stores_transposed(layer) and shape == (out_features, in_features):
+        return weight
+    return None
 
 
 def _adapters_of(layer: Any) -> set[str]:
@@ -106,6 +139,9 @@ def plain_lora_layers(model: torch.nn.Module, adapter_name: Optional[str] = None
     if not layers:
         raise _no_lora_error(model)
     name = _resolve_adapter(layers, adapter_name)
+    partitioned = [module_name for module_name, layer in layers if _partitioned_factors(layer, name)]
+    if partitioned:
+        raise _partitioned_error(partitioned)
     config = peft_configs(model).get(name)
     if config is not None and initialization_in_base(config) is not None:
         return {}
@@ -153,6 +189,7 @@ def find_lora_factors(model: torch.nn.Module, adapter_name: Optional[str] = None
 
     entries: list[_Entry] = []
     skipped: list[str] = []
+    partitioned: list[str] = []
     for module_name, layer in layers:
         if name not in _adapters_of(layer):
             continue  # this adapter does not target this module
@@ -163,6 +200,9 @@ def find_lora_factors(model: torch.nn.Module, adapter_name: Optional[str] = None
                 f"call model.unmerge_adapter() before monitoring, or analyze the saved adapter "
                 f"with lora_monitor.adapters.load_adapter(path)"
             )
+        if _partitioned_factors(layer, name):
+            partitioned.append(module_name)
+            continue
         reason = skip_reason(layer, name)
         if reason is not None:
             skipped.append(f"{module_name} ({reason})")
@@ -170,6 +210,8 @@ def find_lora_factors(model: torch.nn.Module, adapter_name: Optional[str] = None
         fields = read_factors(layer, name)
         d, k = fields["lora_B"].shape[0], fields["lora_A"].shape[1]
         base_weight, base_reader, base_quantization = base_weight_of(layer, d, k)
+        if base_weight is None and base_reader is None:
+            base_weight = _partitioned_base(layer, d, k)
         entry = _Entry(
             module_name=module_name,
             projection=_projection_name(module_name),
@@ -180,6 +222,8 @@ def find_lora_factors(model: torch.nn.Module, adapter_name: Optional[str] = None
             **fields,
         )
         entries.extend(split_entry(entry, base_config, stores_transposed(layer)))
+    if partitioned:
+        raise _partitioned_error(partitioned)
     if skipped:
         warnings.warn(
             f"lora_monitor: skipped LoRA layers that are not plain Linear factors: {', '.join(skipped)}",

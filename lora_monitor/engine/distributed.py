@@ -10,11 +10,13 @@ in ``lora_monitor.integrations``):
 - FSDP (``FSDPStrategy``): ``FullyShardedDataParallel.summon_full_params`` of the wrapped model;
 - FSDP2 (``ModelParallelStrategy``, ``fully_shard``): parameters are ``DTensor`` s, gathered by
   ``DTensor.full_tensor()`` (:func:`full_factors`);
-- DeepSpeed ZeRO-3 (``DeepSpeedStrategy``, stage 3): ``deepspeed.zero.GatheredParameters`` of
-  the LoRA parameters only.
+- DeepSpeed ZeRO-3 (``DeepSpeedStrategy``, the ``Trainer`` with a stage-3 config,
+  ``deepspeed.initialize`` in a plain loop): ``deepspeed.zero.GatheredParameters`` of the LoRA
+  parameters only (:func:`deepspeed_gathered`).
 
-A W₀ sharded by FSDP2 stays sharded: what needs it — ‖W₀‖_F² and the amplification's
-Uᵀ W₀ V — is a sum over the ranks' blocks, one all-reduce of every module's m×m result
+A W₀ sharded by FSDP2 or partitioned by ZeRO-3 stays so: what needs it — ‖W₀‖_F² and the
+amplification's Uᵀ W₀ V — is a sum over the ranks' blocks (FSDP2's rows or columns, ZeRO-3's
+runs of the flattened weight), one all-reduce of every module's m×m result
 (:func:`sharded_base_results`).
 
 With several ranks the analysis itself is spread: each rank analyses every ``world_size``-th
@@ -34,7 +36,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from lora_monitor.adapters import LoRAFactors, ModuleKey, Rows, is_sharded, select_rows
+from lora_monitor.adapters import LoRAFactors, LoRAMonitorError, ModuleKey, Rows, is_sharded, select_rows
+from lora_monitor.adapters.factors import is_partitioned
 from lora_monitor.adapters.variants import dequantize_4bit_shard
 from lora_monitor.functional.spectra import frobenius_norm
 from lora_monitor.functional.svd import factored_svd
@@ -73,6 +76,16 @@ def full_factors(factors: Mapping[ModuleKey, LoRAFactors]) -> dict[ModuleKey, Lo
             rows=rows,
         )
     return gathered
+
+
+def without_partitions(factors: Mapping[ModuleKey, LoRAFactors]) -> dict[ModuleKey, LoRAFactors]:
+    """``factors`` without the W₀ ZeRO-3 partitions, once :func:`sharded_base_results` read them:
+    outside DeepSpeed's gather their data is empty, and a copy of one (a snapshot's) would no
+    longer say it is a partition."""
+    return {
+        key: dataclasses.replace(f, base_weight=None, rows=None) if is_partitioned(f.base_weight) else f
+        for key, f in factors.items()
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,19 +143,49 @@ def _rows_in_block(rows: Optional[Rows], count: int, row0: int, m: int) -> tuple
 def shards_base(f: LoRAFactors) -> bool:
     """Whether :func:`sharded_base_results` computes ``f``'s W₀ numbers: a plain update
     (LoRA, rsLoRA, AdaLoRA) over a W₀ sharded across the whole world, stored as a matrix or as
-    bitsandbytes' packed 4 bits (not a fused module's rows of those). DoRA's rescaled rows and
-    a PiSSA-like W₀ (the base layer holds W − s·B₀·A₀) are not summed shard by shard."""
+    bitsandbytes' packed 4 bits (not a fused module's rows of those), or partitioned by ZeRO-3
+    over the whole world, its partition in memory (not swapped out to NVMe). DoRA's rescaled
+    rows and a PiSSA-like W₀ (the base layer holds W − s·B₀·A₀) are not summed shard by shard."""
     if not f.base_is_sharded or f.magnitude is not None or f.initial_in_base is not None:
         return False
+    if is_partitioned(f.base_weight):
+        weight: Any = f.base_weight
+        group_size = torch.distributed.get_world_size(group=weight.ds_process_group)
+        return group_size == torch.distributed.get_world_size() and weight.ds_tensor.numel() > 0
     if f.base_quantization is not None and f.rows is not None:
         return False
     mesh = f.base_weight.device_mesh  # type: ignore[union-attr]
     return mesh.size() == torch.distributed.get_world_size()
 
 
+def _partition_run(f: LoRAFactors, U: Tensor) -> tuple[Tensor, Tensor, int]:
+    """This rank's run of a W₀ ZeRO-3 partitions, as :func:`run_projection` takes it:
+    ``(U, values, the flat row-major (d, k) index of the first)``. A partition is the run
+    ``[size·rank, size·(rank + 1))`` of the flattened weight (DeepSpeed's ``_partition_param``),
+    the last rank's padded past the end.
+
+    A fused module's projection owns some of its rows only: the returned ``U`` is spread over
+    the module's rows (zero on the others) and the other rows' values are zeroed, so that they
+    add nothing to either sum.
+    """
+    weight: Any = f.base_weight
+    local = weight.ds_tensor.reshape(-1).to(U.device)
+    first = local.numel() * torch.distributed.get_rank(group=weight.ds_process_group)
+    values = local[: max(0, min(local.numel(), weight.ds_numel - first))]
+    if f.rows is not None:
+        d, k = weight.ds_shape
+        owned = torch.zeros(d, dtype=torch.bool, device=U.device)
+        owned[f.rows] = True
+        values = values * owned[torch.arange(first, first + values.numel(), device=U.device) // k]
+        spread = U.new_zeros(d, U.shape[-1])
+        spread[f.rows] = U
+        U = spread
+    return U, values, first
+
+
 def sharded_base_results(factors: Mapping[ModuleKey, LoRAFactors]) -> dict[ModuleKey, dict[str, Tensor]]:
     """``delta_w_amplification`` and ``delta_w_relative_norm`` of every module whose W₀ is
-    sharded (:func:`shards_base`), from the whole factors and this rank's block of W₀.
+    sharded (:func:`shards_base`), from the whole factors and this rank's block (or run) of W₀.
 
     Every rank decomposes every such module's ΔW from its factors (O((d + k)·r²), small next
     to the products), takes its block's share of ``Uᵀ W₀ V`` (m×m) and of ‖W₀‖_F², and one
@@ -156,12 +199,15 @@ def sharded_base_results(factors: Mapping[ModuleKey, LoRAFactors]) -> dict[Modul
     for key in keys:
         f = factors[key]
         U, S, Vh = factored_svd(f.lora_B, f.lora_A, f.scaling)
-        if f.base_quantization is not None:
-            packed, packed_offset, counts = _local(f.base_weight)  # type: ignore[arg-type]
-            values, first = dequantize_4bit_shard(packed, packed_offset[0], f.base_quantization)
-            values = values if counts else values[:0]
+        if is_partitioned(f.base_weight) or f.base_quantization is not None:  # a flat run of W₀
+            if is_partitioned(f.base_weight):
+                U, values, first = _partition_run(f, U)
+            else:
+                packed, packed_offset, counts = _local(f.base_weight)  # type: ignore[arg-type]
+                values, first = dequantize_4bit_shard(packed, packed_offset[0], f.base_quantization)
+                values = values if counts else values[:0]
             spectra.append(S)
-            shares += [run_projection(U, Vh, values, first).reshape(-1), values.square().sum().reshape(1)]
+            shares += [run_projection(U, Vh, values, first).reshape(-1), values.to(S.dtype).square().sum().reshape(1)]
             continue
         block = local_block(f.base_weight)  # type: ignore[arg-type]
         m, n = block.tensor.shape
@@ -189,9 +235,15 @@ def sharded_base_results(factors: Mapping[ModuleKey, LoRAFactors]) -> dict[Modul
     return results
 
 
-def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The LoRA factors' parameters of ``module`` (only those: W₀ is never gathered)."""
-    return [p for name, p in module.named_parameters() if ".lora_A." in name or ".lora_B." in name]
+def lora_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The LoRA factors' parameters of ``module`` by name (only those: W₀ is never gathered)."""
+    return {name: p for name, p in module.named_parameters() if ".lora_A." in name or ".lora_B." in name}
+
+
+def zero3_partitioned(module: torch.nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions the LoRA factors of ``module`` (``deepspeed.initialize``
+    with stage 3, or ``deepspeed.zero.Init``): parameters with ``ds_id``, gathered or not."""
+    return any(hasattr(p, "ds_id") for p in lora_parameters(module).values())
 
 
 @contextlib.contextmanager
@@ -207,11 +259,33 @@ def fsdp_gathered(fsdp_model: torch.nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def deepspeed_gathered(module: torch.nn.Module) -> Iterator[None]:
-    """DeepSpeed ZeRO-3: the LoRA parameters of ``module`` whole on every rank (a collective)."""
-    import deepspeed
+    """DeepSpeed ZeRO-3: the LoRA parameters of ``module`` whole on every rank (a collective).
 
-    # modifier_rank=None: read-only, every rank gets the whole parameters.
-    with deepspeed.zero.GatheredParameters(lora_parameters(module), modifier_rank=None):
+    Raises:
+        LoRAMonitorError: the partitions cannot be gathered (deepspeed not importable, or its
+            gather failed), naming the parameters.
+    """
+    parameters = lora_parameters(module)
+    names = ", ".join(list(parameters)[:2]) + (f" and {len(parameters) - 2} more" if len(parameters) > 2 else "")
+    try:
+        import deepspeed
+    except ImportError as error:
+        raise LoRAMonitorError(
+            f"the LoRA factors ({names}) are DeepSpeed ZeRO-3 partitions and deepspeed cannot be "
+            f"imported here ({error}) to gather them: run the monitor in the environment that trains "
+            f"with deepspeed"
+        ) from error
+    with contextlib.ExitStack() as stack:
+        try:
+            # modifier_rank=None: read-only, every rank gets the whole parameters.
+            stack.enter_context(deepspeed.zero.GatheredParameters(list(parameters.values()), modifier_rank=None))
+        except Exception as error:
+            raise LoRAMonitorError(
+                f"DeepSpeed ZeRO-3 could not gather the LoRA factors ({names}) with "
+                f"deepspeed.zero.GatheredParameters: {type(error).__name__}: {error}. Every rank "
+                f"must take the monitor's snapshots together (call LoRAMonitor.step on all ranks), "
+                f"after deepspeed.initialize and outside forward and backward"
+            ) from error
         yield
 
 
@@ -236,12 +310,17 @@ class Process:
         keeps_base_weight: False where what ``gathered`` makes whole is freed when it exits
             (FSDP's ``summon_full_params`` gathers W₀ with the factors): W₀'s numbers are then
             computed inside it, at the snapshot's step.
+        collective_forward: the strategy, as messages name it (``"FSDP"``, ``"DeepSpeed
+            ZeRO-3"``), whose forward gathers parameters from every rank, so that no rank can
+            run one alone (the functional probe, read on rank zero only, does not run); None
+            where each rank holds the whole model (single process, DDP) or FSDP2's DTensors.
     """
 
     rank: int = 0
     world_size: int = 1
     gathered: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
     keeps_base_weight: bool = True
+    collective_forward: Optional[str] = None
 
     @property
     def is_main(self) -> bool:
@@ -257,13 +336,21 @@ class Process:
     @classmethod
     def for_model(cls, model: torch.nn.Module) -> Process:
         """:meth:`from_torch_distributed`, gathering through FSDP (1) when ``model`` is its
-        wrapped root (a plain loop hands the monitor what it trains)."""
+        wrapped root and through DeepSpeed when ZeRO-3 partitions its LoRA factors (a plain loop
+        hands the monitor what it trains, or ``engine.module``)."""
         process = cls.from_torch_distributed()
+        # ZeRO-3 partitions on a single rank too: its factors are empty until gathered.
+        if zero3_partitioned(model):
+            return dataclasses.replace(
+                process, gathered=lambda: deepspeed_gathered(model), collective_forward="DeepSpeed ZeRO-3"
+            )
         if process.world_size > 1:
             from torch.distributed.fsdp import FullyShardedDataParallel
 
             if isinstance(model, FullyShardedDataParallel):
-                return dataclasses.replace(process, gathered=lambda: fsdp_gathered(model), keeps_base_weight=False)
+                return dataclasses.replace(
+                    process, gathered=lambda: fsdp_gathered(model), keeps_base_weight=False, collective_forward="FSDP"
+                )
         return process
 
     @property

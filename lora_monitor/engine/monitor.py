@@ -23,7 +23,7 @@ from lora_monitor.analysis import ModuleAnalysis, Snapshot, analyze, shares_lora
 from lora_monitor.analysis.device import base_weight_results
 from lora_monitor.analysis.probe import ProbeReading
 from lora_monitor.analysis.rank import RankRecommendation, recommend_rank
-from lora_monitor.engine.distributed import Process, full_factors, sharded_base_results
+from lora_monitor.engine.distributed import Process, full_factors, sharded_base_results, without_partitions
 from lora_monitor.engine.options import MonitorOptions, Reference
 from lora_monitor.engine.probing import FunctionalProbe
 from lora_monitor.engine.references import References
@@ -305,16 +305,21 @@ class LoRAMonitor:
     def _capture(self, step: int, base_numbers: bool = True) -> tuple[Snapshot, dict[ModuleKey, dict[str, Tensor]]]:
         """A snapshot of the monitored factors, whole on every rank (every rank must take it:
         sharded strategies gather the LoRA factors collectively, and copies are made while
-        they are whole), and the W₀ numbers that can only be taken now (FSDP (1) frees the W₀
-        it gathers: they are computed inside its gather, and no reference to it is kept)."""
+        they are whole), and the W₀ numbers that can only be taken now: a sharded or
+        partitioned W₀'s are summed over the ranks (a collective), and FSDP (1) frees the W₀ it
+        gathers (they are computed inside its gather, and no reference to it is kept)."""
         results: dict[ModuleKey, dict[str, Tensor]] = {}
         with self.process.gathered():
-            snapshot = Snapshot.capture(full_factors(self._monitored_factors()), step)
+            factors = full_factors(self._monitored_factors())
+            if base_numbers:
+                with self.reporter.contained(f"step {step}: the W₀ numbers of sharded modules"):
+                    results = sharded_base_results(factors)  # every rank: a collective
+            snapshot = Snapshot.capture(without_partitions(factors), step)
             if self.process.keeps_base_weight:
                 return snapshot, results
             if base_numbers:
                 with self.reporter.contained(f"step {step}: the W₀ numbers"):
-                    results = base_weight_results(snapshot.factors)
+                    results |= base_weight_results(snapshot.factors)
             return snapshot.without_base_weights(), results
 
     def _collect(self, wait: bool) -> None:
@@ -338,8 +343,6 @@ class LoRAMonitor:
         except LoRAMonitorError as error:  # e.g. the adapter was merged or unloaded mid-run
             self.reporter.report(f"step {step}: no snapshot taken: {error}")
             return
-        with self.reporter.contained(f"step {step}: the W₀ numbers of sharded modules"):
-            base_results |= sharded_base_results(snapshot.factors)  # every rank: a collective
         # What the snapshot is compared with is decided here, at its step, whether it is then
         # analyzed here or in the worker: checkpoints and resume see only this thread's state.
         reference, reference_step = self.references.for_snapshot()

@@ -139,8 +139,11 @@ class FunctionalProbe:
         loss = self._loss(model)
         if not self.enabled or loss is None or not process.is_main:
             return None
-        if process.world_size > 1 and not process.keeps_base_weight:
-            self._note("the functional probe does not run under FSDP (its forward is collective); no probe reading")
+        if process.world_size > 1 and process.collective_forward is not None:
+            self._note(
+                f"the functional probe does not run under {process.collective_forward} (its forward is "
+                f"collective); no probe reading"
+            )
             return None
         try:
             layers = {

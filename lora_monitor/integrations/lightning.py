@@ -155,13 +155,16 @@ class LoRASubspaceMonitor(Callback):
                 "Cannot use `LoRASubspaceMonitor` callback with `Trainer` that has no logger: "
                 "pass e.g. `logger=TensorBoardLogger('runs')`."
             )
-        from lightning.pytorch.strategies import FSDPStrategy
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
+        fsdp = isinstance(trainer.strategy, FSDPStrategy)
+        zero3 = isinstance(trainer.strategy, DeepSpeedStrategy) and trainer.strategy.zero_stage_3
         process = Process(
             rank=trainer.global_rank,
             world_size=trainer.world_size,
             gathered=lambda: _gathered(trainer, pl_module),
-            keeps_base_weight=not isinstance(trainer.strategy, FSDPStrategy),
+            keeps_base_weight=not fsdp,
+            collective_forward="FSDP" if fsdp else "DeepSpeed ZeRO-3" if zero3 else None,
         )
         self.engine.attach(pl_module, process=process, outputs=logger_outputs(trainer.loggers))
 

@@ -174,12 +174,15 @@ class LoRASubspaceCallback(TrainerCallback):
         if model is None:
             raise ValueError("LoRASubspaceCallback: the Trainer passed no model to on_train_begin")
         from torch.distributed.fsdp import FullyShardedDataParallel
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
+        fsdp = isinstance(model, FullyShardedDataParallel)
         process = Process(
             rank=args.process_index,
             world_size=args.world_size,
             gathered=lambda: _gathered(model),
-            keeps_base_weight=not isinstance(model, FullyShardedDataParallel),
+            keeps_base_weight=not fsdp,
+            collective_forward="FSDP" if fsdp else "DeepSpeed ZeRO-3" if is_deepspeed_zero3_enabled() else None,
         )
         outputs: list[Output] = []
         if state.is_world_process_zero:
