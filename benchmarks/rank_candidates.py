@@ -7,7 +7,7 @@ int64 tensor ``(m,)``; :func:`aggregate` turns it into a model-level rank. The f
 takes a callable ``loss_at(k)``: the loss of the model on one fixed (training) batch with every
 ΔW cut to its top k directions.
 
-They are the candidates ``benchmarks/rank_validation.py`` scored against known ranks; the rule
+They are the candidates ``benchmarks/rank_validation`` scored against known ranks; the rule
 the package took from them (:mod:`lora_monitor.analysis.rank`) is max(``probe_log``, ``gap15``),
 since refined to max(``probe_log``, ``gap15f``); implemented there anew, and checked against these
 by the benchmark.

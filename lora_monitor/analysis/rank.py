@@ -1,7 +1,7 @@
 """The LoRA rank a run needs, with its evidence: logic only (the report's text is
 :mod:`lora_monitor.outputs.report`).
 
-The rule was chosen, and is checked, by ``benchmarks/rank_validation.py`` against tasks whose
+The rule was chosen, and is checked, by ``benchmarks/rank_validation`` against tasks whose
 needed rank is known (planted-rank teachers on the real MiniLM, and the example task): from a
 single r = 64 run it was right on 15 of 15 runs from a quarter of training on (docs/rank.md, "How
 right it is"). Two readings, and the suggestion is the larger:

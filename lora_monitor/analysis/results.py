@@ -25,7 +25,7 @@ from lora_monitor.functional.similarity import shared_directions
 from lora_monitor.functional.spectra import effective_rank, energy_rank, frobenius_norm, gap_rank, stable_rank
 
 #: The least σ_k / σ_{k+1} that counts as a gap above an update's noise (validated by
-#: ``benchmarks/rank_validation.py``; :func:`~lora_monitor.functional.gap_rank`).
+#: ``benchmarks/rank_validation``; :func:`~lora_monitor.functional.gap_rank`).
 GAP_RATIO = 1.5
 #: The least share of ‖ΔW‖_F² a direction must hold for its gap to count: on the validation
 #: runs it changed no verdict (it only tightened one reading, 6 → 5 against a truth of 5); on a

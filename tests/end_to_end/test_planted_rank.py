@@ -1,5 +1,5 @@
 """The rank suggestion on tasks whose needed rank is known, small enough for every CI run: the
-planted-rank teacher/student cases of ``benchmarks/rank_validation.py`` on a tiny random Llama.
+planted-rank teacher/student cases of ``benchmarks/rank_validation`` on a tiny random Llama.
 
 The teacher is the base model with a planted rank-K update (K flat singular values, twice a
 typical σ of the weight) added to every q and v weight; the student is the base model + LoRA,
