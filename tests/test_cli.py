@@ -222,6 +222,32 @@ def test_truncate_to_the_suggestion_cuts_every_module_to_the_model_s_rank(tmp_pa
         truncate_saved(tmp_path / "noise", tmp_path / "cut_noise", "suggested")
 
 
+def test_inspect_advice_names_the_adapter_and_its_command_runs_as_printed(tmp_path, capsys):
+    import copy
+    import shlex
+
+    from peft import PeftModel
+
+    # Two planted directions far above the rest in every module: inspect suggests 2 of r = 8.
+    model = tiny_llama_lora(rank=8, seed=5)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B["default"].weight[:, 2:] *= 0.01
+    model.save_pretrained(str(tmp_path / "my run"))
+    status, out, err = _run(["inspect", str(tmp_path / "my run")], capsys)
+    assert status == 0, err
+    (advice,) = [line for line in out.splitlines() if line.startswith("What to do:")]
+    (command,) = re.findall(r"`(lora-monitor truncate [^`]+)`", advice)
+    argv = shlex.split(command)[1:]
+    assert argv[:2] == ["truncate", str(tmp_path / "my run")]  # the real directory, quoted
+    status, out, err = _run(argv, capsys)
+    assert status == 0, err
+    cut = tmp_path / "my run_r2"
+    loaded = PeftModel.from_pretrained(copy.deepcopy(model).unload(), str(cut))
+    ranks = {m.lora_A["default"].weight.shape[0] for m in loaded.modules() if hasattr(m, "lora_A") and m.lora_A}
+    assert ranks == {2}
+
+
 @pytest.mark.parametrize("rank", ["0", "two"])
 def test_truncate_refuses_a_rank_that_is_not_one(adapters, tmp_path, capsys, rank):
     _, directory = adapters["r8"]

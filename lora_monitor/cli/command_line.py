@@ -179,7 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             )
             print(_comparison_header(args, result))
             print()
-            print(report_markdown(result.recommendation))
+            print(report_markdown(result.recommendation, adapter_dir=args.directory))
             if result.figure_path is not None:
                 print(f"\nfigure: {result.figure_path}")
         elif args.command == "inspect":
@@ -187,7 +187,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 args.directory, projections=args.projections, layers=args.layers, base_config=args.base_config
             )
             print(f"# {args.directory}\n\n{table}\n\n{summary_line(recommendation, CAUTIONS_BELOW)}\n")
-            print(f"What to do: {advice(recommendation)}")
+            print(f"What to do: {advice(recommendation, adapter_dir=args.directory)}")
             if recommendation.cautions:
                 print("\nCautions:\n" + "\n".join(f"- {caution}" for caution in recommendation.cautions))
         else:

@@ -111,6 +111,9 @@ class LoRAMonitor:
         functional_probe: read the functional probe at every snapshot
             (:mod:`lora_monitor.analysis.probe`), the loss on one batch with every monitored
             ΔW cut to k directions; it drives the rank suggestion with ΔW's spectral gaps.
+        adapter_dir: the directory this run saves its adapter to
+            (``model.save_pretrained(adapter_dir)``), named in the end-of-fit advice so that its
+            ``lora-monitor truncate`` command runs as printed; default a placeholder.
         probe: the plain loop's probe: a callable of no argument returning the loss on a fixed
             batch (a tensor, a number, or an output with ``.loss``), called in eval mode
             without gradients, e.g. ``lambda: model(**probe_batch).loss``. The front-ends
@@ -139,6 +142,7 @@ class LoRAMonitor:
         intruder_top_k: Optional[int] = None,
         asynchronous: Optional[bool] = None,
         functional_probe: bool = True,
+        adapter_dir: Optional[Union[str, os.PathLike]] = None,
         probe: Optional[Callable[[], Any]] = None,
         options: Optional[MonitorOptions] = None,
     ) -> None:

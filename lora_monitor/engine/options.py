@@ -33,6 +33,7 @@ class MonitorOptions:
     intruder_top_k: Optional[int] = None
     asynchronous: Optional[bool] = None
     functional_probe: bool = True
+    adapter_dir: Optional[Union[str, os.PathLike]] = None
     owner: str = "LoRAMonitor"
 
     def __post_init__(self) -> None:
@@ -71,6 +72,13 @@ class MonitorOptions:
             )
         if not isinstance(self.functional_probe, bool):
             fail(f"functional_probe must be True or False, got {self.functional_probe!r}")
+        if self.adapter_dir is not None and (
+            not isinstance(self.adapter_dir, (str, os.PathLike)) or not str(self.adapter_dir)
+        ):
+            fail(
+                "adapter_dir must be None or the directory this run saves its adapter to "
+                f"(model.save_pretrained(adapter_dir)), got {self.adapter_dir!r}"
+            )
         if self.asynchronous is not None and not isinstance(self.asynchronous, bool):
             fail(
                 "asynchronous must be True, False or None (on when the LoRA factors are on a CUDA "

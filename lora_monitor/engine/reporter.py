@@ -151,10 +151,11 @@ class Reporter:
         to the console."""
         if not self.speaks:
             return
-        for failure in write_text(self.outputs, RECOMMENDATION_TAG, report_markdown(recommendation), step):
+        adapter_dir = self.options.adapter_dir
+        for failure in write_text(self.outputs, RECOMMENDATION_TAG, report_markdown(recommendation, adapter_dir), step):
             self.report(f"step {step}: could not log the rank recommendation to {failure}")
         self.info(f"{self.options.owner}: {summary_line(recommendation)}")
-        self.info(f"{self.options.owner}: what to do: {advice(recommendation)}")
+        self.info(f"{self.options.owner}: what to do: {advice(recommendation, adapter_dir)}")
 
     def close(self) -> None:
         """Close the outputs the monitor opened (a writer it was given is only flushed)."""

@@ -72,7 +72,7 @@ class LoRASubspaceMonitor(Callback):
 
     Args:
         every_n_steps, reference, target_modules, layers, basis, adapter_name, log_images,
-        strict, intruder_top_k, asynchronous: as :class:`lora_monitor.LoRAMonitor`.
+        strict, intruder_top_k, asynchronous, adapter_dir: as :class:`lora_monitor.LoRAMonitor`.
         functional_probe: read the rank the task needs from the loss of ``training_step`` on
             the first batch of the fit with every monitored ΔW cut to k directions (a few
             forward passes a snapshot, without gradients, in eval mode, ``self.log`` silenced;
@@ -108,6 +108,7 @@ class LoRASubspaceMonitor(Callback):
         intruder_top_k: Optional[int] = None,
         asynchronous: Optional[bool] = None,
         functional_probe: bool = True,
+        adapter_dir: Optional[Union[str, os.PathLike]] = None,
     ) -> None:
         try:
             options = MonitorOptions.of(locals(), owner=type(self).__name__)

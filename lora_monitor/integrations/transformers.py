@@ -100,7 +100,7 @@ class LoRASubspaceCallback(TrainerCallback):
 
     Args:
         every_n_steps, reference, target_modules, layers, basis, adapter_name, log_images,
-        strict, intruder_top_k, asynchronous: as :class:`lora_monitor.LoRAMonitor`.
+        strict, intruder_top_k, asynchronous, adapter_dir: as :class:`lora_monitor.LoRAMonitor`.
         functional_probe: read the rank the task needs from the model's own loss on the first
             batch it trains on with every monitored ΔW cut to k directions (a few forward
             passes a snapshot, without gradients; the batch must hold ``labels``).
@@ -138,6 +138,7 @@ class LoRASubspaceCallback(TrainerCallback):
         intruder_top_k: Optional[int] = None,
         asynchronous: Optional[bool] = None,
         functional_probe: bool = True,
+        adapter_dir: Optional[Union[str, os.PathLike]] = None,
         probe: Optional[Callable[[], Any]] = None,
         log_dir: Optional[Union[str, os.PathLike]] = None,
     ) -> None:

@@ -6,6 +6,8 @@ TensorBoard's Text tab, ``lora-monitor compare`` and ``lora-monitor inspect``.
 
 from __future__ import annotations
 
+import os
+import shlex
 from collections import defaultdict
 from collections.abc import Sequence
 from statistics import median
@@ -56,8 +58,10 @@ def summary_line(recommendation: RankRecommendation, details: str = RECOMMENDATI
     return f"{head} ({_span(rec)}r = {rec.r}; {readings}; {strength})"
 
 
-def advice(recommendation: RankRecommendation) -> str:
-    """What to do with the suggestion, in a sentence or two."""
+def advice(recommendation: RankRecommendation, adapter_dir: Optional[str | os.PathLike] = None) -> str:
+    """What to do with the suggestion, in a sentence or two; its ``lora-monitor truncate``
+    command names ``adapter_dir`` (the run's saved adapter) and runs as printed when it is
+    given, else it names placeholders."""
     rec = recommendation
     if rec.rank is None:
         return "Nothing to act on yet: train longer and read the suggestion again."
@@ -68,20 +72,24 @@ def advice(recommendation: RankRecommendation) -> str:
         )
     if rec.rank >= rec.r:
         return f"Keep r = {rec.r}."
+    if adapter_dir is None:
+        source, output, where = "ADAPTER_DIR", "OUT_DIR", " (ADAPTER_DIR: where model.save_pretrained saved it)"
+    else:
+        source, output, where = shlex.quote(str(adapter_dir)), shlex.quote(f"{adapter_dir}_r{rec.rank}"), ""
     act = (
         f"Train with r = {rec.rank}, or keep this run and cut its adapter to the suggestion: "
-        f"`lora-monitor truncate ADAPTER_DIR --rank {rec.rank} -o OUT_DIR`."
+        f"`lora-monitor truncate {source} --rank {rec.rank} -o {output}`{where}."
     )
     if rec.weak:
         act += " The evidence is weak: read the suggestion again later in training before acting on it."
     return act
 
 
-def report_markdown(recommendation: RankRecommendation) -> str:
-    """A Markdown report: the suggestion, what to do, the cautions, the probe's losses, and a
-    table per projection and per module."""
+def report_markdown(recommendation: RankRecommendation, adapter_dir: Optional[str | os.PathLike] = None) -> str:
+    """A Markdown report: the suggestion, what to do (:func:`advice`, naming ``adapter_dir``),
+    the cautions, the probe's losses, and a table per projection and per module."""
     rec = recommendation
-    lines = [f"**{summary_line(rec, CAUTIONS_BELOW)}**", "", f"What to do: {advice(rec)}", ""]
+    lines = [f"**{summary_line(rec, CAUTIONS_BELOW)}**", "", f"What to do: {advice(rec, adapter_dir)}", ""]
     if rec.cautions:
         lines += ["Cautions:", ""] + [f"- {c}" for c in rec.cautions] + [""]
     lines += [

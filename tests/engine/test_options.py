@@ -17,6 +17,7 @@ from lora_monitor import LoRASubspaceCallback, LoRASubspaceMonitor
         (dict(target_modules=[]), "target_modules"),
         (dict(layers=["1"]), "layers"),
         (dict(reference=3), "reference"),
+        (dict(adapter_dir=3), "adapter_dir"),
     ],
 )
 def test_constructor_validates_arguments(kwargs, match):

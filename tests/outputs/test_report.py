@@ -15,7 +15,7 @@ from lora_monitor.analysis import Snapshot, analyze
 from lora_monitor.analysis.probe import read_probe
 from lora_monitor.analysis.rank import recommend_rank
 from lora_monitor.cli import main
-from lora_monitor.outputs.report import GAP_RANK_COLUMN, report_markdown
+from lora_monitor.outputs.report import GAP_RANK_COLUMN, advice, report_markdown
 from lora_monitor.outputs.tags import RECOMMENDATION_PLACE, RECOMMENDATION_TEXT_TAG
 from tests.helpers.events import read_events
 from tests.helpers.factors import random_factors
@@ -109,3 +109,20 @@ def test_a_share_kept_above_100_percent_is_explained(dip):
     text = report_markdown(recommend_rank(analyses, probe=probe))
     assert ("A share above 100 %" in text) == dip
     assert ("133.7%" in text) == dip  # log(1/0.2) / log(1/0.3): kept as measured, not clamped
+
+
+def test_advice_names_the_run_s_adapter_directory_quoted_for_the_shell():
+    analyses = analyze(Snapshot(step=4, factors=random_factors(2, ("q", "v"), rank=8, seed=0)))
+    losses = {0: 1.0, 1: 0.5, 2: 0.31, 3: 0.305, 4: 0.302, 6: 0.301, 8: 0.3}
+    recommendation = recommend_rank(
+        analyses, probe=read_probe(lambda k: losses[min(losses, key=lambda g: abs(g - k))], 8)
+    )
+    assert recommendation.rank is not None and recommendation.rank < 8
+    k = recommendation.rank
+    named = advice(recommendation, "runs/my adapter")
+    assert f"`lora-monitor truncate 'runs/my adapter' --rank {k} -o 'runs/my adapter_r{k}'`" in named
+    assert "ADAPTER_DIR" not in named
+    placeholder = advice(recommendation)
+    assert f"`lora-monitor truncate ADAPTER_DIR --rank {k} -o OUT_DIR`" in placeholder
+    assert "model.save_pretrained" in placeholder  # says what ADAPTER_DIR stands for
+    assert f"What to do: {named}" in report_markdown(recommendation, "runs/my adapter")
