@@ -127,9 +127,10 @@ class LoRAFactors:
 
     @property
     def base_is_sharded(self) -> bool:
-        """W₀ is split across processes (FSDP2's DTensor, a DeepSpeed ZeRO-3 partition): only
-        collective products can read it."""
-        return is_sharded(self.base_weight) or is_partitioned(self.base_weight)
+        """W₀ is split across processes (FSDP2's DTensor, a DeepSpeed ZeRO-3 partition, which a
+        snapshot holds as a meta tensor of its shape): only collective products can read it."""
+        weight = self.base_weight
+        return is_sharded(weight) or is_partitioned(weight) or (weight is not None and weight.is_meta)
 
 
 def is_sharded(tensor: object) -> bool:

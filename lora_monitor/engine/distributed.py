@@ -79,13 +79,22 @@ def full_factors(factors: Mapping[ModuleKey, LoRAFactors]) -> dict[ModuleKey, Lo
 
 
 def without_partitions(factors: Mapping[ModuleKey, LoRAFactors]) -> dict[ModuleKey, LoRAFactors]:
-    """``factors`` without the W₀ ZeRO-3 partitions, once :func:`sharded_base_results` read them:
-    outside DeepSpeed's gather their data is empty, and a copy of one (a snapshot's) would no
-    longer say it is a partition."""
+    """``factors`` with each W₀ ZeRO-3 partitions replaced by a meta tensor of its shape, once
+    :func:`sharded_base_results` read them: a snapshot's copy of a partition would be an empty
+    tensor that no longer says it is one, while a meta W₀ stays sharded
+    (:attr:`~lora_monitor.adapters.LoRAFactors.base_is_sharded`) for the analysis, which then
+    says what it leaves out (intruder dimensions, DoRA) as under FSDP2."""
     return {
-        key: dataclasses.replace(f, base_weight=None, rows=None) if is_partitioned(f.base_weight) else f
+        key: dataclasses.replace(f, base_weight=_shape_only(f.base_weight), rows=None)
+        if is_partitioned(f.base_weight)
+        else f
         for key, f in factors.items()
     }
+
+
+def _shape_only(weight: Any) -> Tensor:
+    """A meta tensor of a partitioned parameter's (d, k) shape and dtype: no memory, no values."""
+    return torch.empty(tuple(weight.ds_shape), dtype=weight.dtype, device="meta")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,9 +244,13 @@ def sharded_base_results(factors: Mapping[ModuleKey, LoRAFactors]) -> dict[Modul
     return results
 
 
+#: What peft names the parameters of a LoRA update (A, B, AdaLoRA's E, DoRA's magnitude).
+LORA_PARAMETERS = (".lora_A.", ".lora_B.", ".lora_E.", ".lora_magnitude_vector.")
+
+
 def lora_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """The LoRA factors' parameters of ``module`` by name (only those: W₀ is never gathered)."""
-    return {name: p for name, p in module.named_parameters() if ".lora_A." in name or ".lora_B." in name}
+    """The LoRA update's parameters of ``module`` by name (only those: W₀ is never gathered)."""
+    return {name: p for name, p in module.named_parameters() if any(part in name for part in LORA_PARAMETERS)}
 
 
 def zero3_partitioned(module: torch.nn.Module) -> bool:

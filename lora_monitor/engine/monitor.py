@@ -252,6 +252,7 @@ class LoRAMonitor:
             note = self.references.start(self._capture(step, base_numbers=False)[0], step)
             if note is not None:
                 self.reporter.warn(note)
+        self.probing.start(step)
 
     def on_step(self, step: int) -> None:
         """An optimizer step ended, ``step`` steps taken: write what the worker finished, and
@@ -267,8 +268,10 @@ class LoRAMonitor:
         """Training ended at ``step``: a last snapshot, every pending result written, and the
         rank recommendation."""
         if step != self._last_step:
-            self._take_snapshot(step)
+            self._take_snapshot(step, final=True)
         self._collect(wait=True)
+        if self.probing.skipped == step:  # the recommendation rests on the probe of its own step
+            self.latest_probe = self._read_probe(step, final=True)
         if self.latest_analysis:
             with self.reporter.contained(f"step {step}: the rank recommendation"):
                 self.recommendation = recommend_rank(
@@ -313,7 +316,8 @@ class LoRAMonitor:
         partitioned W₀'s are summed over the ranks (a collective), and FSDP (1) frees the W₀ it
         gathers (they are computed inside its gather, and no reference to it is kept)."""
         results: dict[ModuleKey, dict[str, Tensor]] = {}
-        with self.process.gathered():
+        # Read-only: products of the live parameters must record no autograd graph.
+        with self.process.gathered(), torch.no_grad():
             factors = full_factors(self._monitored_factors())
             if base_numbers:
                 with self.reporter.contained(f"step {step}: the W₀ numbers of sharded modules"):
@@ -339,7 +343,11 @@ class LoRAMonitor:
             self.latest_probe = outcome.probe
         self.reporter.publish(outcome)
 
-    def _take_snapshot(self, step: int) -> None:
+    def _read_probe(self, step: int, final: bool) -> Optional[ProbeReading]:
+        assert self._model is not None
+        return self.probing.read(self._model, self.options.adapter_name, self._module_names, self.process, step, final)
+
+    def _take_snapshot(self, step: int, final: bool = False) -> None:
         assert self.runner is not None
         self._last_step = step
         try:
@@ -355,8 +363,7 @@ class LoRAMonitor:
             # reference: a run stopped there and resumed must compare with what an
             # uninterrupted run compares with.
             self.references.remember(snapshot)
-        assert self._model is not None
-        probe = self.probing.read(self._model, self.options.adapter_name, self._module_names, self.process, step)
+        probe = self._read_probe(step, final)
         self.runner.submit(
             Job(snapshot, reference, reference_step, self.references.initial_factors, base_results, probe)
         )
