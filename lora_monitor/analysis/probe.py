@@ -52,11 +52,17 @@ class ProbeReading:
         return (none - math.log(self.losses[k])) / (none - full)
 
 
-def read_probe(loss_at: Callable[[int], float], r: int) -> ProbeReading:
+def read_probe(loss_at: Callable[[int], float], r: int, base: Optional[float] = None) -> ProbeReading:
     """Cut to 0 and to r, then upwards through :data:`GRID` until :data:`KEEP_HIGH` of the
-    log-loss reduction is kept (2 + a few forward passes: the suggestion is usually small)."""
+    log-loss reduction is kept (2 + a few forward passes: the suggestion is usually small).
+
+    ``base``: ``loss_at(0)`` where the caller knows it (the loss with no update at all is the
+    frozen model's, the same at every snapshot while nothing else trains): one forward fewer.
+    The grid is still walked from 1 upwards: the suggestion is the *first* k keeping the share,
+    and the curve need not rise monotonically (noise directions can raise the loss), so no
+    bisection or warm start is sure to find the same k."""
     start = time.perf_counter()
-    losses = {0: float(loss_at(0)), r: float(loss_at(r))}
+    losses = {0: float(loss_at(0)) if base is None else base, r: float(loss_at(r))}
     if not (math.isfinite(losses[0]) and math.isfinite(losses[r]) and 0 < losses[r] < losses[0]):
         return ProbeReading(r, losses, seconds=time.perf_counter() - start)
     reading = ProbeReading(r, losses)

@@ -6,11 +6,21 @@ read at each snapshot with every monitored ΔW cut to k directions
 (:func:`lora_monitor.analysis.probe.read_probe`), in the training thread, the model in eval
 mode, without gradients, the random number generators left as they were, and the factors put
 back exactly.
+
+What it costs, and how that is kept near free (``docs/performance.md``): a reading is 3–10
+forward passes of the probe batch. The loss with no update (k = 0) is the frozen model's, so it
+is kept while no other parameter or buffer changes (:func:`_fingerprint`). Between the start and
+the end of training the probe is read at a snapshot only while its readings stay within
+:data:`BUDGET` of the training time (:meth:`FunctionalProbe.due`); a snapshot it skips carries the
+latest reading; the end of training is always read, so the recommendation rests on the update
+it names.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import time
 from collections.abc import Callable, Collection, Iterator
 from typing import Any, Optional
 
@@ -64,6 +74,28 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, batch)
 
 
+#: The share of training wall time the readings between the start and the end of training may
+#: take: with the rest of the monitor, about 1 % at most (``docs/performance.md``).
+BUDGET = 0.005
+#: A reading's cost before the first one is measured, in training steps: about five forward
+#: passes of a training batch, a forward pass a third of a training step (backward is two).
+FIRST_COST_STEPS = 2.0
+
+
+def _fingerprint(model: torch.nn.Module, cut: Collection[torch.Tensor]) -> tuple[tuple[int, int], ...]:
+    """What the loss with every cut ΔW at zero depends on besides the batch: every parameter and
+    buffer but the cut factors, by storage and version counter — an optimizer step, a load or
+    any other in-place write bumps the counter, a ``.data`` swap or a move changes the storage.
+    A trained head, peft's ``modules_to_save``, an unmonitored LoRA layer, a BatchNorm's running
+    statistics all change it; frozen weights never do."""
+    skip = {id(tensor) for tensor in cut}
+    return tuple(
+        (tensor.data_ptr(), tensor._version)
+        for tensor in itertools.chain(model.parameters(), model.buffers())
+        if id(tensor) not in skip
+    )
+
+
 class FunctionalProbe:
     """Reads the probe when a snapshot is taken, if a loss is known and the run allows it.
 
@@ -84,6 +116,16 @@ class FunctionalProbe:
         self.batch: Any = None
         self._evaluate: Optional[Callable[[Any], Any]] = None
         self._said: set[str] = set()
+        #: ``loss(0)`` and what it was measured with (the loss, the batch, the fingerprint).
+        self._base: Optional[tuple[tuple[Any, ...], float]] = None
+        #: When training started, ``(perf_counter, step)``; None: every snapshot is read.
+        self._clock: Optional[tuple[float, int]] = None
+        #: The seconds the readings took so far.
+        self._spent = 0.0
+        #: The latest reading, carried to the snapshots the schedule skips.
+        self.latest: Optional[ProbeReading] = None
+        #: The step of the latest snapshot the schedule skipped (its reading is :attr:`latest`'s).
+        self.skipped: Optional[int] = None
 
     @property
     def wants_batch(self) -> bool:
@@ -104,6 +146,28 @@ class FunctionalProbe:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.batch = state.get("batch")
+
+    def start(self, step: int) -> None:
+        """Training starts at ``step``: the schedule measures the training time from here."""
+        if self._clock is None:
+            self._clock = (time.perf_counter(), step)
+
+    def due(self, step: int, final: bool = False) -> bool:
+        """Whether the probe is read at ``step``: at the end of training (``final``) always;
+        before, when the readings so far and this one (the latest reading's seconds, or
+        :data:`FIRST_COST_STEPS` training steps before any) stay within :data:`BUDGET` of the
+        training time since :meth:`start`. A long run is read every few snapshots (every
+        ``cost / (BUDGET · seconds between snapshots)``-th: the model's size and the snapshot
+        period set it, see ``docs/performance.md``); a short one at its end only."""
+        if final or self._clock is None:
+            return True
+        started, first_step = self._clock
+        steps = step - first_step
+        training = time.perf_counter() - started - self._spent
+        if steps <= 0:
+            return False
+        cost = self.latest.seconds if self.latest is not None else FIRST_COST_STEPS * training / steps
+        return self._spent + cost <= BUDGET * training
 
     def _loss(self, model: torch.nn.Module) -> Optional[Callable[[], Any]]:
         if self.loss is not None:
@@ -133,9 +197,11 @@ class FunctionalProbe:
         module_names: Collection[str],
         process: Process,
         step: int,
+        final: bool = False,
     ) -> Optional[ProbeReading]:
-        """The probe at ``step``, or None (not enabled, no loss known, not this process's, or it
-        cannot run: said once, with the reason)."""
+        """The probe at ``step`` (the latest reading where the schedule skips ``step``,
+        :meth:`due`; ``final``: the end of training, always read), or None (not enabled, no
+        loss known, not this process's, or it cannot run: said once, with the reason)."""
         loss = self._loss(model)
         if not self.enabled or loss is None or not process.is_main:
             return None
@@ -158,13 +224,26 @@ class FunctionalProbe:
                     "modules has one (DoRA, AdaLoRA and PiSSA-like updates are not cut); no probe reading"
                 )
                 return None
+            if not self.due(step, final):
+                self.skipped = step
+                return self.latest
+            cut = [layer.lora_A[name].weight for layer, name in layers.values()]
+            cut += [layer.lora_B[name].weight for layer, name in layers.values()]
+            # The probe's identity, ``loss(0)`` depends on nothing else: a new loss or batch, or
+            # any other parameter or buffer written, and it is measured again.
+            key = (self.loss, self._evaluate, id(self.batch), sorted(layers), _fingerprint(model, cut))
+            base = self._base[1] if self._base is not None and self._base[0] == key else None
             with _evaluating(model), LiveTruncation(layers) as truncation:
 
                 def loss_at(k: int) -> float:
                     truncation.cut(k)
                     return loss_value(loss())
 
-                return read_probe(loss_at, truncation.rank)
+                reading = read_probe(loss_at, truncation.rank, base)
+            self._base = (key, reading.losses[0])
+            self._spent += reading.seconds
+            self.latest, self.skipped = reading, None
+            return reading
         except Exception as error:  # an analysis problem: never the end of a training run
             self.enabled = False
             self.reporter.report(

@@ -11,6 +11,10 @@ import pytest
 import torch
 
 from lora_monitor import AnalysisWarning, LoRAMonitor, LoRAMonitorError
+from lora_monitor.adapters import plain_lora_layers
+from lora_monitor.adapters.truncation import LiveTruncation
+from lora_monitor.analysis.probe import ProbeReading, read_probe
+from lora_monitor.engine import probing
 from tests.helpers.models import lora_layers, tiny_llama_lora
 
 VOCAB = 64
@@ -63,9 +67,10 @@ def test_each_probe_loss_is_the_dense_truncated_model_s():
     assert monitor.recommendation.rank == reading.rank
 
 
-def test_reading_the_probe_changes_nothing_in_training():
+def test_reading_the_probe_changes_nothing_in_training(monkeypatch):
     """Same seeds, with and without the probe: the same losses and factors, bit for bit, the
     model back in training mode and the random generator where it was."""
+    monkeypatch.setattr(probing, "BUDGET", float("inf"))  # read at every snapshot, mid-training
     with_probe, without = tiny_llama_lora(rank=4, seed=3), tiny_llama_lora(rank=4, seed=3)
     tokens = _batch(2)
     monitor = LoRAMonitor(with_probe, every_n_steps=2, probe=lambda: with_probe(input_ids=tokens, labels=tokens).loss)
@@ -103,3 +108,113 @@ def test_in_strict_mode_a_failing_probe_stops_training():
     with pytest.raises(LoRAMonitorError, match="the functional probe failed"):
         with LoRAMonitor(model, every_n_steps=1, probe=lambda: None, strict=True) as monitor:
             _train(model, 2, monitor)
+
+
+def _uncached_reading(model, loss) -> ProbeReading:
+    """The whole probe, every loss measured (``loss(0)`` too): what the monitor's reading must equal."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), LiveTruncation(plain_lora_layers(model, None)) as truncation:
+
+            def loss_at(k: int) -> float:
+                truncation.cut(k)
+                return float(loss())
+
+            return read_probe(loss_at, truncation.rank)
+    finally:
+        model.train(training)
+
+
+def _readings(model, steps: int, foreach: bool = False) -> list[tuple[ProbeReading, ProbeReading, int]]:
+    """Train what requires a gradient in ``model``, reading its probe after every step as the
+    monitor does (``loss(0)`` kept while it can be) and uncached: (monitor's reading, uncached,
+    forward passes the monitor's took)."""
+    tokens = _batch(1)
+    calls: list[int] = []
+
+    def loss():
+        calls.append(1)
+        return model(input_ids=tokens, labels=tokens).loss
+
+    monitor = LoRAMonitor(model, every_n_steps=1000, probe=loss, strict=True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, foreach=foreach)
+    out = []
+    for step in range(1, steps + 1):
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        calls.clear()
+        reading = monitor.probing.read(model, None, monitor._module_names, monitor.process, step, final=True)
+        forwards = len(calls)
+        assert reading is not None
+        out.append((reading, _uncached_reading(model, loss), forwards))
+    return out
+
+
+def test_the_kept_loss_with_no_update_gives_the_uncached_probe_s_readings():
+    readings = _readings(tiny_llama_lora(rank=8), steps=4)
+    for cached, full, _ in readings:
+        assert cached.losses == full.losses
+        assert (cached.rank, cached.low, cached.high) == (full.rank, full.low, full.high)
+    # Measured once, kept after: one forward pass fewer a reading.
+    assert [forwards for *_, forwards in readings[1:]] == [len(full.losses) - 1 for _, full, _ in readings[1:]]
+
+
+@pytest.mark.parametrize("foreach", [False, True])  # the fused update bumps the version counters too
+def test_a_trained_non_lora_parameter_has_the_loss_with_no_update_measured_again(foreach):
+    model = tiny_llama_lora(rank=8)
+    model.base_model.model.lm_head.weight.requires_grad_(True)  # a trained head
+    readings = _readings(model, steps=3, foreach=foreach)
+    assert len({cached.losses[0] for cached, _, _ in readings}) == len(readings)  # the head moved it
+    for cached, full, _ in readings:
+        assert cached.losses == full.losses and cached.rank == full.rank
+
+
+def test_a_frozen_weight_written_in_place_has_the_loss_with_no_update_measured_again():
+    model = tiny_llama_lora(rank=8)
+    tokens = _batch(1)
+    monitor = LoRAMonitor(model, every_n_steps=1000, probe=lambda: model(input_ids=tokens, labels=tokens).loss)
+    read = lambda step: monitor.probing.read(model, None, monitor._module_names, monitor.process, step, final=True)  # noqa: E731
+    first = read(1)
+    with torch.no_grad():
+        model.base_model.model.model.norm.weight.mul_(2.0)
+    second = read(2)
+    assert first is not None and second is not None and first.losses[0] != second.losses[0]
+    assert second.losses == _uncached_reading(model, lambda: model(input_ids=tokens, labels=tokens).loss).losses
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_schedule_reads_within_its_budget_and_always_at_the_end(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(probing.time, "perf_counter", clock)
+    probe = LoRAMonitor(functional_probe=True).probing
+    probe.start(0)
+    clock.now = 50.0  # 50 steps of a second: a first reading guessed at 2 steps, 0.25 s allowed
+    assert not probe.due(50) and probe.due(50, final=True)
+    clock.now = 400.0  # 2 s allowed: the guess fits
+    assert probe.due(400)
+    probe.latest, probe._spent = ProbeReading(8, seconds=1.5), 1.5
+    clock.now = 500.0  # 1.5 s spent, 1.5 more: 3 s > 0.5 % of 498.5 s
+    assert not probe.due(500)
+    clock.now = 601.5  # 0.5 % of 600 s
+    assert probe.due(600)
+
+
+def test_a_short_run_is_probed_at_its_end_with_the_whole_probe_s_reading(tmp_path):
+    model = tiny_llama_lora(rank=8)
+    tokens = _batch(1)
+    loss = lambda: model(input_ids=tokens, labels=tokens).loss  # noqa: E731
+    with LoRAMonitor(model, every_n_steps=2, probe=loss, log_images=False) as monitor:
+        _train(model, 6, monitor)
+        assert monitor.latest_probe is None  # seconds of training: no reading fits 0.5 % of them
+    assert monitor.recommendation is not None and monitor.latest_probe is not None
+    full = _uncached_reading(model, loss)
+    assert monitor.latest_probe.losses == full.losses and monitor.recommendation.probe == monitor.latest_probe
