@@ -1,6 +1,6 @@
 """lora_monitor.integrations.lightning_loggers: every logger gets what it can show. TensorBoard
-scalars and images, CSV scalars and PNG files, W&B and MLflow (when installed) their own image
-APIs, any other logger the scalars."""
+scalars and images, CSV scalars and PNG files, W&B (offline) and MLflow (a SQLite store) their own
+image APIs, read back from disk and compared with TensorBoard's, any other logger the scalars."""
 
 from __future__ import annotations
 
@@ -19,10 +19,21 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from lora_monitor import LoRASubspaceMonitor
 from lora_monitor.integrations.lightning_loggers import image_path
-from lora_monitor.outputs.tags import heatmap_tag, is_monitor_tag, scalar_tag
-from tests.helpers.events import analysis_warnings, read_events
+from lora_monitor.outputs.tags import OVERVIEW_TAG, SUGGESTED_TAG, heatmap_tag, is_monitor_tag, scalar_tag
+from tests.helpers.events import analysis_warnings, assert_same_scalars, monitor_scalars, read_events
 from tests.helpers.lightning import CausalLMModule, make_trainer
 from tests.helpers.models import tiny_llama_lora
+from tests.helpers.offline_runs import (
+    MLFLOW_STORE_NOTICE,
+    assert_same_pixels,
+    mlflow_images,
+    mlflow_scalars,
+    offline_trackers,
+    tensorboard_images,
+    wandb_images,
+    wandb_run_dir,
+    wandb_scalars,
+)
 
 PHI_TOP = scalar_tag("phi_top", (0, "q"))
 
@@ -126,41 +137,66 @@ def test_tensorboard_log_dir_that_cannot_be_created_fails_before_training(tmp_pa
     assert time.monotonic() - start < 30
 
 
-def test_wandb_logger_gets_images(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
-    from lightning.pytorch.loggers import WandbLogger
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    """One run logging to TensorBoard, W&B (offline) and MLflow (a SQLite store) at once, each read
+    back from disk: logger → (tag → step → value of the monitor's scalars, tag → step → PNG), and
+    the AnalysisWarning texts."""
+    import wandb
+    from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="lora_monitor")
-    try:
-        assert fit_with(tmp_path, [logger]) == []
-    finally:
-        logger.experiment.finish()
-    run_dir = Path(logger.experiment.dir).parent
-    # One image per drawn layer (step 4; step 2 is the reference), named by wandb's own step counter.
-    media = run_dir / "files" / "media" / "images" / "lora_monitor.phi_heatmaps"
-    for layer in (0, 1):
-        images = sorted(media.glob(f"layer_{layer:02d}_*.png"))
-        assert len(images) == 1
-        assert decode_png(images[0].read_bytes()).shape[-1] in (3, 4)
+    root = tmp_path_factory.mktemp("tracked")
+    with pytest.MonkeyPatch.context() as monkeypatch, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=MLFLOW_STORE_NOTICE)
+        uri = offline_trackers(monkeypatch, root)
+        from mlflow import MlflowClient  # imported after offline_trackers: see there
+
+        tensorboard = TensorBoardLogger(str(root), name="tb", version=0)
+        wandb_logger = WandbLogger(save_dir=str(root), offline=True, project="lora_monitor")
+        mlflow_logger = MLFlowLogger(
+            experiment_name="lora_monitor", tracking_uri=uri, artifact_location=str(root / "mlflow-artifacts")
+        )
+        try:
+            messages = fit_with(root, [tensorboard, wandb_logger, mlflow_logger])
+        finally:
+            # Lightning leaves the W&B run open: finishing writes the rest of its file (and
+            # unsets wandb.run); teardown drops W&B's settings, which point at root.
+            wandb.finish()
+            wandb.teardown()
+        events = read_events(tensorboard.log_dir)
+        wandb_run = wandb_run_dir(root)
+        client = MlflowClient(uri)
+        run_id = mlflow_logger.run_id
+        return {
+            "tensorboard": (monitor_scalars(events), tensorboard_images(events)),
+            # WandbLogger writes Lightning's step beside W&B's own counter (_step), which the
+            # monitor's images and Lightning's own metrics both advance.
+            "wandb": (wandb_scalars(wandb_run, "trainer/global_step"), wandb_images(wandb_run, "trainer/global_step")),
+            "mlflow": (mlflow_scalars(client, run_id), mlflow_images(client, run_id, root / "mlflow-download")),
+            "messages": messages,
+        }
 
 
-def test_mlflow_logger_gets_images(tmp_path, monkeypatch):
-    pytest.importorskip("mlflow")
-    from lightning.pytorch.loggers import MLFlowLogger
+def test_wandb_and_mlflow_loggers_take_everything_without_a_warning(tracked):
+    assert tracked["messages"] == []
 
-    # A local file store: no server, no database migrations (MLflow 3 asks for this opt-in).
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    logger = MLFlowLogger(experiment_name="lora_monitor", tracking_uri=f"file:{tmp_path / 'mlruns'}")
-    assert fit_with(tmp_path, [logger]) == []
-    client = logger.experiment
-    history = client.get_metric_history(logger.run_id, PHI_TOP)
-    assert [m.step for m in history] == [4]
-    artifacts = [a.path for a in client.list_artifacts(logger.run_id, "images")]
-    # MLflow names an image series' files <key with / as ~>+step+<step>+timestamp+...
-    for layer in (0, 1):
-        pngs = [
-            path for path in artifacts if path.endswith(".png") and f"phi_heatmaps~layer_{layer:02d}+step+4+" in path
-        ]
-        assert len(pngs) == 1, artifacts
+
+@pytest.mark.parametrize("logger", ["wandb", "mlflow"])
+def test_logger_has_every_monitor_scalar_tensorboard_has(tracked, logger):
+    expected, _ = tracked["tensorboard"]
+    # What is compared: the suggestion and φ (from step 4 on, step 2 being the reference).
+    assert expected[SUGGESTED_TAG].keys() == {2, 4}
+    assert expected[PHI_TOP].keys() == {4}
+    scalars, _ = tracked[logger]
+    # The same tags at the same steps, the same values (TensorBoard keeps float32).
+    assert_same_scalars(scalars, expected, rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("logger", ["wandb", "mlflow"])
+def test_logger_shows_every_image_tensorboard_shows(tracked, logger):
+    _, expected = tracked["tensorboard"]
+    # The overview at both snapshots, the heatmaps at step 4 only (step 2 is the reference).
+    steps = {heatmap_tag(0): [4], heatmap_tag(1): [4], OVERVIEW_TAG: [2, 4]}
+    assert {tag: sorted(series) for tag, series in expected.items()} == steps
+    _, images = tracked[logger]
+    assert_same_pixels(images, expected)

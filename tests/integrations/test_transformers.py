@@ -1,13 +1,14 @@
 """lora_monitor.integrations.transformers: the transformers front-end with real clients.
 ``Trainer`` and TRL's ``SFTTrainer`` on a tiny Llama with the real MiniLM tokenizer, the
 TensorBoard run read back, resume from ``checkpoint-N``, numbers checked against merged weights,
-MLflow (when installed), and a run with Lightning made unimportable."""
+W&B and MLflow (offline) compared with TensorBoard, and a run with Lightning made unimportable."""
 
 from __future__ import annotations
 
 import copy
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,12 +19,26 @@ from lora_monitor.outputs.tags import (
     PROBE_RANK_TAG,
     RECOMMENDATION_TAG,
     SCALAR_NAMES,
+    SUGGESTED_TAG,
     heatmap_tag,
     scalar_tag,
 )
 from tests.helpers.data import TEXTS, TokenDataset, minilm_tokenizer, trainer_arguments
-from tests.helpers.events import read_events, run_dirs, scalar_values
+from tests.helpers.events import assert_same_scalars, monitor_scalars, read_events, run_dirs, scalar_values
 from tests.helpers.models import add_lora, tiny_llama
+from tests.helpers.offline_runs import (
+    MLFLOW_STORE_NOTICE,
+    assert_same_pixels,
+    mlflow_images,
+    mlflow_scalars,
+    offline_trackers,
+    tensorboard_images,
+    tensorboard_text,
+    wandb_files,
+    wandb_images,
+    wandb_run_dir,
+    wandb_scalars,
+)
 
 pytest.importorskip("transformers")
 from peft import LoraConfig  # noqa: E402
@@ -233,31 +248,63 @@ def test_sft_trainer_wrapping_the_model_itself(tokenizer, tmp_path, monkeypatch)
     assert sorted(callback.latest_analysis) == [(0, "q"), (0, "v"), (1, "q"), (1, "v")]
 
 
-def test_report_to_mlflow_gets_the_same_scalars(tokenizer, tmp_path, monkeypatch):
-    mlflow = pytest.importorskip("mlflow")
-    from mlflow import MlflowClient
+@pytest.mark.filterwarnings(f"ignore:{MLFLOW_STORE_NOTICE}")
+def test_report_to_wandb_and_mlflow_get_what_tensorboard_gets(tokenizer, tmp_path, monkeypatch):
+    import wandb
 
-    monkeypatch.chdir(tmp_path)  # MLflow puts the images' artifacts under ./mlruns
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    # An earlier test's MLFlowLogger may have set the process-wide URI, which wins over the variable.
-    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None, raising=False)
+    uri = offline_trackers(monkeypatch, tmp_path)
+    from mlflow import MlflowClient  # imported after offline_trackers: see there
+
+    monkeypatch.setenv("WANDB_PROJECT", "lora_monitor")
+    monkeypatch.chdir(tmp_path)  # MLflowCallback's experiment keeps its artifacts (the images) in ./mlruns
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
-    Trainer(
+    trainer = Trainer(
         model=lora_model(tokenizer),
-        args=trainer_arguments(tmp_path / "out", max_steps=4, report_to=["tensorboard", "mlflow"]),
+        args=trainer_arguments(tmp_path / "out", max_steps=4, report_to=["tensorboard", "wandb", "mlflow"]),
         train_dataset=TokenDataset(tokenizer),
-        callbacks=[LoRASubspaceCallback(every_n_steps=EVERY)],
-    ).train()
-    client = MlflowClient(tracking_uri=uri)
-    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        # strict: an output that fails raises instead of warning.
+        callbacks=[LoRASubspaceCallback(every_n_steps=EVERY, strict=True)],
+    )
+    try:
+        trainer.train()
+    finally:
+        # WandbCallback leaves the run open: finishing writes the rest of its file (and unsets
+        # wandb.run); teardown drops W&B's settings, which point at tmp_path.
+        wandb.finish()
+        wandb.teardown()
+
     (tensorboard_run,) = run_dirs(tmp_path / "out")
-    expected = scalar_values(read_events(tensorboard_run))
-    tag = scalar_tag("delta_w_norm", (1, "q"))
-    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, tag)}
-    assert sorted(history) == [2, 4]  # the last one written after MLflowCallback ended the run
-    for step, value in history.items():
-        assert value == pytest.approx(expected[tag][step], rel=1e-6)
+    events = read_events(tensorboard_run)
+    expected = monitor_scalars(events)
+    # What is compared: the suggestion, and φ from step 4 on (step 2 is the reference); step 4
+    # is written when training ends, after MLflowCallback has ended its run.
+    assert expected[SUGGESTED_TAG].keys() == {2, 4}
+    assert expected[scalar_tag("phi_top", (1, "v"))].keys() == {4}
+    expected_images = tensorboard_images(events)
+    assert {tag: sorted(series) for tag, series in expected_images.items()} == {
+        heatmap_tag(0): [4],
+        heatmap_tag(1): [4],
+        OVERVIEW_TAG: [2, 4],
+    }
+    (recommendation,) = tensorboard_text(events, RECOMMENDATION_TAG).values()
+
+    # W&B: its history rows carry the Trainer's step as train/global_step, the step axis
+    # WandbCallback defines; images in the run's media.
+    run_dir = wandb_run_dir(tmp_path)
+    assert_same_scalars(wandb_scalars(run_dir, "train/global_step"), expected, rel=1e-6, abs=1e-6)
+    assert_same_pixels(wandb_images(run_dir, "train/global_step"), expected_images)
+    (html,) = wandb_files(run_dir, RECOMMENDATION_TAG, "html-file")
+    assert f"<pre>{recommendation}</pre>" in html.read_text()
+
+    # MLflow: the run MLflowCallback opened holds the metrics at their steps, the images as an
+    # image series, the recommendation as a Markdown artifact.
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    run_id = run.info.run_id
+    assert_same_scalars(mlflow_scalars(client, run_id), expected, rel=1e-6, abs=1e-6)
+    assert_same_pixels(mlflow_images(client, run_id, tmp_path / "mlflow-download"), expected_images)
+    text = client.download_artifacts(run_id, f"{RECOMMENDATION_TAG}/step_000004.md", str(tmp_path))
+    assert Path(text).read_text() == recommendation
 
 
 #: Run in a fresh interpreter where importing Lightning fails, as if it were not installed.
