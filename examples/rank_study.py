@@ -46,7 +46,6 @@ if importlib.util.find_spec("lora_monitor") is None:
 
 from lora_monitor.cli import Comparison, compare_adapters  # noqa: E402
 from lora_monitor.functional import BASES  # noqa: E402
-from lora_monitor.outputs.report import report_markdown  # noqa: E402
 from train_minilm_topics import main as train  # noqa: E402
 
 
@@ -94,6 +93,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         lora_monitor.cli.Comparison}, "seconds": wall time}``.
     """
     args = build_parser().parse_args(argv)
+    from lora_monitor.outputs.report import report_markdown  # it loads torch: after parsing, for a fast --help
+
     start = time.perf_counter()
     large, small = args.large_rank, args.small_rank
     runs = {f"r{large}_s0": _train(args, large, 0, None)}
