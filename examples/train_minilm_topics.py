@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from lora_monitor.functional.bases import BASES
@@ -147,7 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     log_dir = logger.log_dir
     adapter_dir = None
     if not args.no_save_adapter:
-        adapter_dir = args.save_adapter or os.path.join(log_dir, "adapter")
+        adapter_dir = Path(args.save_adapter or Path(log_dir, "adapter"))
 
     result: dict[str, Any] = {"log_dir": log_dir, "logdir": args.logdir, "adapter_dir": adapter_dir}
     timer = StepTimer()
