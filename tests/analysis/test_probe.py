@@ -52,3 +52,13 @@ def test_an_update_that_did_not_lower_the_loss_suggests_nothing(full):
     reading = read_probe(_curve({0: 1.0, 8: full})[0], 8)
     assert reading.rank is None and reading.low is None and reading.high is None
     assert set(reading.losses) == {0, 8}
+
+
+def test_a_known_loss_with_no_update_gives_the_same_reading_one_forward_fewer():
+    losses = {0: 2.0, 1: 1.2, 2: 0.7, 3: 0.52, 4: 0.5, 5: 0.5, 6: 0.5, 8: 0.5, 10: 0.5, 12: 0.5, 16: 0.5}
+    loss_at, asked = _curve(losses)
+    full = read_probe(loss_at, 16)
+    known_at, asked_known = _curve(losses)
+    known = read_probe(known_at, 16, base=losses[0])
+    assert (known.losses, known.rank, known.low, known.high) == (full.losses, full.rank, full.low, full.high)
+    assert asked_known == asked[1:] and 0 not in asked_known
