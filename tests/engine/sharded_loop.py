@@ -1,23 +1,26 @@
-"""A plain training loop under FSDP2 or FSDP (1), for ``test_sharded.py``.
+"""A plain training loop under FSDP2, FSDP (1) or DeepSpeed ZeRO-3, for ``test_sharded.py``.
 
 ``torchrun --nproc_per_node 2 sharded_loop.py OUT --shard fsdp2 ...`` shards a tiny model with
 ``fully_shard`` on each decoder layer and on the root (as Lightning's ``ModelParallelStrategy``,
 accelerate's FSDP2 and torchtitan do) and trains it over gloo; ``--shard fsdp1`` wraps it in
 ``FullyShardedDataParallel`` instead (each decoder layer a unit; on CPU it needs
 ``device_id=cpu`` and, for LoRA's mixed ``requires_grad``, ``use_orig_params=True``);
+``--shard zero3`` hands it to ``deepspeed.initialize`` with ZeRO stage 3 (DeepSpeed's CPU
+accelerator, gloo) and monitors ``engine.module``;
 ``python sharded_loop.py OUT ...`` trains the same model in one process, unsharded: the
 reference. Every rank sees the same
 batches, so both runs apply the same updates. Two monitors watch each run: one against the
 run's first snapshot, one against a saved adapter (``--adapter``).
 
-    sharded_loop.py OUT [--shard fsdp2|fsdp1] [--arch llama|phi3] [--adapter DIR] [--steps N]
+    sharded_loop.py OUT [--shard fsdp2|fsdp1|zero3] [--arch llama|phi3] [--adapter DIR] [--steps N]
                   [--stop-at N] [--resume DIR]
 
 ``--stop-at N`` ends training after step N and saves the monitors' and the model's states
 under OUT; ``--resume DIR`` builds the model with another LoRA initialization, loads DIR's
 states and trains on from there. Warnings the monitors give are written to
-``OUT/warnings_rank<r>.json``, the shapes of the DTensors the monitors gathered (outside
-forward and backward) to ``OUT/gathered_rank<r>.json``.
+``OUT/warnings_rank<r>.json``, the shapes of the DTensors (FSDP2) or ZeRO-3 parameters the
+monitors gathered (outside forward and backward) to ``OUT/gathered_rank<r>.json``, what they
+said on the console to ``OUT/info_rank<r>.json``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import argparse
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -106,6 +110,40 @@ def shard(model: torch.nn.Module, how: str) -> torch.nn.Module:
     return model
 
 
+def zero3(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, gathered: list[list[int]]
+) -> tuple[torch.nn.Module, Callable[[torch.Tensor], None]]:
+    """``deepspeed.initialize`` with ZeRO stage 3 on the process group: the module to monitor
+    (``engine.module``, its parameters partitioned) and a training step. The AdamW is handed to
+    DeepSpeed as is (its update is elementwise: the unsharded run's, partition by partition).
+    The shapes of the parameters ``deepspeed.zero.GatheredParameters`` is given from now on
+    (the monitors' gathers) are recorded in ``gathered``."""
+    import deepspeed
+
+    from tests.helpers.distributed import without_deepspeed_ops
+
+    without_deepspeed_ops()
+    config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "zero_optimization": {"stage": 3},
+        "zero_allow_untested_optimizer": True,
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    gathered_parameters = deepspeed.zero.GatheredParameters
+
+    def recording(parameters, *args, **kwargs):
+        gathered.extend(list(p.ds_shape) for p in parameters)
+        return gathered_parameters(parameters, *args, **kwargs)
+
+    deepspeed.zero.GatheredParameters = recording
+
+    def train_step(tokens: torch.Tensor) -> None:
+        engine.backward(engine(input_ids=tokens, labels=tokens).loss)
+        engine.step()
+
+    return engine.module, train_step
+
+
 def batch(step: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (4, 8), generator=torch.Generator().manual_seed(1000 + step))
 
@@ -113,7 +151,7 @@ def batch(step: int) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
-    parser.add_argument("--shard", choices=("fsdp2", "fsdp1"))
+    parser.add_argument("--shard", choices=("fsdp2", "fsdp1", "zero3"))
     parser.add_argument("--arch", default="llama", choices=("llama", "phi3", "llama4bit"))
     parser.add_argument("--adapter", type=Path)
     parser.add_argument("--steps", type=int, default=6)
@@ -129,7 +167,7 @@ def main() -> None:
         rank = torch.distributed.get_rank()
     model = build(args.arch, lora_seed=5 if args.resume else 0)
     gathered: list[list[int]] = []
-    if args.shard:
+    if args.shard in ("fsdp2", "fsdp1"):
         model = shard(model, args.shard)
         from torch.distributed.tensor import DTensor
 
@@ -141,6 +179,14 @@ def main() -> None:
 
         DTensor.full_tensor = recording_full_tensor
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    def train_step(tokens: torch.Tensor) -> None:
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    if args.shard == "zero3":
+        model, train_step = zero3(model, optimizer, gathered)
     start = 0
     if args.resume is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -167,10 +213,7 @@ def main() -> None:
                 monitor.load_state_dict(torch.load(args.resume / f"{name}_rank{rank}.pt", weights_only=True))
         stop = args.stop_at or args.steps
         for step in range(start + 1, stop + 1):
-            tokens = batch(step)
-            model(input_ids=tokens, labels=tokens).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+            train_step(batch(step))
             for monitor in monitors.values():
                 monitor.step(step)
         if args.stop_at is not None:

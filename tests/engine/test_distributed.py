@@ -11,10 +11,6 @@ process checkpoints its state. FSDP2's DTensor factors are gathered whole on eve
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,14 +18,13 @@ import torch
 
 from lora_monitor import LoRASubspaceMonitor
 from lora_monitor.outputs.tags import heatmap_tag, scalar_tag
-from tests.helpers.distributed import RecordingEngine, analyzed
+from tests.helpers.distributed import TORCHRUN, RecordingEngine, analyzed, run_script
 from tests.helpers.events import assert_same_scalars, monitor_scalars, read_events, run_dirs, scalar_values
 from tests.helpers.lightning import CausalLMModule, make_trainer
 from tests.helpers.models import tiny_llama_lora
 
 STEPS, EVERY = 4, 2
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
 
 
 class ShareRecorder(LoRASubspaceMonitor):
@@ -160,20 +155,9 @@ def test_sharded_strategy_logs_what_a_single_device_logs(tmp_path, strategy):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed next to this Python")
 def test_torchrun_two_processes_write_each_point_once(tmp_path):
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    if torchrun is None:
-        pytest.skip("torchrun is not installed next to this Python")
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    environment.pop("TENSORBOARD_LOGGING_DIR", None)
-    result = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29517", str(HERE / "torchrun_trainer.py"), str(tmp_path)],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_script(HERE / "torchrun_trainer.py", str(tmp_path), processes=2, timeout=300)
 
     (run,) = run_dirs(tmp_path)  # the main process's run only
     values = scalar_values(read_events(run))  # asserts that no step is written twice

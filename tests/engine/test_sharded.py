@@ -1,15 +1,16 @@
-"""The monitor under FSDP2 (``fully_shard``) and FSDP (1) in a plain loop:
+"""The monitor under FSDP2 (``fully_shard``), FSDP (1) and DeepSpeed ZeRO-3 in a plain loop:
 ``torchrun --nproc_per_node 2`` on CPU (gloo), against the same training in one unsharded
 process (``sharded_loop.py``).
 
 Every per-layer scalar — ‖ΔW‖, φ, the spectra, and ‖ΔW‖/‖W₀‖ and the amplification, which read
-W₀ — equals the unsharded run's within 1e-4 relative; under FSDP2 no rank ever gathers a W₀
-(only LoRA factors are gathered). Each point is written once, and no warning is given.
+W₀ — equals the unsharded run's within 1e-4 relative; under FSDP2 and ZeRO-3 no rank ever
+gathers a W₀ (only LoRA factors are gathered). Each point is written once, and no warning is given.
 Resuming from a checkpoint taken under FSDP2 reproduces the uninterrupted run.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Optional
@@ -33,8 +34,8 @@ pytestmark = [
 
 
 def _run(out: Path, *arguments: str, shard: Optional[str]) -> Path:
-    """Train with ``sharded_loop.py``: sharded (``"fsdp2"``, ``"fsdp1"``) over 2 processes, or in
-    one process (None)."""
+    """Train with ``sharded_loop.py``: sharded (``"fsdp2"``, ``"fsdp1"``, ``"zero3"``) over 2
+    processes, or in one process (None)."""
     run_script(SCRIPT, str(out), *(["--shard", shard] if shard else []), *arguments, processes=2 if shard else 1)
     return out
 
@@ -56,7 +57,8 @@ def _warnings(out: Path) -> list[str]:
 
 
 def _assert_only_factors_gathered(out: Path, rank: int = 4) -> None:
-    """Every DTensor the monitors gathered is a LoRA factor (one side of length r), never W₀."""
+    """Every DTensor (FSDP2) or parameter (ZeRO-3) the monitors gathered is a LoRA factor (one
+    side of length r), never W₀."""
     for process in (0, 1):
         shapes = json.loads((out / f"gathered_rank{process}.json").read_text())
         assert shapes and all(rank in shape for shape in shapes), shapes
@@ -72,14 +74,18 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         "single": _run(root / "single", *adapter, shard=None),
         "sharded": _run(root / "sharded", *adapter, shard="fsdp2"),
         "fsdp1": _run(root / "fsdp1", *adapter, shard="fsdp1"),
+        # An optional dependency (see docs/deepspeed.md): its case is skipped without it.
+        "zero3": _run(root / "zero3", *adapter, shard="zero3") if importlib.util.find_spec("deepspeed") else None,
         "half": half,
         "resumed": _run(root / "resumed", *adapter, "--resume", str(half), shard="fsdp2"),
     }
 
 
 @pytest.mark.parametrize("monitor", MONITORS)
-@pytest.mark.parametrize("run", ["sharded", "fsdp1"])
+@pytest.mark.parametrize("run", ["sharded", "fsdp1", "zero3"])
 def test_every_scalar_equals_the_unsharded_run(runs, run, monitor):
+    if runs[run] is None:
+        pytest.skip("deepspeed is not installed")
     expected = scalars(runs["single"] / f"tb_{monitor}")
     got = scalars(runs[run] / f"tb_{monitor}")
     for metric in ("delta_w_norm", "phi_top", "delta_w_energy_rank", *W0_METRICS):
@@ -87,7 +93,7 @@ def test_every_scalar_equals_the_unsharded_run(runs, run, monitor):
     assert all(sorted(series) == [2, 4, 6] for tag, series in got.items() if tag.startswith("lora_monitor.delta_w"))
     assert_same(expected, got)
     assert _warnings(runs[run]) == []
-    if run == "sharded":
+    if run != "fsdp1":  # FSDP (1) gathers whole units, W₀ included, by design
         _assert_only_factors_gathered(runs[run])
 
 

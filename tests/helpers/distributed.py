@@ -40,13 +40,27 @@ TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_script(script: Path, *arguments: str, processes: int = 1, timeout: int = 600) -> None:
-    """Run a test script, under ``torchrun --nproc_per_node <processes>`` when ``processes`` > 1
-    (gloo on CPU, one thread each), the repository's root on its path; fail with its stderr."""
-    launcher = [TORCHRUN, "--nproc_per_node", str(processes)] if processes > 1 else [sys.executable]
+def run_script(script: Path, *arguments: str, processes: int = 1, timeout: int = 600) -> str:
+    """Run a test script, under ``torchrun --standalone --nproc_per_node <processes>`` when
+    ``processes`` > 1 (gloo on CPU, one thread each, on a free port: other runs may be going on),
+    the repository's root on its path; fail with its stderr. Returns what it printed (stdout,
+    then stderr)."""
+    launcher = [TORCHRUN, "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else [sys.executable]
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     environment = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    environment.pop("TENSORBOARD_LOGGING_DIR", None)  # a Trainer writes under its output_dir
     done = subprocess.run(
         [*launcher, str(script), *arguments], capture_output=True, text=True, env=environment, timeout=timeout
     )
     assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout + done.stderr
+
+
+def without_deepspeed_ops() -> None:
+    """Have DeepSpeed build none of its C++ ops in this process: on CPU it JIT-compiles a
+    shared-memory collective at ``deepspeed.initialize`` (minutes, and a compiler) that only
+    speeds up what gloo does; marked incompatible, it falls back to ``torch.distributed``, and
+    the ops' compatibility is not probed either (compiler runs)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__ = {}
