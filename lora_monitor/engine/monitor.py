@@ -10,7 +10,6 @@ calls :meth:`LoRAMonitor.step` itself.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib
 import os
 import threading
@@ -165,8 +164,6 @@ class LoRAMonitor:
         self.runner: Optional[AnalysisRunner] = None
         self._model: Optional[torch.nn.Module] = None
         self._last_step: Optional[int] = None
-        #: The latest snapshot's job when the probe's schedule skipped it (read at the end).
-        self._unprobed: Optional[Job] = None
         #: The latest step :meth:`step` was told of (the plain loop's end of training).
         self._seen_step: Optional[int] = None
         #: The analysis of the latest snapshot, ``(layer, projection) → ModuleAnalysis``.
@@ -280,14 +277,11 @@ class LoRAMonitor:
         rank recommendation."""
         if step != self._last_step:
             self._take_snapshot(step, final=True)
-        elif self._unprobed is not None:
-            # The probe's schedule skipped the last snapshot: it is read now and the snapshot
-            # written again with it, so that the recommendation and its cards rest on it (by
-            # the one process that probes: the others have nothing to add).
-            assert self.runner is not None
-            probe = self._read_probe(step, final=True)
-            self.runner.submit(dataclasses.replace(self._unprobed, probe=probe), alone=True)
         self._collect(wait=True)
+        if self.probing.skipped == step:
+            # The probe's schedule skipped the last snapshot (its cards carry the reading before):
+            # the recommendation rests on the probe of its own step.
+            self.latest_probe = self._read_probe(step, final=True)
         if self.latest_analysis:
             with self.reporter.contained(f"step {step}: the rank recommendation"):
                 self.recommendation = recommend_rank(
@@ -380,9 +374,9 @@ class LoRAMonitor:
             # uninterrupted run compares with.
             self.references.remember(snapshot)
         probe = self._read_probe(step, final)
-        job = Job(snapshot, reference, reference_step, self.references.initial_factors, base_results, probe)
-        self._unprobed = job if self.probing.skipped == step else None
-        self.runner.submit(job)
+        self.runner.submit(
+            Job(snapshot, reference, reference_step, self.references.initial_factors, base_results, probe)
+        )
         self._collect(wait=False)  # a synchronous analysis is done: published at its own step
 
     def _analyze(self, job: Job) -> Outcome:

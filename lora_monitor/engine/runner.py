@@ -88,13 +88,13 @@ class AnalysisRunner:
         #: The worker of an asynchronous runner, from its first job to :meth:`close`.
         self.background: Optional[Background[Outcome]] = None
 
-    def submit(self, job: Job, alone: bool = False) -> None:
-        """Analyze ``job`` now (synchronous: every rank must call it, a collective when split,
-        unless this process analyses it ``alone``) or hand it to the worker."""
+    def submit(self, job: Job) -> None:
+        """Analyze ``job`` now (synchronous: every rank must call it, a collective when split)
+        or hand it to the worker."""
         device = next(iter(job.snapshot.factors.values())).lora_A.device
         asynchronous = self.asynchronous if self.asynchronous is not None else device.type == "cuda"
         if not asynchronous:
-            self._done.append(self._spread(job) if self.process.spreads_analysis and not alone else self._whole(job))
+            self._done.append(self._spread(job) if self.process.spreads_analysis else self._whole(job))
             return
         if self.background is None:
             self.background = Background(device)
