@@ -12,7 +12,8 @@ Layers, from the maths up; each imports only those above it in this list (a test
 - :mod:`lora_monitor.engine` — :class:`LoRAMonitor`, the framework-free monitor (a plain
   loop uses it directly), with its options, references, runner and reporter;
 - :mod:`lora_monitor.integrations` — front-ends: :class:`LoRASubspaceMonitor` (Lightning),
-  :class:`LoRASubspaceCallback` (transformers ``Trainer``, TRL);
+  :class:`LoRASubspaceCallback` (transformers ``Trainer``, TRL), :class:`LoRAAcceleratorMonitor`
+  (an ``accelerate`` loop);
 - :mod:`lora_monitor.cli` — ``lora-monitor`` on adapters saved on disk.
 
 Importing the package costs nothing: each name below loads its module (and its framework)
@@ -32,6 +33,7 @@ _NAMES = {
     "LoRAMonitorError": "lora_monitor.adapters",
     "LoRASubspaceMonitor": "lora_monitor.integrations.lightning",
     "LoRASubspaceCallback": "lora_monitor.integrations.transformers",
+    "LoRAAcceleratorMonitor": "lora_monitor.integrations.accelerate",
     "factored_svd": "lora_monitor.functional",
     "singular_basis": "lora_monitor.functional",
     "subspace_similarity": "lora_monitor.functional",

@@ -7,6 +7,7 @@ import still ties two modules together for a reader and a maintainer.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,37 @@ def test_each_layer_imports_only_the_layers_below_it():
 def test_every_module_belongs_to_a_layer():
     for module in import_graph():
         _layer(module)  # raises ValueError for a module outside the layers
+
+
+#: What a front-end may use of its engine: the front-end contract of ``lora_monitor.engine.monitor``.
+ENGINE_CONTRACT = {
+    "attach",
+    "start",
+    "wants_probe_batch",
+    "capture_probe_batch",
+    "refuse_probe",
+    "on_step",
+    "finish",
+    "close",
+    "state_dict",
+    "load_state_dict",
+    "options",
+    "latest_analysis",
+    "recommendation",
+}
+#: And what it may import of the engine layer: the engine, its options and warning, where it runs.
+ENGINE_IMPORTS = {
+    "lora_monitor.engine": {"LoRAMonitor", "MonitorOptions", "AnalysisWarning"},
+    "lora_monitor.engine.distributed": {"Process"},
+}
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "integrations").glob("*.py")), ids=lambda p: p.name)
+def test_front_ends_use_the_engine_contract_only(path):
+    source = path.read_text()
+    used = set(re.findall(r"(?<!lora_monitor)\.engine\.(\w+)", source))
+    assert used <= ENGINE_CONTRACT, sorted(used - ENGINE_CONTRACT)
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lora_monitor.engine"):
+            names = {alias.name for alias in node.names}
+            assert names <= ENGINE_IMPORTS.get(node.module or "", set()), (node.module, names)

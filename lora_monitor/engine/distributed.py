@@ -347,11 +347,15 @@ class Process:
         return cls()
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module) -> Process:
-        """:meth:`from_torch_distributed`, gathering through FSDP (1) when ``model`` is its
-        wrapped root and through DeepSpeed when ZeRO-3 partitions its LoRA factors (a plain loop
-        hands the monitor what it trains, or ``engine.module``)."""
+    def for_model(cls, model: torch.nn.Module, rank: Optional[int] = None, world_size: Optional[int] = None) -> Process:
+        """Where a monitor of ``model`` runs, from the model itself: gathering through FSDP (1)
+        when ``model`` is its wrapped root and through DeepSpeed when ZeRO-3 partitions its
+        LoRA factors (a plain loop hands the monitor what it trains, or ``engine.module``; a
+        front-end its strategy's wrapped model). ``rank`` and ``world_size`` as the front-end's
+        framework counts them; default torch's process group (:meth:`from_torch_distributed`)."""
         process = cls.from_torch_distributed()
+        if rank is not None and world_size is not None:
+            process = dataclasses.replace(process, rank=rank, world_size=world_size)
         # ZeRO-3 partitions on a single rank too: its factors are empty until gathered.
         if zero3_partitioned(model):
             return dataclasses.replace(

@@ -2,9 +2,25 @@
 
 It decides when snapshots are taken and ties the pieces together: :class:`References` (what
 each snapshot is compared with), :class:`AnalysisRunner` (where the analysis runs) and
-:class:`Reporter` (what is said and written). Front-ends (``lora_monitor.integrations``:
-Lightning, transformers) only tell it when steps end and where it runs; a plain training loop
-calls :meth:`LoRAMonitor.step` itself.
+:class:`Reporter` (what is said and written). A plain training loop calls
+:meth:`LoRAMonitor.step` itself.
+
+The front-end contract: a front-end (``lora_monitor.integrations``) maps its framework's hooks
+onto these methods and uses nothing else of the engine —
+
+- :meth:`~LoRAMonitor.attach` ``(model, process=, outputs=, console=)`` at set-up: the model,
+  where it runs (:meth:`Process.for_model <lora_monitor.engine.distributed.Process.for_model>`
+  from the strategy's wrapped model, the framework's rank and world size), a factory of its
+  outputs (called on the writing process only) and its console;
+- :meth:`~LoRAMonitor.start` ``(step)`` when training starts (0, or the step it resumes at);
+- :attr:`~LoRAMonitor.wants_probe_batch`, :meth:`~LoRAMonitor.capture_probe_batch`
+  ``(batch, evaluate)`` or :meth:`~LoRAMonitor.refuse_probe` ``(reason)``: the functional
+  probe's batch and how the framework computes its loss;
+- :meth:`~LoRAMonitor.on_step` ``(step)`` after each optimizer step;
+- :meth:`~LoRAMonitor.finish` ``(step)`` when training ends; :meth:`~LoRAMonitor.close`
+  ``(error=None)`` once, last, also after an error;
+- :meth:`~LoRAMonitor.state_dict` / :meth:`~LoRAMonitor.load_state_dict` for resume, and
+  ``options``, ``latest_analysis``, ``recommendation`` to read back.
 """
 
 from __future__ import annotations
@@ -186,29 +202,28 @@ class LoRAMonitor:
         self._seen_step = step
         self.on_step(step)
 
-    def close(self) -> None:
-        """Take the final snapshot (if the last step was not one), write everything still
-        pending and the rank recommendation, and close the outputs the monitor opened."""
+    def close(self, error: Optional[BaseException] = None) -> None:
+        """The end of the monitor's life, whatever ended training. Without ``error``: a plain
+        loop's last steps are finished (:meth:`finish`: a final snapshot if the last step was not
+        one, and the rank recommendation). With the ``error`` that stopped training: what was
+        analyzed is written, and that error stays the one raised. Then the worker stops and the
+        outputs the monitor opened close. Front-ends call it once, last."""
         try:
-            if self._model is not None and self._seen_step is not None:
+            if error is None and self._model is not None and self._seen_step is not None:
                 self.finish(self._seen_step)
+            elif error is not None:
+                with contextlib.suppress(LoRAMonitorError):
+                    self._collect(wait=True)
         finally:
-            self.close_worker()
+            if self.runner is not None:
+                self.runner.close()
             self.reporter.close()
 
     def __enter__(self) -> LoRAMonitor:
         return self
 
     def __exit__(self, kind: Any, error: Optional[BaseException], traceback: Any) -> None:
-        if error is None:
-            self.close()
-            return
-        # The error that stops training must stay the one raised; what was analyzed is written.
-        try:
-            with contextlib.suppress(LoRAMonitorError):
-                self.abort()
-        finally:
-            self.reporter.close()
+        self.close(error)
 
     # ------------------------------------------------------------------ front-end hooks
     def attach(
@@ -216,13 +231,25 @@ class LoRAMonitor:
         model: torch.nn.Module,
         *,
         process: Optional[Process] = None,
-        outputs: Optional[Sequence[Output]] = None,
+        outputs: Optional[Callable[[], Sequence[Output]]] = None,
+        console: Optional[Callable[[str], None]] = None,
     ) -> None:
         """Set up on ``model``: find its LoRA factors, check the reference, choose the drawn
         layers. Configuration errors (:class:`LoRAMonitorError`) are raised here, before any
-        training step. ``process`` says where the monitor runs (default: torch's process
-        group); ``outputs``, when given, replace the outputs the monitor writes to."""
+        training step.
+
+        Args:
+            model: what holds the LoRA layers.
+            process: where the monitor runs (:meth:`Process.for_model`; default: found from
+                ``model`` and torch's process group).
+            outputs: makes the outputs to write to, replacing the monitor's own; called only on
+                the process that writes (global rank zero), so that no other opens a file.
+            console: where the end-of-fit lines and the once-said notes go (default ``print``;
+                Lightning's ``rank_zero_info``).
+        """
         self.process = process if process is not None else Process.for_model(model)
+        if console is not None:
+            self.reporter.info = console
         self._model = model
         options = self.options
         # FSDP (1) holds flat shards outside its gather: the factors are read and checked in it.
@@ -292,24 +319,33 @@ class LoRAMonitor:
                 )
                 self.reporter.write_recommendation(self.recommendation, step)
 
-    def abort(self) -> None:
-        """Training stopped with an error: write what was analyzed, then stop the worker."""
-        try:
-            self._collect(wait=True)
-        finally:
-            self.close_worker()
+    # ------------------------------------------------------------- the probe's batch
+    @property
+    def wants_probe_batch(self) -> bool:
+        """Whether the front-end should hand over a batch for the functional probe
+        (:meth:`capture_probe_batch`): the probe is on, and has no loss or batch yet."""
+        return self.probing.wants_batch
 
-    def close_worker(self) -> None:
-        if self.runner is not None:
-            self.runner.close()
+    def capture_probe_batch(self, batch: Any, evaluate: Callable[[Any], Any]) -> None:
+        """The probe's fixed batch, and how the front-end's framework computes its loss
+        (``evaluate(batch)``, returning a loss, a mapping with ``"loss"`` or an output with
+        ``.loss``); the batch is kept in the monitor's state, so a resumed run probes it too."""
+        self.probing.capture(batch, evaluate)
+
+    def refuse_probe(self, reason: str) -> None:
+        """The front-end cannot give the probe a loss (``reason`` is said once): the suggestion
+        rests on ΔW's spectra alone."""
+        self.probing.disable(reason)
 
     # ------------------------------------------------------------------------- internals
-    def _outputs_of_process(self, outputs: Optional[Sequence[Output]]) -> list[Output]:
-        """The given ``outputs``, or the monitor's own: its ``SummaryWriter`` is opened only
-        where it is written (global rank zero), once."""
+    def _outputs_of_process(self, outputs: Optional[Callable[[], Sequence[Output]]]) -> list[Output]:
+        """What this process writes to: nothing off global rank zero; there, the front-end's
+        ``outputs``, or the monitor's own (its ``SummaryWriter`` opened once)."""
+        if not self.process.is_main:
+            return []
         if outputs is not None:
-            return list(outputs)
-        if self.process.is_main and (self._log_dir is not None or self._writer is not None):
+            return list(outputs())
+        if self._log_dir is not None or self._writer is not None:
             self._outputs.insert(0, SummaryWriterOutput(writer=self._writer, log_dir=self._log_dir))
             self._log_dir = self._writer = None
         return list(self._outputs)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from typing import Any, Literal, Optional, Union
 
 try:
@@ -21,28 +19,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from lora_monitor.adapters import LoRAMonitorError, ModuleKey
+from lora_monitor.adapters import ModuleKey
 from lora_monitor.analysis import ModuleAnalysis
 from lora_monitor.analysis.rank import RankRecommendation
 from lora_monitor.engine import LoRAMonitor, MonitorOptions
-from lora_monitor.engine.distributed import Process, deepspeed_gathered, fsdp_gathered
+from lora_monitor.engine.distributed import Process
 from lora_monitor.functional.bases import Basis
 from lora_monitor.integrations.lightning_loggers import logger_outputs
-
-
-def _gathered(trainer: pl.Trainer, pl_module: pl.LightningModule) -> AbstractContextManager[Any]:
-    """Inside it the LoRA parameters are whole on every rank: FSDP and DeepSpeed ZeRO-3 gather
-    them (a collective); single device, DDP and FSDP2 (whose DTensors the engine gathers) need
-    nothing."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-
-    strategy = trainer.strategy
-    if isinstance(strategy, FSDPStrategy):
-        assert strategy.model is not None  # wrapped at setup, before any hook that snapshots
-        return fsdp_gathered(strategy.model)
-    if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
-        return deepspeed_gathered(pl_module)
-    return contextlib.nullcontext()
 
 
 def _quiet_training_step(pl_module: pl.LightningModule, batch: Any) -> Any:
@@ -115,7 +98,6 @@ class LoRASubspaceMonitor(Callback):
         except ValueError as error:
             raise MisconfigurationException(str(error)) from None
         self.engine = LoRAMonitor(options=options)
-        self.engine.reporter.info = rank_zero_info
 
     # The options, as Lightning users (and LightningCLI) read them back.
     every_n_steps = property(lambda self: self.engine.options.every_n_steps)
@@ -156,18 +138,11 @@ class LoRASubspaceMonitor(Callback):
                 "Cannot use `LoRASubspaceMonitor` callback with `Trainer` that has no logger: "
                 "pass e.g. `logger=TensorBoardLogger('runs')`."
             )
-        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-
-        fsdp = isinstance(trainer.strategy, FSDPStrategy)
-        zero3 = isinstance(trainer.strategy, DeepSpeedStrategy) and trainer.strategy.zero_stage_3
-        process = Process(
-            rank=trainer.global_rank,
-            world_size=trainer.world_size,
-            gathered=lambda: _gathered(trainer, pl_module),
-            keeps_base_weight=not fsdp,
-            collective_forward="FSDP" if fsdp else "DeepSpeed ZeRO-3" if zero3 else None,
-        )
-        self.engine.attach(pl_module, process=process, outputs=logger_outputs(trainer.loggers))
+        # The strategy's wrapped model tells how to gather: FSDP's root, DeepSpeed's engine.
+        wrapped = trainer.strategy.model or pl_module
+        process = Process.for_model(wrapped, rank=trainer.global_rank, world_size=trainer.world_size)
+        outputs = lambda: logger_outputs(trainer.loggers)  # noqa: E731
+        self.engine.attach(pl_module, process=process, outputs=outputs, console=rank_zero_info)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -177,12 +152,11 @@ class LoRASubspaceMonitor(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        probing = self.engine.probing
-        if probing.wants_batch:
+        if self.engine.wants_probe_batch:
             if pl_module.automatic_optimization:
-                probing.capture(batch, lambda probe_batch: _quiet_training_step(pl_module, probe_batch))
+                self.engine.capture_probe_batch(batch, lambda probe_batch: _quiet_training_step(pl_module, probe_batch))
             else:
-                probing.disable("under manual optimization training_step steps the optimizers itself")
+                self.engine.refuse_probe("under manual optimization training_step steps the optimizers itself")
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -194,14 +168,14 @@ class LoRASubspaceMonitor(Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        # Lightning calls no teardown after an exception. What was analyzed is still logged,
-        # but the error that stops fit must stay the one raised.
-        with contextlib.suppress(LoRAMonitorError):
-            self.engine.abort()
+        # Lightning calls no teardown after an exception: what was analyzed is still logged, and
+        # the error that stops fit stays the one raised.
+        self.engine.close(exception)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.engine.close_worker()
+        if stage == "fit":
+            self.engine.close()
 
     @override
     def state_dict(self) -> dict[str, Any]:

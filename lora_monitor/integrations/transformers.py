@@ -3,14 +3,12 @@ engine, for ``Trainer`` and TRL's ``SFTTrainer`` (also under ``torchrun`` / ``ac
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -22,27 +20,12 @@ from lora_monitor.adapters import ModuleKey
 from lora_monitor.analysis import ModuleAnalysis
 from lora_monitor.analysis.rank import RankRecommendation
 from lora_monitor.engine import AnalysisWarning, LoRAMonitor, MonitorOptions
-from lora_monitor.engine.distributed import Process, deepspeed_gathered, fsdp_gathered
+from lora_monitor.engine.distributed import Process
 from lora_monitor.functional.bases import Basis
 from lora_monitor.outputs.writers import MLflowOutput, Output, SummaryWriterOutput, WandbOutput
 
 #: The checkpoint file of a monitor's state, inside each ``checkpoint-N`` directory.
 STATE_FILE = "lora_monitor_state-{key}.pt"
-
-
-def _gathered(model: torch.nn.Module) -> AbstractContextManager[Any]:
-    """Inside it the LoRA factors are whole on every rank: FSDP (the Trainer's model is then the
-    wrapped root) and DeepSpeed ZeRO-3 gather them; DDP and FSDP2 (DTensors, gathered by the
-    engine) need nothing."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    if isinstance(model, FullyShardedDataParallel):
-        return fsdp_gathered(model)
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-    if is_deepspeed_zero3_enabled():
-        return deepspeed_gathered(model)
-    return contextlib.nullcontext()
 
 
 def _output_dir(args: TrainingArguments) -> Path:
@@ -146,7 +129,6 @@ class LoRASubspaceCallback(TrainerCallback):
         self.engine = LoRAMonitor(options=options, probe=probe)
         self.log_dir = None if log_dir is None else Path(log_dir)
         self._created = time.time()
-        self._tensorboard: Optional[SummaryWriterOutput] = None
 
     @property
     def latest_analysis(self) -> dict[ModuleKey, ModuleAnalysis]:
@@ -174,37 +156,27 @@ class LoRASubspaceCallback(TrainerCallback):
     ) -> None:
         if model is None:
             raise ValueError("LoRASubspaceCallback: the Trainer passed no model to on_train_begin")
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+        # The model the Trainer hands over is FSDP's wrapped root, or one ZeRO-3 partitions.
+        process = Process.for_model(model, rank=args.process_index, world_size=args.world_size)
 
-        fsdp = isinstance(model, FullyShardedDataParallel)
-        process = Process(
-            rank=args.process_index,
-            world_size=args.world_size,
-            gathered=lambda: _gathered(model),
-            keeps_base_weight=not fsdp,
-            collective_forward="FSDP" if fsdp else "DeepSpeed ZeRO-3" if is_deepspeed_zero3_enabled() else None,
-        )
-        outputs: list[Output] = []
-        if state.is_world_process_zero:
+        def outputs() -> list[Output]:  # on the main process only: the Trainer's run, report_to's runs
             directory = self.log_dir or tensorboard_run_dir(args, self._created)
-            self._tensorboard = SummaryWriterOutput(log_dir=directory)
-            outputs = [self._tensorboard, *_report_to_outputs(args)]
+            return [SummaryWriterOutput(log_dir=directory), *_report_to_outputs(args)]
+
         self.engine.attach(model, process=process, outputs=outputs)
         if state.global_step > 0:
             self._resume(args, state)
         self.engine.start(state.global_step)
-        if self.engine.probing.wants_batch:
+        if self.engine.wants_probe_batch:
             self._capture_first_batch(model)
 
     def _capture_first_batch(self, model: torch.nn.Module) -> None:
         """The functional probe's batch: the inputs of the model's first training forward
         (what the Trainer's ``compute_loss`` passes it); its loss is the model's own."""
-        probing = self.engine.probing
 
         def capture(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             if module.training and kwargs:
-                probing.capture(kwargs, lambda batch: model(**batch))
+                self.engine.capture_probe_batch(kwargs, lambda batch: model(**batch))
                 handle.remove()
 
         handle = model.register_forward_pre_hook(capture, with_kwargs=True)
@@ -225,10 +197,7 @@ class LoRASubspaceCallback(TrainerCallback):
         try:
             self.engine.finish(state.global_step)
         finally:
-            self.engine.close_worker()
-            if self._tensorboard is not None:
-                self._tensorboard.close()
-                self._tensorboard = None
+            self.engine.close()  # and the TensorBoard writer it opened
 
     def _resume(self, args: TrainingArguments, state: TrainerState) -> None:
         """Load the state saved in the checkpoint training resumes from (found by its step)."""

@@ -33,7 +33,7 @@ class ShareRecorder(LoRASubspaceMonitor):
     def __init__(self, record_dir: Path, **kwargs) -> None:
         super().__init__(**kwargs)
         engine = RecordingEngine(options=self.engine.options)
-        engine.reporter.info, engine.record_dir = self.engine.reporter.info, record_dir
+        engine.record_dir = record_dir
         self.engine = engine
 
 

@@ -1,12 +1,21 @@
 """lora_monitor.engine.options: bad options are refused when a front-end is built, each in its own
-kind of error (Lightning's ``MisconfigurationException``, transformers' ``ValueError``)."""
+kind of error (Lightning's ``MisconfigurationException``, transformers' ``ValueError``); every
+front-end takes the same options with the same defaults, its docstring names each, and the
+docs' option table is the dataclass."""
 
 from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+from pathlib import Path
 
 import pytest
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+import lora_monitor
 from lora_monitor import LoRASubspaceCallback, LoRASubspaceMonitor
+from lora_monitor.engine import MonitorOptions
 
 
 @pytest.mark.parametrize(
@@ -33,3 +42,25 @@ def test_asynchronous_must_be_a_bool_or_none():
 def test_bad_option_is_a_clear_error_before_training():
     with pytest.raises(ValueError, match=r"LoRASubspaceCallback: every_n_steps must be a positive integer, got 0"):
         LoRASubspaceCallback(every_n_steps=0)
+
+
+#: Every front-end, the engine itself included: each spells the options out in its own signature.
+FRONT_ENDS = ("LoRAMonitor", "LoRASubspaceMonitor", "LoRASubspaceCallback", "LoRAAcceleratorMonitor")
+OPTIONS = {f.name: f.default for f in dataclasses.fields(MonitorOptions) if f.name != "owner"}
+
+
+@pytest.mark.parametrize("name", FRONT_ENDS)
+def test_every_front_end_takes_every_option_with_its_default(name):
+    front_end = getattr(lora_monitor, name)
+    parameters = inspect.signature(front_end.__init__).parameters
+    assert {p: parameters[p].default for p in OPTIONS if p in parameters} == OPTIONS
+    documented = front_end.__doc__ if name != "LoRAMonitor" else front_end.__doc__.split("Args:")[1]
+    assert [option for option in OPTIONS if option not in documented] == []
+
+
+def test_the_option_table_of_the_docs_is_the_dataclass():
+    table = (Path(__file__).resolve().parents[2] / "docs" / "usage.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", table, re.MULTILINE))
+    assert {name: rows.get(name) for name in OPTIONS} == {
+        name: repr(default).replace("'", '"') for name, default in OPTIONS.items()
+    }
