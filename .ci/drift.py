@@ -26,10 +26,16 @@ def pins(path: str) -> dict[str, str]:
 def main(path: str) -> int:
     tested = pins(path)
     installed = {re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version for d in metadata.distributions()}
-    moved = [f"{name} {version} -> {installed[name]}" for name, version in sorted(tested.items())
-             if name in installed and installed[name] != version]
-    added = [f"{name} {installed[name]} (not in the tested set)" for name in sorted(set(installed) - set(tested))
-             if name not in ("lora-monitor", "pip", "setuptools", "wheel") and not name.startswith(("torch", "nvidia-"))]
+    moved = [
+        f"{name} {version} -> {installed[name]}"
+        for name, version in sorted(tested.items())
+        if name in installed and installed[name] != version
+    ]
+    added = [
+        f"{name} {installed[name]} (not in the tested set)"
+        for name in sorted(set(installed) - set(tested))
+        if name not in ("lora-monitor", "pip", "setuptools", "wheel") and not name.startswith(("torch", "nvidia-"))
+    ]
     if not moved and not added:
         print(f"no drift: every package is at the version of {path}")
     else:
