@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
-import torch
 from torch import Tensor
 
 from lora_monitor.adapters import LoRAFactors, ModuleKey
@@ -34,28 +33,10 @@ class Snapshot:
 
     @classmethod
     def capture(cls, factors: Mapping[ModuleKey, LoRAFactors], step: int) -> Snapshot:
-        # Same-shaped factors are copied into one stacked tensor each, and every module gets
-        # views of it: the analysis then finds its batches already stacked instead of copying them.
-        A, B = {}, {}
-        for keys in group_by_shape(factors, None).values():
-            stacked_A = torch.stack([factors[k].lora_A.detach() for k in keys])
-            stacked_B = torch.stack([factors[k].lora_B.detach() for k in keys])
-            for index, key in enumerate(keys):
-                A[key], B[key] = stacked_A[index], stacked_B[index]
-        copies = {
-            key: dataclasses.replace(
-                f,
-                lora_A=A[key],
-                lora_B=B[key],
-                scaling=float(f.scaling),
-                base_weight=None if f.base_weight is None else f.base_weight.detach(),
-                # The variants' own small tensors change as the factors do: copied too.
-                magnitude=None if f.magnitude is None else f.magnitude.detach().clone(),
-                lora_E=None if f.lora_E is None else f.lora_E.detach().clone(),
-            )
-            for key, f in factors.items()
-        }
-        return cls(step=step, factors=copies)
+        copies = Copies(factors)
+        for key, f in factors.items():
+            copies.add(key, f)
+        return copies.snapshot(step)
 
     def without_base_weights(self) -> Snapshot:
         """This snapshot without W₀ (its numbers taken already, or W₀ about to be freed)."""
@@ -98,6 +79,91 @@ class Snapshot:
     def from_state_dict(cls, state: Mapping[str, Any]) -> Snapshot:
         factors = [LoRAFactors(**module) for module in state["modules"]]
         return cls(step=int(state["step"]), factors={f.key: f for f in factors})
+
+
+class Copies:
+    """The copies a :class:`Snapshot` is made of, the modules handed over one at a time
+    (:meth:`add`): a caller that makes each module's factors whole (a collective gather) can
+    free them as soon as they are copied, instead of holding every module whole at once.
+
+    Same-shaped factors are copied into one stacked tensor each, and every module gets views of
+    it: the analysis then finds its batches already stacked instead of copying them. Each stack
+    is allocated at its first module.
+
+    Args:
+        factors: the modules that will be added, as they are before being made whole: their
+            whole shapes are known (a DTensor's shape is the whole one; a fused module's
+            ``rows`` say how many rows of lora_B its projection owns).
+    """
+
+    def __init__(self, factors: Mapping[ModuleKey, LoRAFactors]) -> None:
+        groups: dict[tuple, list[ModuleKey]] = defaultdict(list)
+        for key, f in factors.items():
+            groups[_whole_shape(f)].append(key)
+        #: key → (its group, its index in the group's stacks)
+        self._slots = {
+            key: (group, index) for group, keys in enumerate(groups.values()) for index, key in enumerate(keys)
+        }
+        self._sizes = [len(keys) for keys in groups.values()]
+        self._stacks: dict[int, tuple[Tensor, Tensor]] = {}
+        self._copies: dict[ModuleKey, LoRAFactors] = {}
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._slots
+
+    def add(self, key: ModuleKey, f: LoRAFactors) -> None:
+        """Copy ``f`` (whole) into its slot; nothing of ``f`` itself is kept but its W₀."""
+        group, index = self._slots[key]
+        if group not in self._stacks:
+            size = self._sizes[group]
+            self._stacks[group] = (
+                f.lora_A.new_empty((size, *f.lora_A.shape)),
+                f.lora_B.new_empty((size, *f.lora_B.shape)),
+            )
+        stacked_A, stacked_B = self._stacks[group]
+        stacked_A[index].copy_(f.lora_A.detach())
+        stacked_B[index].copy_(f.lora_B.detach())
+        self._copies[key] = dataclasses.replace(
+            f,
+            lora_A=stacked_A[index],
+            lora_B=stacked_B[index],
+            scaling=float(f.scaling),
+            base_weight=None if f.base_weight is None else f.base_weight.detach(),
+            # The variants' own small tensors change as the factors do: copied too.
+            magnitude=None if f.magnitude is None else f.magnitude.detach().clone(),
+            lora_E=None if f.lora_E is None else f.lora_E.detach().clone(),
+        )
+
+    def snapshot(self, step: int) -> Snapshot:
+        """The snapshot of the modules added, in the order they were."""
+        return Snapshot(step=step, factors=dict(self._copies))
+
+
+def _whole_shape(f: LoRAFactors) -> tuple:
+    """What a stack of copies of ``f`` is made for: its factors' whole shapes, dtypes and
+    device, whether ``f`` is whole yet or not."""
+    rows = f.lora_B.shape[0]
+    if isinstance(f.rows, slice):
+        rows = len(range(*f.rows.indices(rows)))
+    elif f.rows is not None:
+        rows = f.rows.numel()
+    return (tuple(f.lora_A.shape), (rows, f.lora_B.shape[1]), f.lora_A.dtype, f.lora_B.dtype, f.lora_A.device)
+
+
+def shapes_only(factors: Mapping[ModuleKey, LoRAFactors]) -> dict[ModuleKey, LoRAFactors]:
+    """``factors`` without their values: lora_A and lora_B as meta tensors of their shapes, for
+    a process that describes modules another one holds (a few bytes each, picklable)."""
+    return {
+        key: LoRAFactors(
+            f.module_name,
+            f.layer,
+            f.projection,
+            f.lora_A.to("meta"),
+            f.lora_B.to("meta"),
+            f.scaling,
+        )
+        for key, f in factors.items()
+    }
 
 
 def group_by_shape(

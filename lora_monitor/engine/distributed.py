@@ -22,14 +22,16 @@ runs of the flattened weight), one all-reduce of every module's m×m result
 With several ranks the analysis itself is spread: each rank analyses every ``world_size``-th
 module (:func:`rank_share`) and the small results — φ grids and spectra, kilobytes — are
 gathered on every rank (:func:`all_gather_objects`), instead of every rank repeating the whole
-analysis that only rank zero logs.
+analysis that only rank zero logs. Each rank then keeps only its share: a snapshot makes every
+module whole in turn on every rank (the gathers are collectives) but copies only the share
+(:func:`capture_kept`), so that its memory, and its references', falls with the world size.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from typing import Any, Optional
 
@@ -39,6 +41,7 @@ from torch import Tensor
 from lora_monitor.adapters import LoRAFactors, LoRAMonitorError, ModuleKey, Rows, is_sharded, select_rows
 from lora_monitor.adapters.factors import is_partitioned
 from lora_monitor.adapters.variants import dequantize_4bit_shard
+from lora_monitor.analysis.snapshot import Copies, Snapshot
 from lora_monitor.functional.spectra import frobenius_norm
 from lora_monitor.functional.svd import factored_svd
 from lora_monitor.functional.weights import amplification_from_projection, block_projection, run_projection
@@ -49,47 +52,74 @@ def _full(tensor: Tensor) -> Tensor:
     return tensor.full_tensor() if is_sharded(tensor) else tensor  # type: ignore[attr-defined]
 
 
-def full_factors(factors: Mapping[ModuleKey, LoRAFactors]) -> dict[ModuleKey, LoRAFactors]:
-    """``factors`` with every DTensor factor (FSDP2) replaced by the whole tensor.
+def whole_factors(f: LoRAFactors) -> LoRAFactors:
+    """``f`` with every DTensor factor (FSDP2) replaced by the whole tensor.
 
-    Collective when any factor is a DTensor: call it on every rank, in the same module order.
-    lora_A, lora_B, DoRA's magnitude and AdaLoRA's E are gathered (the rows a fused module's
-    projection owns selected after gathering); a sharded W₀ is kept as it is, with its rows,
-    for :func:`sharded_base_results`: gathering it would cost d·k per module. Plain tensors are
-    returned as they are (no copy).
+    Collective when a factor is a DTensor: call it on every rank, for the same modules in the
+    same order. lora_A, lora_B, DoRA's magnitude and AdaLoRA's E are gathered (the rows a fused
+    module's projection owns selected after gathering); a sharded W₀ is kept as it is, with its
+    rows, for :func:`sharded_base_results`: gathering it would cost d·k per module. Plain
+    factors are returned as they are (no copy).
     """
-    gathered = {}
-    for key, f in factors.items():
-        if f.rows is None and not any(is_sharded(t) for t in (f.lora_A, f.lora_B, f.magnitude, f.lora_E)):
-            gathered[key] = f
-            continue
-        base_weight, rows = f.base_weight, f.rows
-        if base_weight is not None and not f.base_is_sharded:
-            base_weight, rows = select_rows(base_weight, rows), None
-        gathered[key] = dataclasses.replace(
-            f,
-            lora_A=_full(f.lora_A),
-            lora_B=select_rows(_full(f.lora_B), f.rows),
-            magnitude=None if f.magnitude is None else select_rows(_full(f.magnitude), f.rows),
-            lora_E=None if f.lora_E is None else _full(f.lora_E),
-            base_weight=base_weight,
-            rows=rows,
-        )
-    return gathered
+    if f.rows is None and not any(is_sharded(t) for t in (f.lora_A, f.lora_B, f.magnitude, f.lora_E)):
+        return f
+    base_weight, rows = f.base_weight, f.rows
+    if base_weight is not None and not f.base_is_sharded:
+        base_weight, rows = select_rows(base_weight, rows), None
+    return dataclasses.replace(
+        f,
+        lora_A=_full(f.lora_A),
+        lora_B=select_rows(_full(f.lora_B), f.rows),
+        magnitude=None if f.magnitude is None else select_rows(_full(f.magnitude), f.rows),
+        lora_E=None if f.lora_E is None else _full(f.lora_E),
+        base_weight=base_weight,
+        rows=rows,
+    )
 
 
-def without_partitions(factors: Mapping[ModuleKey, LoRAFactors]) -> dict[ModuleKey, LoRAFactors]:
-    """``factors`` with each W₀ ZeRO-3 partitions replaced by a meta tensor of its shape, once
-    :func:`sharded_base_results` read them: a snapshot's copy of a partition would be an empty
+def full_factors(factors: Mapping[ModuleKey, LoRAFactors]) -> dict[ModuleKey, LoRAFactors]:
+    """:func:`whole_factors` of every module, all whole at once (a collective with DTensors)."""
+    return {key: whole_factors(f) for key, f in factors.items()}
+
+
+def capture_kept(
+    live: Mapping[ModuleKey, LoRAFactors],
+    kept: Collection[ModuleKey],
+    step: int,
+    sums: Optional[ShardedBaseSums] = None,
+) -> Snapshot:
+    """A snapshot at ``step`` of the ``kept`` modules of ``live``.
+
+    Every module is made whole (:func:`whole_factors`), one at a time in the order of ``live``
+    — on every rank the same collectives, kept or not — and added to ``sums`` when given (its
+    W₀ numbers need every module); the kept ones are copied (a ZeRO-3 partition of W₀ replaced
+    by its shape, :func:`without_partition`). Each whole module is dropped as the next replaces
+    it: at most one is whole beside the copies, whatever the share kept.
+    """
+    copies = Copies({key: live[key] for key in kept})
+    for key, f in live.items():
+        whole = whole_factors(f)
+        if sums is not None:
+            sums.add(key, whole)
+        if key in copies:
+            copies.add(key, without_partition(whole))
+    return copies.snapshot(step)
+
+
+def without_partition(f: LoRAFactors) -> LoRAFactors:
+    """``f`` with a W₀ ZeRO-3 partition replaced by a meta tensor of its shape, once
+    :func:`sharded_base_results` read it: a snapshot's copy of a partition would be an empty
     tensor that no longer says it is one, while a meta W₀ stays sharded
     (:attr:`~lora_monitor.adapters.LoRAFactors.base_is_sharded`) for the analysis, which then
     says what it leaves out (intruder dimensions, DoRA) as under FSDP2."""
-    return {
-        key: dataclasses.replace(f, base_weight=_shape_only(f.base_weight), rows=None)
-        if is_partitioned(f.base_weight)
-        else f
-        for key, f in factors.items()
-    }
+    if not is_partitioned(f.base_weight):
+        return f
+    return dataclasses.replace(f, base_weight=_shape_only(f.base_weight), rows=None)
+
+
+def without_partitions(factors: Mapping[ModuleKey, LoRAFactors]) -> dict[ModuleKey, LoRAFactors]:
+    """:func:`without_partition` of every module."""
+    return {key: without_partition(f) for key, f in factors.items()}
 
 
 def _shape_only(weight: Any) -> Tensor:
@@ -192,56 +222,94 @@ def _partition_run(f: LoRAFactors, U: Tensor) -> tuple[Tensor, Tensor, int]:
     return U, values, first
 
 
-def sharded_base_results(factors: Mapping[ModuleKey, LoRAFactors]) -> dict[ModuleKey, dict[str, Tensor]]:
+class ShardedBaseSums:
     """``delta_w_amplification`` and ``delta_w_relative_norm`` of every module whose W₀ is
-    sharded (:func:`shards_base`), from the whole factors and this rank's block (or run) of W₀.
+    sharded (:func:`shards_base`), from the whole factors and this rank's block (or run) of W₀,
+    the modules handed over one at a time (:meth:`add`), so that a caller that gathers them one
+    by one never holds more than one whole.
 
     Every rank decomposes every such module's ΔW from its factors (O((d + k)·r²), small next
-    to the products), takes its block's share of ``Uᵀ W₀ V`` (m×m) and of ‖W₀‖_F², and one
-    all-reduce sums them all: W₀ is never whole anywhere. Collective: call it on every rank
-    with the same modules. Returns ``{}`` without a sharded W₀ (and calls nothing collective).
+    to the products) and takes its block's share of ``Uᵀ W₀ V`` (m×m) and of ‖W₀‖_F²; one
+    all-reduce sums them all (:meth:`results`): W₀ is never whole anywhere.
     """
-    keys = sorted(key for key, f in factors.items() if shards_base(f))
-    if not keys:
-        return {}
-    spectra, shares = [], []
-    for key in keys:
-        f = factors[key]
-        U, S, Vh = factored_svd(f.lora_B, f.lora_A, f.scaling)
-        if is_partitioned(f.base_weight) or f.base_quantization is not None:  # a flat run of W₀
-            if is_partitioned(f.base_weight):
-                U, values, first = _partition_run(f, U)
-            else:
-                packed, packed_offset, counts = _local(f.base_weight)  # type: ignore[arg-type]
-                values, first = dequantize_4bit_shard(packed, packed_offset[0], f.base_quantization)
-                values = values if counts else values[:0]
-            spectra.append(S)
-            shares += [run_projection(U, Vh, values, first).reshape(-1), values.to(S.dtype).square().sum().reshape(1)]
-            continue
-        block = local_block(f.base_weight)  # type: ignore[arg-type]
-        m, n = block.tensor.shape
-        local_rows, own_rows = _rows_in_block(f.rows, f.out_features, block.row0, m)
-        W = block.tensor[local_rows] if isinstance(local_rows, slice) else block.tensor.index_select(0, local_rows)
-        columns = slice(block.col0, block.col0 + n)
-        if not block.counts:
-            W = W[:0]
-        U_rows = U[own_rows] if isinstance(own_rows, slice) else U.index_select(0, own_rows)
-        share = block_projection(U_rows, Vh, W, columns=columns)
-        spectra.append(S)
-        shares += [share.reshape(-1), W.to(S.dtype).square().sum().reshape(1)]
-    total = torch.cat(shares)
-    torch.distributed.all_reduce(total)
-    results, offset = {}, 0
-    for key, S in zip(keys, spectra):
-        m = S.numel()
-        projected = total[offset : offset + m * m].view(m, m)
-        squared_norm = total[offset + m * m]
-        offset += m * m + 1
-        results[key] = {
-            "delta_w_amplification": amplification_from_projection(S, projected),
-            "delta_w_relative_norm": frobenius_norm(S) / squared_norm.sqrt(),
-        }
-    return results
+
+    def __init__(self) -> None:
+        #: key → (ΔW's singular values, this rank's share of Uᵀ W₀ V and of ‖W₀‖_F², flat).
+        self._shares: dict[ModuleKey, tuple[Tensor, Tensor]] = {}
+        #: The first failure: the sums are then given up on every module (raised by results).
+        self._error: Optional[Exception] = None
+
+    def add(self, key: ModuleKey, f: LoRAFactors) -> None:
+        """Take this rank's share of ``f``'s sums, if its W₀ is sharded. Not collective. A
+        failure is kept for :meth:`results` to raise: a caller gathering the next modules
+        must go on with the other ranks."""
+        if self._error is not None or not shards_base(f):
+            return
+        try:
+            self._shares[key] = _base_share(f)
+        except Exception as error:
+            self._error = error
+
+    def results(self) -> dict[ModuleKey, dict[str, Tensor]]:
+        """The numbers of every module added whose W₀ is sharded. Collective: call it on every
+        rank after adding the same modules. ``{}`` without a sharded W₀ (nothing collective).
+
+        Raises:
+            Exception: the first failure of :meth:`add`, before anything collective.
+        """
+        if self._error is not None:
+            raise self._error
+        keys = sorted(self._shares)
+        if not keys:
+            return {}
+        total = torch.cat([self._shares[key][1] for key in keys])
+        torch.distributed.all_reduce(total)
+        results, offset = {}, 0
+        for key in keys:
+            S = self._shares[key][0]
+            m = S.numel()
+            projected = total[offset : offset + m * m].view(m, m)
+            squared_norm = total[offset + m * m]
+            offset += m * m + 1
+            results[key] = {
+                "delta_w_amplification": amplification_from_projection(S, projected),
+                "delta_w_relative_norm": frobenius_norm(S) / squared_norm.sqrt(),
+            }
+        return results
+
+
+def _base_share(f: LoRAFactors) -> tuple[Tensor, Tensor]:
+    """ΔW's singular values and this rank's share of ``[Uᵀ W₀ V (flat), ‖W₀‖_F²]``."""
+    U, S, Vh = factored_svd(f.lora_B, f.lora_A, f.scaling)
+    if is_partitioned(f.base_weight) or f.base_quantization is not None:  # a flat run of W₀
+        if is_partitioned(f.base_weight):
+            U, values, first = _partition_run(f, U)
+        else:
+            packed, packed_offset, counts = _local(f.base_weight)  # type: ignore[arg-type]
+            values, first = dequantize_4bit_shard(packed, packed_offset[0], f.base_quantization)
+            values = values if counts else values[:0]
+        return S, torch.cat(
+            [run_projection(U, Vh, values, first).reshape(-1), values.to(S.dtype).square().sum().reshape(1)]
+        )
+    block = local_block(f.base_weight)  # type: ignore[arg-type]
+    m, n = block.tensor.shape
+    local_rows, own_rows = _rows_in_block(f.rows, f.out_features, block.row0, m)
+    W = block.tensor[local_rows] if isinstance(local_rows, slice) else block.tensor.index_select(0, local_rows)
+    columns = slice(block.col0, block.col0 + n)
+    if not block.counts:
+        W = W[:0]
+    U_rows = U[own_rows] if isinstance(own_rows, slice) else U.index_select(0, own_rows)
+    share = block_projection(U_rows, Vh, W, columns=columns)
+    return S, torch.cat([share.reshape(-1), W.to(S.dtype).square().sum().reshape(1)])
+
+
+def sharded_base_results(factors: Mapping[ModuleKey, LoRAFactors]) -> dict[ModuleKey, dict[str, Tensor]]:
+    """:class:`ShardedBaseSums` of every module of ``factors`` (whole): a collective, to call on
+    every rank with the same modules; ``{}`` without a sharded W₀ (nothing collective)."""
+    sums = ShardedBaseSums()
+    for key, f in factors.items():
+        sums.add(key, f)
+    return sums.results()
 
 
 #: What peft names the parameters of a LoRA update (A, B, AdaLoRA's E, DoRA's magnitude).

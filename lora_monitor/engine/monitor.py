@@ -41,7 +41,7 @@ from lora_monitor.analysis import ModuleAnalysis, Snapshot, analyze, shares_lora
 from lora_monitor.analysis.device import base_weight_results
 from lora_monitor.analysis.probe import ProbeReading
 from lora_monitor.analysis.rank import RankRecommendation, recommend_rank
-from lora_monitor.engine.distributed import Process, full_factors, sharded_base_results, without_partitions
+from lora_monitor.engine.distributed import Process, ShardedBaseSums, capture_kept
 from lora_monitor.engine.options import MonitorOptions, Reference
 from lora_monitor.engine.probing import FunctionalProbe
 from lora_monitor.engine.references import References
@@ -287,7 +287,7 @@ class LoRAMonitor:
             note = self.references.start(self._capture(step, base_numbers=False)[0], step)
             if note is not None:
                 self.reporter.warn(note)
-        self.probing.start(step)
+        self.probing.start()
 
     def on_step(self, step: int) -> None:
         """An optimizer step ended, ``step`` steps taken: write what the worker finished, and
@@ -356,19 +356,21 @@ class LoRAMonitor:
         return select_factors(factors, self.options.target_modules, None)
 
     def _capture(self, step: int, base_numbers: bool = True) -> tuple[Snapshot, dict[ModuleKey, dict[str, Tensor]]]:
-        """A snapshot of the monitored factors, whole on every rank (every rank must take it:
-        sharded strategies gather the LoRA factors collectively, and copies are made while
-        they are whole), and the W₀ numbers that can only be taken now: a sharded or
+        """A snapshot of the monitored factors this rank keeps (:meth:`_kept`: its share where
+        the ranks split the analysis), taken on every rank (sharded strategies gather the LoRA
+        factors collectively, and copies are made while they are whole), and the W₀ numbers
+        that can only be taken now, of every module: a sharded or
         partitioned W₀'s are summed over the ranks (a collective), and FSDP (1) frees the W₀ it
         gathers (they are computed inside its gather, and no reference to it is kept)."""
         results: dict[ModuleKey, dict[str, Tensor]] = {}
         # Read-only: products of the live parameters must record no autograd graph.
         with self.process.gathered(), torch.no_grad():
-            factors = full_factors(self._monitored_factors())
-            if base_numbers:
+            live = self._monitored_factors()
+            sums = ShardedBaseSums() if base_numbers else None
+            snapshot = capture_kept(live, self._kept(live), step, sums)  # every rank: collectives
+            if sums is not None:
                 with self.reporter.contained(f"step {step}: the W₀ numbers of sharded modules"):
-                    results = sharded_base_results(factors)  # every rank: a collective
-            snapshot = Snapshot.capture(without_partitions(factors), step)
+                    results = sums.results()  # every rank: a collective
             if self.process.keeps_base_weight:
                 return snapshot, results
             if base_numbers:
@@ -414,6 +416,16 @@ class LoRAMonitor:
             Job(snapshot, reference, reference_step, self.references.initial_factors, base_results, probe)
         )
         self._collect(wait=False)  # a synchronous analysis is done: published at its own step
+
+    def _kept(self, live: dict[ModuleKey, LoRAFactors]) -> list[ModuleKey]:
+        """The ``live`` modules this rank copies into its snapshots: its share where the ranks
+        split the analysis (the references then drop the others), every module otherwise."""
+        assert self.runner is not None
+        share = self.runner.share(live)
+        if share is None:
+            return list(live)
+        self.references.keep_only(share)
+        return share
 
     def _analyze(self, job: Job) -> Outcome:
         """The analyses of ``job``'s modules, and its problems (the analysis's own errors

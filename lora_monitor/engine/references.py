@@ -3,7 +3,7 @@ a resume."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, Optional
 
 from lora_monitor.adapters import (
@@ -31,6 +31,10 @@ class References:
     (:meth:`bases_of`, called by whichever thread analyses). Everything else is touched by the
     training thread only: what a snapshot is compared with is decided at its step, so that
     checkpoints and resume see it.
+
+    Where the ranks split the analysis, each rank's references hold the modules it analyzes
+    only (:meth:`keep_only`), and so does its :meth:`state_dict`: every rank saves and restores
+    its own, with the same number of ranks.
     """
 
     def __init__(self, options: MonitorOptions) -> None:
@@ -73,6 +77,23 @@ class References:
         # A DoRA reference's D needs W₀: the same base model's, so the monitored model's.
         self.saved = with_base_weights({key: saved.factors[key] for key in monitored}, monitored)
         self._check_analysable()
+
+    def keep_only(self, keys: Collection[ModuleKey]) -> None:
+        """Drop the modules outside ``keys`` from every reference: where the ranks split the
+        analysis, a rank compares its own share only (the adapter is read and checked whole at
+        :meth:`load`, on every rank alike). A reference that holds no other module is left as
+        it is, so that its cached bases stay valid."""
+        keep = set(keys)
+
+        def kept(factors: Factors) -> Factors:
+            return factors if factors.keys() <= keep else {k: f for k, f in factors.items() if k in keep}
+
+        if self.saved is not None:
+            self.saved = kept(self.saved)
+        for name in ("first", "previous", "initial"):
+            snapshot: Optional[Snapshot] = getattr(self, name)
+            if snapshot is not None and not snapshot.factors.keys() <= keep:
+                setattr(self, name, Snapshot(step=snapshot.step, factors=kept(snapshot.factors)))
 
     def _check_analysable(self) -> None:
         # A reference that cannot be analyzed would warn at every snapshot of every module:

@@ -1,7 +1,8 @@
 """Where a snapshot's analysis runs: :class:`AnalysisRunner`, one ``submit`` and ``results``.
 
 Three ways, one interface: in the training thread; split across the ranks when several
-processes train together (each analyses every ``world_size``-th module, the small results are
+processes train together (each analyses every ``world_size``-th module,
+:meth:`AnalysisRunner.share`, and its snapshots hold that share only; the small results are
 gathered on all); or in a worker thread (on a CUDA side stream on a GPU) while training goes
 on. The caller submits a :class:`Job` at its step and collects :class:`Outcome` s, in order.
 """
@@ -15,11 +16,13 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from lora_monitor.adapters import LoRAFactors, ModuleKey
 from lora_monitor.analysis import ModuleAnalysis, Snapshot
 from lora_monitor.analysis.probe import ProbeReading
+from lora_monitor.analysis.snapshot import shapes_only
 from lora_monitor.engine.background import Background
 from lora_monitor.engine.distributed import Process, all_gather_objects, rank_share
 
@@ -88,14 +91,21 @@ class AnalysisRunner:
         #: The worker of an asynchronous runner, from its first job to :meth:`close`.
         self.background: Optional[Background[Outcome]] = None
 
+    def share(self, factors: Factors) -> Optional[list[ModuleKey]]:
+        """The modules of ``factors`` this rank analyzes where the analysis of a snapshot of
+        them is spread over the ranks (every ``world_size``-th, :func:`rank_share`), so that
+        its snapshot and references need hold no other; None where it analyzes them all."""
+        if not factors or not self.process.spreads_analysis or self._asynchronous(factors):
+            return None
+        return rank_share(factors, self.process.rank, self.process.world_size)
+
     def submit(self, job: Job) -> None:
-        """Analyze ``job`` now (synchronous: every rank must call it, a collective when split)
-        or hand it to the worker."""
-        device = next(iter(job.snapshot.factors.values())).lora_A.device
-        asynchronous = self.asynchronous if self.asynchronous is not None else device.type == "cuda"
-        if not asynchronous:
+        """Analyze ``job`` now (synchronous: every rank must call it, a collective when split,
+        ``job.snapshot`` then holding this rank's :meth:`share`) or hand it to the worker."""
+        if not self._asynchronous(job.snapshot.factors):
             self._done.append(self._spread(job) if self.process.spreads_analysis else self._whole(job))
             return
+        device = next(iter(job.snapshot.factors.values())).lora_A.device
         if self.background is None:
             self.background = Background(device)
         tensors = [
@@ -127,18 +137,36 @@ class AnalysisRunner:
             self.prepare(outcome, job)
         return outcome
 
+    def _asynchronous(self, factors: Factors) -> bool:
+        """Whether a snapshot of ``factors`` is analyzed in the worker: as asked, or where
+        they are on a CUDA device."""
+        if self.asynchronous is not None:
+            return self.asynchronous
+        if not factors:  # a share of no module (more ranks than modules): spread, not in a worker
+            return False
+        device: torch.device = next(iter(factors.values())).lora_A.device
+        return device.type == "cuda"
+
     def _spread(self, job: Job) -> Outcome:
         """The analysis with the modules split across the ranks, every rank in the training
-        thread (a collective). All ranks get every analysis and every problem, so they keep the
-        same state, and in strict mode they all stop at once instead of waiting for each other."""
+        thread (a collective), each analyzing the snapshot it holds: its :meth:`share`. All
+        ranks get every analysis and every problem, so they keep the same state, and in strict
+        mode they all stop at once instead of waiting for each other."""
         snapshot = job.snapshot
-        keys = rank_share(snapshot.factors, self.process.rank, self.process.world_size)
-        share = Snapshot(step=snapshot.step, factors={key: snapshot.factors[key] for key in keys})
-        shares: list[Outcome] = all_gather_objects(self.analyze(dataclasses.replace(job, snapshot=share)))
-        outcome = Outcome(snapshot.step, probe=job.probe, problems=[problem for s in shares for problem in s.problems])
-        analyzed = [s.analyses for s in shares if s.analyses is not None]
+        own = (self.analyze(job), shapes_only(snapshot.factors), shapes_only(job.reference or {}))
+        shares: list[tuple[Outcome, Factors, Factors]] = all_gather_objects(own)
+        outcome = Outcome(snapshot.step, probe=job.probe, problems=[p for s, _, _ in shares for p in s.problems])
+        analyzed = [s.analyses for s, _, _ in shares if s.analyses is not None]
         if analyzed:
             outcome.analyses = dict(sorted(item for analyses in analyzed for item in analyses.items()))
             if self.writes:
-                self.prepare(outcome, job)
+                # What is written describes every module, the other ranks' too: their shapes.
+                described = dataclasses.replace(
+                    job,
+                    snapshot=Snapshot(snapshot.step, {k: f for _, shapes, _ in shares for k, f in shapes.items()}),
+                    reference=None
+                    if job.reference is None
+                    else {k: f for _, _, shapes in shares for k, f in shapes.items()},
+                )
+                self.prepare(outcome, described)
         return outcome
