@@ -20,7 +20,8 @@ under OUT; ``--resume DIR`` builds the model with another LoRA initialization, l
 states and trains on from there. Warnings the monitors give are written to
 ``OUT/warnings_rank<r>.json``, the shapes of the DTensors (FSDP2) or ZeRO-3 parameters the
 monitors gathered (outside forward and backward) to ``OUT/gathered_rank<r>.json``, what they
-said on the console to ``OUT/info_rank<r>.json``.
+said on the console to ``OUT/info_rank<r>.json``, the modules each monitor's references hold
+on this rank at the end (:func:`held`) to ``OUT/held_rank<r>.json``.
 """
 
 from __future__ import annotations
@@ -144,6 +145,15 @@ def zero3(
     return engine.module, train_step
 
 
+def held(monitor) -> dict[str, list[list]]:
+    """reference → the modules it holds on this rank: the factors before step 1, the run's
+    first snapshot (a snapshot as captured) and the adapter read as the reference."""
+    references = monitor.references
+    first = references.first.factors if references.first is not None else None
+    kinds = {"initial": references.initial_factors, "first": first, "adapter": references.saved}
+    return {kind: sorted(map(list, factors)) for kind, factors in kinds.items() if factors is not None}
+
+
 def batch(step: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (4, 8), generator=torch.Generator().manual_seed(1000 + step))
 
@@ -225,8 +235,10 @@ def main() -> None:
             model_state, optim_state = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
             if rank == 0:
                 torch.save({"model": model_state, "optimizer": optim_state, "step": stop}, args.out / "train.pt")
+        kept = {name: held(monitor) for name, monitor in monitors.items()}
         for monitor in monitors.values():
             monitor.close()
+    (args.out / f"held_rank{rank}.json").write_text(json.dumps(kept))
     messages = [str(w.message) for w in caught if issubclass(w.category, AnalysisWarning)]
     (args.out / f"warnings_rank{rank}.json").write_text(json.dumps(messages))
     (args.out / f"gathered_rank{rank}.json").write_text(json.dumps(gathered))

@@ -5,7 +5,8 @@ process (``sharded_loop.py``).
 Every per-layer scalar — ‖ΔW‖, φ, the spectra, and ‖ΔW‖/‖W₀‖ and the amplification, which read
 W₀ — equals the unsharded run's within 1e-4 relative; under FSDP2 and ZeRO-3 no rank ever
 gathers a W₀ (only LoRA factors are gathered). Each point is written once, and no warning is given.
-Resuming from a checkpoint taken under FSDP2 reproduces the uninterrupted run.
+Resuming from a checkpoint taken under FSDP2 reproduces the uninterrupted run. Each rank's
+snapshots and references hold the modules it analyzes only (its ``rank_share``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Optional
 
 import pytest
 
+from lora_monitor.engine.distributed import rank_share
 from tests.engine.sharded_loop import build
 from tests.helpers.distributed import TORCHRUN, run_script
 from tests.helpers.events import assert_same_scalars, read_events, scalar_values
@@ -127,3 +129,20 @@ def test_qlora_4bit_base_weights_are_dequantized_shard_by_shard(tmp_path):
     assert all(any(tag.startswith(f"lora_monitor.{metric}/") for tag in got) for metric in W0_METRICS)
     assert_same(expected, got)
     assert _warnings(sharded) == []
+
+
+@pytest.mark.parametrize("run", ["single", "sharded", "fsdp1", "zero3", "resumed"])
+def test_each_rank_holds_its_share_only(runs, run):
+    """What a rank keeps — its snapshots (the run's first one), the factors before step 1, the
+    adapter read as the reference, and what a resumed run restored — is exactly the modules it
+    analyzes; the ranks together hold every module once."""
+    if runs[run] is None:
+        pytest.skip("deepspeed is not installed")
+    processes = 1 if run == "single" else 2
+    held = [json.loads((runs[run] / f"held_rank{rank}.json").read_text()) for rank in range(processes)]
+    modules = {(layer, projection) for layer in range(2) for projection in ("q", "v")}
+    for monitor, kinds in {"first": {"initial", "first"}, "adapter": {"initial", "adapter"}}.items():
+        for rank in range(processes):
+            assert set(held[rank][monitor]) == kinds
+            for kind, keys in held[rank][monitor].items():
+                assert {tuple(key) for key in keys} == set(rank_share(modules, rank, processes)), (monitor, kind)
