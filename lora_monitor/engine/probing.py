@@ -9,8 +9,8 @@ back exactly.
 
 What it costs, and how that is kept near free (``docs/performance.md``): a reading is 3–10
 forward passes of the probe batch. The loss with no update (k = 0) is the frozen model's, so it
-is kept while no other parameter or buffer changes (:func:`_fingerprint`). Between the start and
-the end of training the probe is read at a snapshot only while its readings stay within
+is kept while no other parameter or buffer changes (:func:`_fingerprint`). Between the first
+snapshot and the end of training the probe is read only while its readings stay within
 :data:`BUDGET` of the training time (:meth:`FunctionalProbe.due`); a snapshot it skips carries the
 latest reading; the end of training is always read, so the recommendation rests on the update
 it names.
@@ -74,12 +74,12 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, batch)
 
 
-#: The share of training wall time the readings between the start and the end of training may
-#: take: with the rest of the monitor, about 1 % at most (``docs/performance.md``).
+#: The share of training wall time the readings between the first snapshot and the end of
+#: training may take: with the rest of the monitor, about 1 % at most (``docs/performance.md``).
 BUDGET = 0.005
-#: A reading's cost before the first one is measured, in training steps: about five forward
-#: passes of a training batch, a forward pass a third of a training step (backward is two).
-FIRST_COST_STEPS = 2.0
+#: A reading that took less (seconds) is taken at every snapshot: too little to matter to any
+#: run, and what a toy model's costs.
+FLOOR = 0.1
 
 
 def _fingerprint(model: torch.nn.Module, cut: Collection[torch.Tensor]) -> tuple[tuple[int, int], ...]:
@@ -118,8 +118,8 @@ class FunctionalProbe:
         self._said: set[str] = set()
         #: ``loss(0)`` and what it was measured with (the loss, the batch, the fingerprint).
         self._base: Optional[tuple[tuple[Any, ...], float]] = None
-        #: When training started, ``(perf_counter, step)``; None: every snapshot is read.
-        self._clock: Optional[tuple[float, int]] = None
+        #: When training started (``perf_counter``); None: every snapshot is read.
+        self._clock: Optional[float] = None
         #: The seconds the readings took so far.
         self._spent = 0.0
         #: The latest reading, carried to the snapshots the schedule skips.
@@ -147,27 +147,23 @@ class FunctionalProbe:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.batch = state.get("batch")
 
-    def start(self, step: int) -> None:
-        """Training starts at ``step``: the schedule measures the training time from here."""
+    def start(self) -> None:
+        """Training starts: the schedule measures the training time from here."""
         if self._clock is None:
-            self._clock = (time.perf_counter(), step)
+            self._clock = time.perf_counter()
 
-    def due(self, step: int, final: bool = False) -> bool:
-        """Whether the probe is read at ``step``: at the end of training (``final``) always;
-        before, when the readings so far and this one (the latest reading's seconds, or
-        :data:`FIRST_COST_STEPS` training steps before any) stay within :data:`BUDGET` of the
-        training time since :meth:`start`. A long run is read every few snapshots (every
-        ``cost / (BUDGET · seconds between snapshots)``-th: the model's size and the snapshot
-        period set it, see ``docs/performance.md``); a short one at its end only."""
-        if final or self._clock is None:
+    def due(self, final: bool = False) -> bool:
+        """Whether the probe is read at this snapshot: at the first (it prices the next) and at
+        the end of training (``final``) always; between, when the latest reading took under
+        :data:`FLOOR`, or when the readings so far and one more like the latest stay within
+        :data:`BUDGET` of the training time since :meth:`start`. A long run is read every
+        ``cost / (BUDGET · seconds between snapshots)``-th snapshot (the model's size and the
+        snapshot period set it, see ``docs/performance.md``); a short one at its first and last."""
+        if final or self._clock is None or self.latest is None:
             return True
-        started, first_step = self._clock
-        steps = step - first_step
-        training = time.perf_counter() - started - self._spent
-        if steps <= 0:
-            return False
-        cost = self.latest.seconds if self.latest is not None else FIRST_COST_STEPS * training / steps
-        return self._spent + cost <= BUDGET * training
+        cost = self.latest.seconds
+        training = time.perf_counter() - self._clock - self._spent
+        return cost < FLOOR or self._spent + cost <= BUDGET * training
 
     def _loss(self, model: torch.nn.Module) -> Optional[Callable[[], Any]]:
         if self.loss is not None:
@@ -224,7 +220,7 @@ class FunctionalProbe:
                     "modules has one (DoRA, AdaLoRA and PiSSA-like updates are not cut); no probe reading"
                 )
                 return None
-            if not self.due(step, final):
+            if not self.due(final):
                 self.skipped = step
                 return self.latest
             cut = [layer.lora_A[name].weight for layer, name in layers.values()]

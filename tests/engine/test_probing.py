@@ -196,25 +196,28 @@ def test_the_schedule_reads_within_its_budget_and_always_at_the_end(monkeypatch)
     clock = _Clock()
     monkeypatch.setattr(probing.time, "perf_counter", clock)
     probe = LoRAMonitor(functional_probe=True).probing
-    probe.start(0)
-    clock.now = 50.0  # 50 steps of a second: a first reading guessed at 2 steps, 0.25 s allowed
-    assert not probe.due(50) and probe.due(50, final=True)
-    clock.now = 400.0  # 2 s allowed: the guess fits
-    assert probe.due(400)
+    probe.start()
+    clock.now = 50.0
+    assert probe.due()  # the first snapshot: nothing to price the next reading by
     probe.latest, probe._spent = ProbeReading(8, seconds=1.5), 1.5
-    clock.now = 500.0  # 1.5 s spent, 1.5 more: 3 s > 0.5 % of 498.5 s
-    assert not probe.due(500)
+    clock.now = 100.0  # 1.5 s spent, 1.5 more: 3 s > 0.5 % of 98.5 s
+    assert not probe.due() and probe.due(final=True)
     clock.now = 601.5  # 0.5 % of 600 s
-    assert probe.due(600)
+    assert probe.due()
+    probe.latest = ProbeReading(8, seconds=probing.FLOOR / 2)
+    clock.now = 2.0  # a reading too cheap to matter is always taken
+    assert probe.due()
 
 
-def test_a_short_run_is_probed_at_its_end_with_the_whole_probe_s_reading():
+def test_a_short_run_is_probed_at_its_start_and_end_the_end_s_reading_the_whole_probe_s(monkeypatch):
     model = tiny_llama_lora(rank=8)
     tokens = _batch(1)
     loss = lambda: model(input_ids=tokens, labels=tokens).loss  # noqa: E731
+    monkeypatch.setattr(probing, "FLOOR", 0.0)  # this toy model's readings are below it
     with LoRAMonitor(model, every_n_steps=2, probe=loss, log_images=False) as monitor:
         _train(model, 6, monitor)
-        assert monitor.latest_probe is None  # seconds of training: no reading fits 0.5 % of them
-    assert monitor.recommendation is not None and monitor.latest_probe is not None
+        first = monitor.latest_probe  # read at the first snapshot, carried since: no other fits
+        assert first is not None and monitor.probing.skipped == 6
+    assert monitor.latest_probe is not first and monitor.recommendation is not None
     full = _uncached_reading(model, loss)
     assert monitor.latest_probe.losses == full.losses and monitor.recommendation.probe == monitor.latest_probe
