@@ -6,11 +6,12 @@ up, down). One snapshot is what the monitor does at a scheduled step, with the e
 functions, under FSDP2:
 
 - the LoRA factors, sharded row-wise across the ranks as ``fully_shard`` leaves them
-  (DTensors), are gathered whole (:func:`lora_monitor.engine.distributed.full_factors`) and
-  copied (:meth:`lora_monitor.analysis.Snapshot.capture`);
-- the analysis against the run's first snapshot (its bases cached, as the monitor keeps them)
-  runs spread over the ranks (:func:`lora_monitor.engine.distributed.rank_share`, the small
-  results all-gathered): spectra, φ grids, and ΔW's singular vectors where W₀ is used.
+  (DTensors), are gathered whole one module at a time, on every rank, and each rank copies
+  only the modules it analyzes, its share (:func:`lora_monitor.engine.distributed.capture_kept`
+  with :func:`~lora_monitor.engine.distributed.rank_share`, as the monitor does);
+- the analysis of the share against the run's first snapshot — as each rank keeps it: its
+  share only, the bases cached — the small results all-gathered: spectra, φ grids, and ΔW's
+  singular vectors where W₀ is used.
 
 W₀ itself does not fit this machine at 70B (q alone is 20 GiB in float32 over 80 layers), so the
 W₀ products — each rank's block of ``Uᵀ W₀ V`` and ‖W₀‖² (``block_projection``), summed by one
@@ -18,9 +19,10 @@ all-reduce — are timed on one layer's real bfloat16 weights, this rank's rows 
 multiplied by the number of layers (said so in the output).
 
 Printed per world size (1, and 2 over gloo on CPU, one thread each): wall seconds of the
-snapshot, its peak extra resident memory per rank (above what the rank held before it: the
-sharded factors; read from the kernel's high-water mark, reset before), and each rank's share
-of the modules. Example::
+snapshot; per rank, the resident memory of the reference it keeps (the first snapshot and its
+bases, held from step to step) and the snapshot's peak extra resident memory above that and the
+sharded factors (read from the kernel's high-water mark, reset before), their sum the monitor's
+memory on that rank; and each rank's share of the modules. Example::
 
     python benchmarks/sharded.py                 # q/v and all-linear, 80 layers
     python benchmarks/sharded.py --targets qv --layers 20
@@ -41,8 +43,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_monitor.adapters import LoRAFactors  # noqa: E402
-from lora_monitor.analysis import ReferenceBases, Snapshot, analyze  # noqa: E402
-from lora_monitor.engine.distributed import all_gather_objects, full_factors, rank_share  # noqa: E402
+from lora_monitor.analysis import ReferenceBases, analyze  # noqa: E402
+from lora_monitor.engine.distributed import all_gather_objects, capture_kept, rank_share  # noqa: E402
 from lora_monitor.functional.svd import factored_svd  # noqa: E402
 from lora_monitor.functional.weights import block_projection  # noqa: E402
 
@@ -98,10 +100,8 @@ def _factors(layers: int, projections: tuple[str, ...], world_size: int, rank: i
 
 
 def _snapshot(live, reference, bases, rank: int, world_size: int, step: int) -> None:
-    snapshot = Snapshot.capture(full_factors(live), step)
-    keys = rank_share(snapshot.factors, rank, world_size)
-    share = Snapshot(step, {key: snapshot.factors[key] for key in keys})
-    analyses = analyze(share, reference, "A", reference_bases=bases)
+    snapshot = capture_kept(live, rank_share(live, rank, world_size), step)
+    analyses = analyze(snapshot, reference, "A", reference_bases=bases)
     if world_size > 1:
         analyses = {key: a for part in all_gather_objects(analyses) for key, a in part.items()}
     assert len(analyses) == len(live)
@@ -131,8 +131,11 @@ def _worker(rank: int, world_size: int, port: int, args, results) -> None:
         for target in args.targets:
             projections = TARGETS[target]
             live = _factors(args.layers, projections, world_size, rank, seed=0)
-            first = Snapshot.capture(full_factors(live), 0)  # the run's first snapshot: the reference
+            held = _memory("VmRSS")
+            # The run's first snapshot, the reference: this rank's share, as the monitor keeps it.
+            first = capture_kept(live, rank_share(live, rank, world_size), 0)
             bases = ReferenceBases.compute(first.factors, first.factors, "A")
+            held = _memory("VmRSS") - held
             times, peaks = [], []
             for repeat in range(args.repeats):
                 if world_size > 1:
@@ -149,6 +152,7 @@ def _worker(rank: int, world_size: int, port: int, args, results) -> None:
             results[(target, world_size, rank)] = {
                 "seconds": statistics.median(times),
                 "peak": max(peaks),
+                "reference": held,
                 "modules": len(rank_share(live, rank, world_size)),
                 "total": len(live),
                 "base_seconds": base_seconds,
@@ -183,13 +187,17 @@ def main() -> int:
             ranks = [results[(target, world_size, rank)] for rank in range(world_size)]
             seconds = max(r["seconds"] for r in ranks)
             base = max(r["base_seconds"] for r in ranks)
-            shares = ", ".join(f"rank {i}: {r['modules']}/{r['total']} modules" for i, r in enumerate(ranks))
-            peaks = ", ".join(f"{r['peak'] / GiB:.2f}" for r in ranks)
             print(
                 f"  {target:10s} world size {world_size}: snapshot {seconds:.2f} s (gather, copy, spread "
-                f"analysis); peak extra memory per rank {peaks} GiB; {shares}; + W₀ products ≈ {base:.1f} s "
-                f"a rank (one layer's bfloat16 W₀ timed on this rank's rows × {args.layers})"
+                f"analysis); + W₀ products ≈ {base:.1f} s a rank (one layer's bfloat16 W₀ timed on this "
+                f"rank's rows × {args.layers})"
             )
+            for i, r in enumerate(ranks):
+                kept, peak = r["reference"] / GiB, r["peak"] / GiB
+                print(
+                    f"    rank {i}: {r['modules']}/{r['total']} modules; reference kept {kept:.2f} GiB + "
+                    f"snapshot peak extra {peak:.2f} GiB = {kept + peak:.2f} GiB"
+                )
     return 0
 
 

@@ -33,6 +33,7 @@ class Snapshot:
 
     @classmethod
     def capture(cls, factors: Mapping[ModuleKey, LoRAFactors], step: int) -> Snapshot:
+        """Copies of every module of ``factors`` (whole, all at hand) at ``step``."""
         copies = Copies(factors)
         for key, f in factors.items():
             copies.add(key, f)
