@@ -21,7 +21,7 @@ Candidates (named as in the benchmark's table):
   the lower half of the spectrum (squared singular values against the MP quantiles).
 - ``gap15`` / ``gap2``: the largest k ≤ r/2 with an eigengap σ_k/σ_{k+1} ≥ 1.5 / 2
   (:func:`spectral_gap`); ``gap15f``: ``gap15`` counting only directions that hold ≥ 1 % of
-  ‖ΔW‖_F² (σ_k² ≥ 0.01·Σσ²), the package's ``GAP_FLOOR``.
+  ‖ΔW‖_F² (σ_k² ≥ 0.01·Σσ²), the package's ``RULE.gap_floor``.
 - ``stab80`` / ``stab90``: the largest k (≤ r/2) such that the top-j blocks of ΔW's left singular
   vectors at t and at t/2 overlap φ(j, j) ≥ 0.8 / 0.9 for every j ≤ k (signal settles, noise
   keeps rotating).

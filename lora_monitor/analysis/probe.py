@@ -4,7 +4,7 @@ At a snapshot, every monitored ΔW is cut to its top k directions at once and th
 model is measured on one fixed batch (:class:`~lora_monitor.adapters.truncation.LiveTruncation`
 does the cutting; a front-end gives the loss: Lightning's ``training_step``, the transformers
 model's own loss, a plain loop's ``probe=``). The update so far lowered the loss from ``loss(0)``
-(no update) to ``loss(r)``; the rank it needs is the smallest k that keeps :data:`KEEP` of that
+(no update) to ``loss(r)``; the rank it needs is the smallest k that keeps ``RULE.keep`` of that
 reduction, measured in log loss — a loss that fell a hundredfold is cut at the same share of the
 way as one that halved. It reads the task, not r: directions that only add noise raise the loss
 or leave it where it is, so they never count.
@@ -18,12 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Optional
 
-#: The share of the log-loss reduction of the whole update that the suggested rank keeps.
-KEEP = 0.95
-#: The shares that bound the range said beside the suggestion ("4, likely 3–6").
-KEEP_LOW, KEEP_HIGH = 0.9, 0.98
-#: The ranks tried, upwards (and r, the whole update).
-GRID = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+from lora_monitor.analysis.rank_rule import RULE
 
 
 @dataclass(frozen=True)
@@ -33,9 +28,9 @@ class ProbeReading:
     Attributes:
         r: the largest rank of the modules cut (``losses[r]``: the whole update).
         losses: k → the probe batch's loss with every ΔW cut to k directions (0: none).
-        rank: the smallest k keeping :data:`KEEP` of the log-loss reduction; None when the
+        rank: the smallest k keeping ``RULE.keep`` of the log-loss reduction; None when the
             update has not lowered the probe loss (nothing to keep).
-        low, high: the smallest k keeping :data:`KEEP_LOW` and :data:`KEEP_HIGH` of it.
+        low, high: the smallest k keeping ``RULE.keep_low`` and ``RULE.keep_high`` of it.
         seconds: the probe's wall time (its forward passes).
     """
 
@@ -53,7 +48,7 @@ class ProbeReading:
 
 
 def read_probe(loss_at: Callable[[int], float], r: int, base: Optional[float] = None) -> ProbeReading:
-    """Cut to 0 and to r, then upwards through :data:`GRID` until :data:`KEEP_HIGH` of the
+    """Cut to 0 and to r, then upwards through ``RULE.grid`` until ``RULE.keep_high`` of the
     log-loss reduction is kept (2 + a few forward passes: the suggestion is usually small).
 
     ``base``: ``loss_at(0)`` where the caller knows it (the loss with no update at all is the
@@ -67,14 +62,19 @@ def read_probe(loss_at: Callable[[int], float], r: int, base: Optional[float] = 
         return ProbeReading(r, losses, seconds=time.perf_counter() - start)
     reading = ProbeReading(r, losses)
     found: dict[float, int] = {}
-    for k in [k for k in GRID if k < r] + [r]:
+    for k in [k for k in RULE.grid if k < r] + [r]:
         if k not in losses:
             losses[k] = float(loss_at(k))
-        for share in (KEEP_LOW, KEEP, KEEP_HIGH):
+        for share in (RULE.keep_low, RULE.keep, RULE.keep_high):
             if share not in found and reading.kept(k) >= share:
                 found[share] = k
-        if KEEP_HIGH in found:
+        if RULE.keep_high in found:
             break
     return ProbeReading(
-        r, dict(sorted(losses.items())), found[KEEP], found[KEEP_LOW], found[KEEP_HIGH], time.perf_counter() - start
+        r,
+        dict(sorted(losses.items())),
+        found[RULE.keep],
+        found[RULE.keep_low],
+        found[RULE.keep_high],
+        time.perf_counter() - start,
     )

@@ -1,10 +1,9 @@
 """The LoRA rank a run needs, with its evidence: logic only (the report's text is
 :mod:`lora_monitor.outputs.report`).
 
-The rule was chosen, and is checked, by ``benchmarks/rank_validation`` against tasks whose
-needed rank is known (planted-rank teachers on the real MiniLM, and the example task): from a
-single r = 64 run it was right on 15 of 15 runs from a quarter of training on (docs/rank.md, "How
-right it is"). Two readings, and the suggestion is the larger:
+The rule (every constant of it: :mod:`lora_monitor.analysis.rank_rule`) was chosen, and is
+checked, by ``benchmarks/rank_validation`` against tasks whose needed rank is known; how often
+it is right is in docs/rank.md, "How right it is". Two readings, and the suggestion is the larger:
 
 1. **The functional probe** (:mod:`lora_monitor.analysis.probe`): the smallest k whose joint
    truncation of every monitored ΔW keeps 95 % of the log-loss reduction on the probe batch.
@@ -17,8 +16,8 @@ right it is"). Two readings, and the suggestion is the larger:
 
 What the validation showed decides the strength said beside it: the probe and the gaps more
 than twice apart happened only early in training (and the probe was then wrong), so that
-reads as weak; without a probe the gaps alone are weak evidence (right on 9 of 15 runs at a
-quarter of training). The probe keeping nothing but the whole update says r may be too small.
+reads as weak; without a probe the gaps alone are weak evidence (they came right later in
+training than the probe). The probe keeping nothing but the whole update says r may be too small.
 Directions shared with another run (the paper's φ) are shown beside, not used: in ΔW's bases
 they count the update's structured noise, which two seeds share too.
 """
@@ -33,16 +32,9 @@ from typing import Optional
 from torch import Tensor
 
 from lora_monitor.adapters import ModuleKey
-from lora_monitor.analysis.probe import KEEP, ProbeReading
-from lora_monitor.analysis.results import GAP_FLOOR, GAP_RATIO, ModuleAnalysis
-from lora_monitor.functional.spectra import effective_rank, energy_rank, frobenius_norm, gap_rank, stable_rank
-
-#: Median ‖ΔW‖_F / ‖W₀‖_F below this: B has barely left its zero initialization.
-EARLY_RELATIVE_NORM = 1e-3
-#: The probe and the gaps further apart than this factor: too early to read.
-DISAGREEMENT = 2.0
-#: The share of ‖ΔW‖_F² the energy rank holds (a column of the tables, not evidence).
-ENERGY = 0.9
+from lora_monitor.analysis.probe import ProbeReading
+from lora_monitor.analysis.rank_rule import RULE
+from lora_monitor.analysis.results import ModuleAnalysis, spectral_statistics
 
 
 def layer_name(key: ModuleKey) -> str:
@@ -66,7 +58,7 @@ class ModuleEvidence:
         key: ``(layer, projection)``.
         rank, reference_rank: r of the update and of the reference (None without one).
         delta_w_gap_rank: the spectral reading: the largest k ≤ r/2 with σ_k/σ_{k+1} ≥
-            :data:`GAP_RATIO` and σ_k² ≥ :data:`GAP_FLOOR` · ‖ΔW‖_F².
+            ``RULE.gap_ratio`` and σ_k² ≥ ``RULE.gap_floor`` · ‖ΔW‖_F².
         delta_w_gap: σ_k/σ_{k+1} at that k (None for k = 0).
         shared_directions: directions shared with another run clearly above chance (None
             without one); phi_top: φ(1, 1), chance 1/n (``chance_top``).
@@ -95,7 +87,8 @@ class ModuleEvidence:
     @classmethod
     def from_analysis(cls, analysis: ModuleAnalysis, with_reference: bool = False) -> ModuleEvidence:
         spectrum = analysis.singular_values
-        gap = int(gap_rank(spectrum, GAP_RATIO, GAP_FLOOR))
+        statistics = spectral_statistics(spectrum)
+        gap = int(statistics["delta_w_gap_rank"])
         phi = analysis.phi if with_reference else None
         return cls(
             key=analysis.key,
@@ -106,11 +99,11 @@ class ModuleEvidence:
             shared_directions=analysis.shared_directions if phi is not None else None,
             phi_top=None if phi is None else float(phi[0, 0]),
             chance_top=None if phi is None or analysis.dimension is None else 1.0 / analysis.dimension,
-            delta_w_norm=float(frobenius_norm(spectrum)),
-            delta_w_sigma_max=float(spectrum[0]) if spectrum.numel() else 0.0,
-            delta_w_energy_rank=int(energy_rank(spectrum, ENERGY)),
-            delta_w_effective_rank=float(effective_rank(spectrum)),
-            delta_w_stable_rank=float(stable_rank(spectrum)),
+            delta_w_norm=statistics["delta_w_norm"],
+            delta_w_sigma_max=statistics["delta_w_sigma_max"],
+            delta_w_energy_rank=int(statistics["delta_w_energy_rank"]),
+            delta_w_effective_rank=statistics["delta_w_effective_rank"],
+            delta_w_stable_rank=statistics["delta_w_stable_rank"],
             delta_w_top_gap=_ratio(spectrum, 1),
             delta_w_relative_norm=analysis.delta_w_relative_norm,
         )
@@ -176,30 +169,30 @@ def _cautions(
         cautions.append(
             "spectrum only: no probe batch was read (a saved adapter has none; live, the "
             "Lightning and transformers front-ends read their first batch and a plain loop gives "
-            "LoRAMonitor(probe=...)), so the suggestion is ΔW's spectral gaps alone, right on 9 of "
-            "15 validation runs at a quarter of training and 15 of 15 from half way"
+            "LoRAMonitor(probe=...)), so the suggestion is ΔW's spectral gaps alone, which in "
+            "validation came right later in training than the probe did (docs/rank.md)"
         )
     elif probe.rank is None:
         cautions.append(
             "too early: the update has not lowered the probe batch's loss yet (the probe reads no rank); train longer"
         )
-    elif spectral and max(probe.rank, spectral) > DISAGREEMENT * min(probe.rank, spectral):
+    elif spectral and max(probe.rank, spectral) > RULE.disagreement * min(probe.rank, spectral):
         cautions.append(
             f"the probe reads {probe.rank} and ΔW's spectral gaps {spectral}: in validation such "
-            f"a disagreement (more than {DISAGREEMENT:g}×) came only early in training, when the "
+            f"a disagreement (more than {RULE.disagreement:g}×) came only early in training, when the "
             f"probe was wrong; read the suggestion again later"
         )
     if probe is not None and probe.rank is not None and probe.rank >= r:
         cautions.append(
             f"r may be too small: the probe needs every one of the r = {r} directions to keep "
-            f"{100 * KEEP:g} % of the loss reduction; train with a larger r and see whether the "
+            f"{100 * RULE.keep:g} % of the loss reduction; train with a larger r and see whether the "
             f"suggestion stays below it"
         )
     norms = [m.delta_w_relative_norm for m in modules if m.delta_w_relative_norm is not None]
-    if norms and median(norms) < EARLY_RELATIVE_NORM:
+    if norms and median(norms) < RULE.early_relative_norm:
         cautions.append(
             f"too early: ΔW is still tiny next to W₀ (median ‖ΔW‖_F/‖W₀‖_F = {median(norms):.1e} "
-            f"< {EARLY_RELATIVE_NORM:g}): B has barely left its zero initialization; train longer"
+            f"< {RULE.early_relative_norm:g}): B has barely left its zero initialization; train longer"
         )
     return cautions
 

@@ -19,19 +19,28 @@ import torch
 from torch import Tensor
 
 from lora_monitor.adapters import LoRAFactors, ModuleKey
+from lora_monitor.analysis.rank_rule import RULE
 from lora_monitor.analysis.variants import UpdateFactors, unknown_because
 from lora_monitor.functional.bases import Basis, basis_info
 from lora_monitor.functional.similarity import shared_directions
 from lora_monitor.functional.spectra import effective_rank, energy_rank, frobenius_norm, gap_rank, stable_rank
 
-#: The least σ_k / σ_{k+1} that counts as a gap above an update's noise (validated by
-#: ``benchmarks/rank_validation``; :func:`~lora_monitor.functional.gap_rank`).
-GAP_RATIO = 1.5
-#: The least share of ‖ΔW‖_F² a direction must hold for its gap to count: on the validation
-#: runs it changed no verdict (it only tightened one reading, 6 → 5 against a truth of 5); on a
-#: tiny model at r = 16 it drops the gaps of ΔW's short noise tail (σ_4/σ_5 = 1.7 among
-#: directions holding 0.5 %), which read 4–6 for a planted rank 2.
-GAP_FLOOR = 0.01
+#: The share of ‖ΔW‖_F² the energy rank holds (a column of the tables, not evidence).
+ENERGY = 0.9
+
+
+def spectral_statistics(s: Tensor) -> dict[str, float]:
+    """The six numbers of ΔW's spectrum ``s`` (decreasing) the monitor logs and the rank rule and
+    the tables read, by their tag names: computed here, and nowhere else."""
+    return {
+        "delta_w_norm": float(frobenius_norm(s)),
+        "delta_w_sigma_max": float(s[0]) if s.numel() else 0.0,
+        "delta_w_gap_rank": float(gap_rank(s, RULE.gap_ratio, RULE.gap_floor)),
+        "delta_w_energy_rank": float(energy_rank(s, ENERGY)),
+        "delta_w_effective_rank": float(effective_rank(s)),
+        "delta_w_stable_rank": float(stable_rank(s)),
+    }
+
 
 #: The per-module scalars, in the order the custom-scalars layout lists them; those that need
 #: W₀, a reference or the initial factors only when the run has them.
@@ -148,16 +157,7 @@ class ModuleAnalysis:
         s = self.singular_values
         if not torch.isfinite(s).all():
             return {}  # non-finite factors: log nothing rather than NaN that breaks plots
-        values: dict[str, float] = {}
-        if self.delta_w_known:
-            values = {
-                "delta_w_norm": float(frobenius_norm(s)),
-                "delta_w_sigma_max": float(s[0]) if s.numel() else 0.0,
-                "delta_w_gap_rank": float(gap_rank(s, GAP_RATIO, GAP_FLOOR)),
-                "delta_w_energy_rank": float(energy_rank(s)),
-                "delta_w_effective_rank": float(effective_rank(s)),
-                "delta_w_stable_rank": float(stable_rank(s)),
-            }
+        values = spectral_statistics(s) if self.delta_w_known else {}
         if self.phi is not None:
             values["phi_top"] = float(self.phi[0, 0])
             values["phi_mean"] = float(torch.diagonal(self.phi).mean())

@@ -26,6 +26,7 @@ onto these methods and uses nothing else of the engine —
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import os
 import threading
@@ -182,10 +183,8 @@ class LoRAMonitor:
         self._last_step: Optional[int] = None
         #: The latest step :meth:`step` was told of (the plain loop's end of training).
         self._seen_step: Optional[int] = None
-        #: The analysis of the latest snapshot, ``(layer, projection) → ModuleAnalysis``.
-        self.latest_analysis: dict[ModuleKey, ModuleAnalysis] = {}
-        #: The functional probe read at the latest snapshot (None: not read).
-        self.latest_probe: Optional[ProbeReading] = None
+        #: The latest analyzed snapshot's outcome: its analyses, probe and recommendation.
+        self._latest: Optional[Outcome] = None
         #: The rank suggested when training ended, from the latest analysis (None before).
         self.recommendation: Optional[RankRecommendation] = None
         if model is not None:
@@ -264,7 +263,12 @@ class LoRAMonitor:
             list(options.layers) if options.layers is not None else default_layers([layer for layer, _ in monitored])
         )
         self.runner = AnalysisRunner(
-            self._analyze, self.reporter.prepare, self.process, options.asynchronous, writes=self.reporter.speaks
+            self._analyze,
+            self._recommend,
+            self.reporter.prepare,
+            self.process,
+            options.asynchronous,
+            writes=self.reporter.speaks,
         )
         if options.basis == "A" and shares_lora_A(monitored):
             self.reporter.warn(
@@ -305,19 +309,28 @@ class LoRAMonitor:
         if step != self._last_step:
             self._take_snapshot(step, final=True)
         self._collect(wait=True)
-        if self.probing.skipped == step:
+        latest = self._latest
+        if latest is not None and self.probing.skipped == step:
             # The probe's schedule skipped the last snapshot (its cards carry the reading before):
-            # the recommendation rests on the probe of its own step.
-            self.latest_probe = self._read_probe(step, final=True)
-        if self.latest_analysis:
+            # the recommendation rests on the probe of its own step, decided again.
+            latest = self._latest = dataclasses.replace(latest, probe=self._read_probe(step, final=True), problems=[])
+            self._recommend(latest)
+            for problem in latest.problems:
+                self.reporter.report(problem)
+        if latest is not None and latest.recommendation is not None:
+            self.recommendation = latest.recommendation  # the snapshot's, decided once
             with self.reporter.contained(f"step {step}: the rank recommendation"):
-                self.recommendation = recommend_rank(
-                    self.latest_analysis,
-                    probe=self.latest_probe,
-                    reference_is_run=self.options.compares_runs,
-                    basis=self.options.basis,
-                )
                 self.reporter.write_recommendation(self.recommendation, step)
+
+    @property
+    def latest_analysis(self) -> dict[ModuleKey, ModuleAnalysis]:
+        """The analysis of the latest snapshot, ``(layer, projection) → ModuleAnalysis``."""
+        return self._latest.analyses or {} if self._latest is not None else {}
+
+    @property
+    def latest_probe(self) -> Optional[ProbeReading]:
+        """The functional probe's reading the latest snapshot rests on (None: not read)."""
+        return self._latest.probe if self._latest is not None else None
 
     # ------------------------------------------------------------- the probe's batch
     @property
@@ -387,9 +400,24 @@ class LoRAMonitor:
 
     def _publish(self, outcome: Outcome) -> None:
         if outcome.analyses is not None:
-            self.latest_analysis = outcome.analyses
-            self.latest_probe = outcome.probe
+            self._latest = outcome
         self.reporter.publish(outcome)
+
+    def _recommend(self, outcome: Outcome) -> None:
+        """The rank an analyzed outcome suggests (:func:`recommend_rank`), decided once per
+        snapshot, on every rank; a failure is one of its problems."""
+        assert outcome.analyses is not None
+        try:
+            outcome.recommendation = recommend_rank(
+                outcome.analyses,
+                probe=outcome.probe,
+                reference_is_run=self.options.compares_runs,
+                basis=self.options.basis,
+            )
+        except Exception as error:
+            outcome.problems.append(
+                f"step {outcome.step}: the rank recommendation failed with {type(error).__name__}: {error}"
+            )
 
     def _read_probe(self, step: int, final: bool) -> Optional[ProbeReading]:
         assert self._model is not None

@@ -15,7 +15,7 @@ from typing import Optional
 
 from lora_monitor.adapters import LoRAMonitorError, ModuleKey
 from lora_monitor.analysis import new_notes
-from lora_monitor.analysis.rank import RankRecommendation, recommend_rank
+from lora_monitor.analysis.rank import RankRecommendation
 from lora_monitor.engine.options import MonitorOptions
 from lora_monitor.engine.runner import Job, Outcome
 from lora_monitor.outputs.report import advice, report_markdown, summary_line
@@ -97,13 +97,9 @@ class Reporter:
         step = outcome.step
         try:
             outcome.scalars = snapshot_scalars(outcome.analyses, self.options.compares_runs)
-            suggestion = recommend_rank(
-                outcome.analyses,
-                probe=outcome.probe,
-                reference_is_run=self.options.compares_runs,
-                basis=self.options.basis,
-            )
-            outcome.scalars.update(recommendation_scalars(suggestion))
+            suggestion = outcome.recommendation  # decided once, rendered here
+            if suggestion is not None:
+                outcome.scalars.update(recommendation_scalars(suggestion))
             grids = {
                 key: analysis.phi.numpy()
                 for key, analysis in outcome.analyses.items()

@@ -22,6 +22,7 @@ from torch import Tensor
 from lora_monitor.adapters import LoRAFactors, ModuleKey
 from lora_monitor.analysis import ModuleAnalysis, Snapshot
 from lora_monitor.analysis.probe import ProbeReading
+from lora_monitor.analysis.rank import RankRecommendation
 from lora_monitor.analysis.snapshot import shapes_only
 from lora_monitor.engine.background import Background
 from lora_monitor.engine.distributed import Process, all_gather_objects, rank_share
@@ -52,6 +53,9 @@ class Outcome:
     #: None when the analysis failed.
     analyses: Optional[dict[ModuleKey, ModuleAnalysis]] = None
     probe: Optional[ProbeReading] = None
+    #: The rank this snapshot suggests, decided once, on every rank (:data:`Recommend`); what
+    #: is written renders it, and the end of training reuses it.
+    recommendation: Optional[RankRecommendation] = None
     scalars: dict[str, float] = field(default_factory=dict)
     images: dict[str, np.ndarray] = field(default_factory=dict)
     #: Warnings to give (errors with ``strict``), in the order they arose.
@@ -60,6 +64,9 @@ class Outcome:
 
 #: Analyses a job's snapshot (or the part of it given): an outcome with analyses and problems.
 Analyze = Callable[[Job], Outcome]
+#: Decides an outcome's recommendation from its analyses and probe (on every rank, after the
+#: analyses of a spread snapshot are gathered); it must collect its problems, never raise.
+Recommend = Callable[[Outcome], None]
 #: Fills an outcome's scalars and images from its analyses (on the process that writes).
 Prepare = Callable[[Outcome, Job], None]
 
@@ -69,6 +76,7 @@ class AnalysisRunner:
 
     Args:
         analyze: the analysis of a job; it must collect its problems, never raise.
+        recommend: decides the recommendation of an analyzed outcome.
         prepare: what is written for an outcome (scalars, figures); called only where
             ``writes``.
         process: where the monitor runs; several ranks in one process group split a
@@ -80,12 +88,13 @@ class AnalysisRunner:
     def __init__(
         self,
         analyze: Analyze,
+        recommend: Recommend,
         prepare: Prepare,
         process: Process,
         asynchronous: Optional[bool],
         writes: bool,
     ) -> None:
-        self.analyze, self.prepare, self.process = analyze, prepare, process
+        self.analyze, self.recommend, self.prepare, self.process = analyze, recommend, prepare, process
         self.asynchronous, self.writes = asynchronous, writes
         self._done: deque[Outcome] = deque()
         #: The worker of an asynchronous runner, from its first job to :meth:`close`.
@@ -133,8 +142,10 @@ class AnalysisRunner:
     def _whole(self, job: Job) -> Outcome:
         """The whole analysis, and what is written, in whichever thread runs it."""
         outcome = self.analyze(job)
-        if self.writes and outcome.analyses is not None:
-            self.prepare(outcome, job)
+        if outcome.analyses is not None:
+            self.recommend(outcome)
+            if self.writes:
+                self.prepare(outcome, job)
         return outcome
 
     def _asynchronous(self, factors: Factors) -> bool:
@@ -159,6 +170,7 @@ class AnalysisRunner:
         analyzed = [s.analyses for s, _, _ in shares if s.analyses is not None]
         if analyzed:
             outcome.analyses = dict(sorted(item for analyses in analyzed for item in analyses.items()))
+            self.recommend(outcome)
             if self.writes:
                 # What is written describes every module, the other ranks' too: their shapes.
                 described = dataclasses.replace(

@@ -17,8 +17,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from lora_monitor.adapters import ModuleKey
-from lora_monitor.analysis.probe import KEEP
 from lora_monitor.analysis.rank import RankRecommendation
+from lora_monitor.analysis.rank_rule import RULE
 from lora_monitor.outputs.plots import CARD_FONT, CARD_WIDTH, DPI, projection_label
 
 SUGGESTION_COLOR, BAR_COLOR, R_COLOR = "#c44e52", "#4c72b0", "#555555"
@@ -103,7 +103,7 @@ def _gap_panel(ax: Axes, content: OverviewContent, projection: str, gap: Optiona
 def _probe_panel(ax: Axes, content: OverviewContent, top_rank: int) -> None:
     ks = [k for k, _ in content.probe]
     ax.plot(ks, [kept for _, kept in content.probe], "o-", ms=2.5, lw=1, color=BAR_COLOR)
-    ax.axhline(KEEP, color=R_COLOR, lw=0.8, ls=":")
+    ax.axhline(RULE.keep, color=R_COLOR, lw=0.8, ls=":")
     if content.rank:
         ax.axvline(content.rank, color=SUGGESTION_COLOR, lw=1.5)
     ax.set_xscale("log", base=2)

@@ -13,9 +13,8 @@ from collections.abc import Sequence
 from statistics import median
 from typing import Optional
 
-from lora_monitor.analysis.probe import KEEP, KEEP_HIGH, KEEP_LOW
 from lora_monitor.analysis.rank import ModuleEvidence, RankRecommendation, layer_name
-from lora_monitor.analysis.results import GAP_FLOOR, GAP_RATIO
+from lora_monitor.analysis.rank_rule import RULE
 from lora_monitor.functional.bases import basis_info
 from lora_monitor.outputs.tags import RECOMMENDATION_PLACE
 
@@ -95,9 +94,10 @@ def report_markdown(recommendation: RankRecommendation, adapter_dir: Optional[st
     lines += [
         f"How it is read (how often it was right: {VALIDATION_PLACE}): the functional probe "
         f"cuts every monitored ΔW to its top k directions at once and measures the loss on one "
-        f"batch; its rank is the smallest k keeping {_percent(KEEP)} of the whole update's log-loss "
-        f"reduction ({_percent(KEEP_LOW)} and {_percent(KEEP_HIGH)} bound the range). A module's spectral "
-        f"gap rank is the largest k ≤ r/2 with σ_k/σ_k+1 ≥ {GAP_RATIO:g} and σ_k² ≥ {_percent(GAP_FLOOR)} of "
+        f"batch; its rank is the smallest k keeping {_percent(RULE.keep)} of the whole update's log-loss "
+        f"reduction ({_percent(RULE.keep_low)} and {_percent(RULE.keep_high)} bound the range). A module's "
+        f"spectral gap rank is the largest k ≤ r/2 with σ_k/σ_k+1 ≥ {RULE.gap_ratio:g} and σ_k² ≥ "
+        f"{_percent(RULE.gap_floor)} of "
         f"‖ΔW‖_F². The suggestion is the larger "
         f"of the probe's rank and the largest gap rank.",
         "",
@@ -167,7 +167,7 @@ def _top(m: ModuleEvidence) -> str:
     return "–" if m.phi_top is None else f"{m.phi_top:.3f} / {m.chance_top:.4f}"
 
 
-GAP_RANK_COLUMN = f"ΔW gap rank (σ_k/σ_k+1 ≥ {GAP_RATIO:g})"
+GAP_RANK_COLUMN = f"ΔW gap rank (σ_k/σ_k+1 ≥ {RULE.gap_ratio:g})"
 
 #: Every column a table of modules can have: header → cell. A header names the matrix it
 #: describes, and the same header is the same quantity, formatted the same, in every table

@@ -7,7 +7,10 @@ import math
 
 import pytest
 
-from lora_monitor.analysis.probe import GRID, KEEP, KEEP_HIGH, KEEP_LOW, read_probe
+from lora_monitor.analysis.probe import read_probe
+from lora_monitor.analysis.rank_rule import RULE
+
+GRID, KEEP, KEEP_LOW, KEEP_HIGH = RULE.grid, RULE.keep, RULE.keep_low, RULE.keep_high
 
 
 def _curve(losses: dict[int, float]):

@@ -8,8 +8,9 @@ import math
 import numpy as np
 
 from lora_monitor.analysis import Snapshot, analyze
-from lora_monitor.analysis.probe import KEEP, read_probe
+from lora_monitor.analysis.probe import read_probe
 from lora_monitor.analysis.rank import recommend_rank
+from lora_monitor.analysis.rank_rule import RULE
 from lora_monitor.outputs import overview, plots, rendering
 from lora_monitor.outputs.tags import OVERVIEW_TAG
 from tests.helpers.factors import random_factors
@@ -46,7 +47,7 @@ def test_overview_draws_every_layer_against_r_and_the_suggestion():
     probe = recommendation.probe
     assert list(curve.get_xdata()) == [k for k in probe.losses if k > 0]
     assert np.allclose(curve.get_ydata(), [probe.kept(k) for k in probe.losses if k > 0], atol=0.025)
-    assert any(list(line.get_ydata()) == [KEEP, KEEP] for line in probe_ax.lines)
+    assert any(list(line.get_ydata()) == [RULE.keep, RULE.keep] for line in probe_ax.lines)
     assert any(list(line.get_xdata()) == [recommendation.rank] * 2 for line in probe_ax.lines)
     assert probe_ax.get_title(loc="right") == f"rank {probe.rank}"
     texts = " ".join(t.get_text() for t in figure.texts)
