@@ -291,7 +291,7 @@ class LoRAMonitor:
             note = self.references.start(self._capture(step, base_numbers=False)[0], step)
             if note is not None:
                 self.reporter.warn(note)
-        self.probing.start()
+        self.probing.start(step)
 
     def on_step(self, step: int) -> None:
         """An optimizer step ended, ``step`` steps taken: write what the worker finished, and

@@ -11,7 +11,8 @@ What it costs, and how that is kept near free (``docs/performance.md``): a readi
 forward passes of the probe batch. The loss with no update (k = 0) is the frozen model's, so it
 is kept while no other parameter or buffer changes (:func:`_fingerprint`). Between the first
 snapshot and the end of training the probe is read only while its readings stay within
-:data:`BUDGET` of the training time (:meth:`FunctionalProbe.due`); a snapshot it skips carries the
+:data:`BUDGET` of the training, counted in forward passes (:meth:`FunctionalProbe.due`): the same
+steps on every machine; a snapshot it skips carries the
 latest reading; the end of training is always read, so the recommendation rests on the update
 it names.
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import time
 from collections.abc import Callable, Collection, Iterator
 from typing import Any, Optional
 
@@ -74,12 +74,12 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, batch)
 
 
-#: The share of training wall time the readings between the first snapshot and the end of
-#: training may take: with the rest of the monitor, about 1 % at most (``docs/performance.md``).
+#: The share of training the readings between the first snapshot and the end of training may
+#: take: with the rest of the monitor, about 1 % at most (``docs/performance.md``).
 BUDGET = 0.005
-#: A reading that took less (seconds) is taken at every snapshot: too little to matter to any
-#: run, and what a toy model's costs.
-FLOOR = 0.1
+#: A training step's cost in forward passes of its batch (the backward pass costs about two):
+#: the probe batch is a training batch, so a reading of n forward passes costs n / 3 steps.
+PASSES_PER_STEP = 3.0
 
 
 def _fingerprint(model: torch.nn.Module, cut: Collection[torch.Tensor]) -> tuple[tuple[int, int], ...]:
@@ -118,10 +118,10 @@ class FunctionalProbe:
         self._said: set[str] = set()
         #: ``loss(0)`` and what it was measured with (the loss, the batch, the fingerprint).
         self._base: Optional[tuple[tuple[Any, ...], float]] = None
-        #: When training started (``perf_counter``); None: every snapshot is read.
-        self._clock: Optional[float] = None
-        #: The seconds the readings took so far.
-        self._spent = 0.0
+        #: The step training started at; None: every snapshot is read.
+        self._start_step: Optional[int] = None
+        #: The forward passes the readings took so far, and the latest reading's.
+        self._spent = self._cost = 0
         #: The latest reading, carried to the snapshots the schedule skips.
         self.latest: Optional[ProbeReading] = None
         #: The step of the latest snapshot the schedule skipped (its reading is :attr:`latest`'s).
@@ -147,23 +147,23 @@ class FunctionalProbe:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.batch = state.get("batch")
 
-    def start(self) -> None:
-        """Training starts: the schedule measures the training time from here."""
-        if self._clock is None:
-            self._clock = time.perf_counter()
+    def start(self, step: int) -> None:
+        """Training starts at ``step``: the schedule counts the training from here."""
+        if self._start_step is None:
+            self._start_step = step
 
-    def due(self, final: bool = False) -> bool:
-        """Whether the probe is read at this snapshot: at the first (it prices the next) and at
-        the end of training (``final``) always; between, when the latest reading took under
-        :data:`FLOOR`, or when the readings so far and one more like the latest stay within
-        :data:`BUDGET` of the training time since :meth:`start`. A long run is read every
-        ``cost / (BUDGET · seconds between snapshots)``-th snapshot (the model's size and the
-        snapshot period set it, see ``docs/performance.md``); a short one at its first and last."""
-        if final or self._clock is None or self.latest is None:
+    def due(self, step: int, final: bool = False) -> bool:
+        """Whether the probe is read at the snapshot of ``step``: at the first (it prices the
+        next) and at the end of training (``final``) always; between, when the forward passes
+        of the readings so far and of one more like the latest stay within :data:`BUDGET` of
+        the training since :meth:`start` (:data:`PASSES_PER_STEP` passes a step). Counted in
+        forward passes, not seconds, so that the same run is read at the same steps on any
+        machine: a reading of n passes every n / (BUDGET · 3) steps, about 330 for n = 5
+        (``docs/performance.md``)."""
+        if final or self._start_step is None or self.latest is None:
             return True
-        cost = self.latest.seconds
-        training = time.perf_counter() - self._clock - self._spent
-        return cost < FLOOR or self._spent + cost <= BUDGET * training
+        training = PASSES_PER_STEP * (step - self._start_step)
+        return self._spent + self._cost <= BUDGET * training
 
     def _loss(self, model: torch.nn.Module) -> Optional[Callable[[], Any]]:
         if self.loss is not None:
@@ -220,7 +220,7 @@ class FunctionalProbe:
                     "modules has one (DoRA, AdaLoRA and PiSSA-like updates are not cut); no probe reading"
                 )
                 return None
-            if not self.due(final):
+            if not self.due(step, final):
                 self.skipped = step
                 return self.latest
             cut = [layer.lora_A[name].weight for layer, name in layers.values()]
@@ -229,15 +229,18 @@ class FunctionalProbe:
             # any other parameter or buffer written, and it is measured again.
             key = (self.loss, self._evaluate, id(self.batch), sorted(layers), _fingerprint(model, cut))
             base = self._base[1] if self._base is not None and self._base[0] == key else None
+            passes = 0
             with _evaluating(model), LiveTruncation(layers) as truncation:
 
                 def loss_at(k: int) -> float:
+                    nonlocal passes
+                    passes += 1
                     truncation.cut(k)
                     return loss_value(loss())
 
                 reading = read_probe(loss_at, truncation.rank, base)
             self._base = (key, reading.losses[0])
-            self._spent += reading.seconds
+            self._spent, self._cost = self._spent + passes, passes
             self.latest, self.skipped = reading, None
             return reading
         except Exception as error:  # an analysis problem: never the end of a training run

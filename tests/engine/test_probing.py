@@ -184,36 +184,23 @@ def test_a_frozen_weight_written_in_place_has_the_loss_with_no_update_measured_a
     assert second.losses == _uncached_reading(model, lambda: model(input_ids=tokens, labels=tokens).loss).losses
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_the_schedule_reads_within_its_budget_and_always_at_the_end(monkeypatch):
-    clock = _Clock()
-    monkeypatch.setattr(probing.time, "perf_counter", clock)
+def test_the_schedule_reads_within_its_budget_and_always_at_the_end():
+    # Counted in forward passes (a training step is 3 of them), never in seconds: the same run
+    # is read at the same steps on any machine, so two runs compare card by card.
     probe = LoRAMonitor(functional_probe=True).probing
-    probe.start()
-    clock.now = 50.0
-    assert probe.due()  # the first snapshot: nothing to price the next reading by
-    probe.latest, probe._spent = ProbeReading(8, seconds=1.5), 1.5
-    clock.now = 100.0  # 1.5 s spent, 1.5 more: 3 s > 0.5 % of 98.5 s
-    assert not probe.due() and probe.due(final=True)
-    clock.now = 601.5  # 0.5 % of 600 s
-    assert probe.due()
-    probe.latest = ProbeReading(8, seconds=probing.FLOOR / 2)
-    clock.now = 2.0  # a reading too cheap to matter is always taken
-    assert probe.due()
+    probe.start(0)
+    assert probe.due(10)  # the first snapshot: nothing to price the next reading by
+    probe.latest, probe._spent, probe._cost = ProbeReading(8), 5, 5
+    assert not probe.due(100) and probe.due(100, final=True)  # 10 passes > 0.5 % of 300
+    assert not probe.due(666) and probe.due(667)  # 10 passes ≤ 0.5 % of 3 × 667
+    probe._start_step = None  # a monitor that never started: every snapshot is read
+    assert probe.due(1)
 
 
 def test_a_short_run_is_probed_at_its_start_and_end_the_end_s_reading_the_whole_probe_s(monkeypatch):
     model = tiny_llama_lora(rank=8)
     tokens = _batch(1)
     loss = lambda: model(input_ids=tokens, labels=tokens).loss  # noqa: E731
-    monkeypatch.setattr(probing, "FLOOR", 0.0)  # this toy model's readings are below it
     with LoRAMonitor(model, every_n_steps=2, probe=loss, log_images=False) as monitor:
         _train(model, 6, monitor)
         first = monitor.latest_probe  # read at the first snapshot, carried since: no other fits
