@@ -42,7 +42,7 @@ from lora_monitor.analysis import ModuleAnalysis, Snapshot, analyze, shares_lora
 from lora_monitor.analysis.device import base_weight_results
 from lora_monitor.analysis.probe import ProbeReading
 from lora_monitor.analysis.rank import RankRecommendation, recommend_rank
-from lora_monitor.engine.distributed import Process, ShardedBaseSums, capture_kept
+from lora_monitor.engine.distributed import Process, ShardedBaseSums, all_gather_objects, capture_kept
 from lora_monitor.engine.options import MonitorOptions, Reference
 from lora_monitor.engine.probing import FunctionalProbe
 from lora_monitor.engine.references import References
@@ -481,10 +481,21 @@ class LoRAMonitor:
         return outcome
 
     # ------------------------------------------------------------------------------ resume
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, every_rank: bool = False) -> dict[str, Any]:
         """The references ("first", "previous", the factors before the first step) and the
-        last snapshot's step."""
-        return {"last_step": self._last_step, **self.references.state_dict(), "probe": self.probing.state_dict()}
+        last snapshot's step. Where the ranks split the analysis each holds its share of the
+        references; ``every_rank`` gathers the shares into one state (a collective: every rank
+        calls it) for a front-end whose framework saves one state and restores it on every rank
+        (Lightning), each rank then keeping its share again."""
+        state = {"last_step": self._last_step, **self.references.state_dict(), "probe": self.probing.state_dict()}
+        if every_rank and self.process.spreads_analysis:
+            names = ("first", "previous", "initial")
+            shares = all_gather_objects({name: state[name] for name in names})
+            for name in names:
+                parts = [share[name] for share in shares if share[name] is not None]
+                if parts:
+                    state[name] = {"step": parts[0]["step"], "modules": [m for part in parts for m in part["modules"]]}
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = state_dict.get("last_step")

@@ -179,7 +179,9 @@ class LoRASubspaceMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return self.engine.state_dict()
+        # Lightning saves one callback state (every rank builds it: checkpointing is called on
+        # all ranks) and restores it on every rank: the ranks' shares of the references, whole.
+        return self.engine.state_dict(every_rank=True)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

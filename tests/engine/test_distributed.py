@@ -37,12 +37,12 @@ class ShareRecorder(LoRASubspaceMonitor):
         self.engine = engine
 
 
-def _run(root: Path, **trainer_kwargs) -> Path:
+def _run(root: Path, callbacks=(), ckpt_path=None, **trainer_kwargs) -> Path:
     model = tiny_llama_lora(rank=4, randomize_B=False)
     root.mkdir(parents=True)
     monitor = ShareRecorder(root, every_n_steps=EVERY, reference="first", basis="delta_w_left", strict=True)
-    trainer = make_trainer(root, [monitor], max_steps=STEPS, **trainer_kwargs)
-    trainer.fit(CausalLMModule(model))
+    trainer = make_trainer(root, [monitor, *callbacks], **{"max_steps": STEPS, **trainer_kwargs})
+    trainer.fit(CausalLMModule(model), ckpt_path=ckpt_path)
     return Path(root) / "run" / "version_0"
 
 
@@ -72,6 +72,23 @@ def test_ddp_spawn_logs_what_a_single_process_logs(tmp_path):
         assert len(modules) == 4  # 2 layers × (q, v)
         assert len(first[step]) == len(second[step]) == 2
         assert first[step] | second[step] == modules and not first[step] & second[step]
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+def test_ddp_spawn_resumed_from_a_checkpoint_logs_what_an_uninterrupted_run_logs(tmp_path):
+    # Each rank keeps its share of the references; Lightning saves one callback state and
+    # restores it on every rank, so the shares are gathered into it (strict: a rank missing its
+    # references would stop the resumed run).
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ddp = dict(strategy="ddp_spawn", devices=2, use_distributed_sampler=False)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=EVERY, save_top_k=-1)
+    _run(tmp_path / "first_half", callbacks=[checkpoint], max_steps=EVERY, enable_checkpointing=True, **ddp)
+    (saved,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    resumed = monitor_scalars(read_events(_run(tmp_path / "resumed", ckpt_path=str(saved), **ddp)))
+    # φ against the restored "first" (step 2) for every module, both ranks' shares, at step 4.
+    compared = {tag for tag, series in resumed.items() if tag.startswith("lora_monitor.phi_top/") and STEPS in series}
+    assert compared == {scalar_tag("phi_top", (layer, p)) for layer in range(2) for p in ("q", "v")}
 
 
 def _dtensor_worker(rank: int, port: int) -> None:
