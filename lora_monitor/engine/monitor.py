@@ -325,7 +325,7 @@ class LoRAMonitor:
     @property
     def latest_analysis(self) -> dict[ModuleKey, ModuleAnalysis]:
         """The analysis of the latest snapshot, ``(layer, projection) → ModuleAnalysis``."""
-        return self._latest.analyses or {} if self._latest is not None else {}
+        return (self._latest.analyses or {}) if self._latest is not None else {}
 
     @property
     def latest_probe(self) -> Optional[ProbeReading]:

@@ -197,7 +197,7 @@ def test_the_schedule_reads_within_its_budget_and_always_at_the_end():
     assert probe.due(1)
 
 
-def test_a_short_run_is_probed_at_its_start_and_end_the_end_s_reading_the_whole_probe_s(monkeypatch):
+def test_a_short_run_is_probed_at_its_start_and_end_the_end_s_reading_the_whole_probe_s():
     model = tiny_llama_lora(rank=8)
     tokens = _batch(1)
     loss = lambda: model(input_ids=tokens, labels=tokens).loss  # noqa: E731
