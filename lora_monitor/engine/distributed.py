@@ -4,8 +4,8 @@ Data parallelism (DDP) keeps a full replica of every parameter on each rank: not
 Sharded strategies split parameters across ranks, and a snapshot needs whole factors. Only the
 LoRA factors are gathered — O((d + k)·r) per module, never W₀ — with the strategy's own
 collective, which every rank must enter, outside forward and backward (the front-ends give the
-engine a :class:`Process` whose ``gathered`` does it; the strategies' own gathers live with them,
-in ``lora_monitor.integrations``):
+engine a :class:`RankContext` — this rank, the world size, and a ``gathered`` that does it; the
+strategies' own gathers live with them, in ``lora_monitor.integrations``):
 
 - FSDP (``FSDPStrategy``): ``FullyShardedDataParallel.summon_full_params`` of the wrapped model;
 - FSDP2 (``ModelParallelStrategy``, ``fully_shard``): parameters are ``DTensor`` s, gathered by
@@ -378,7 +378,7 @@ def rank_share(keys: Iterable[ModuleKey], rank: int, world_size: int) -> list[Mo
 
 
 @dataclasses.dataclass(frozen=True)
-class Process:
+class RankContext:
     """Where the monitor runs, as its front-end knows it: this process's global rank, how many
     processes train together, and how to make sharded LoRA parameters whole for a snapshot.
 
@@ -408,35 +408,37 @@ class Process:
         return self.rank == 0
 
     @classmethod
-    def from_torch_distributed(cls) -> Process:
+    def from_torch_distributed(cls) -> RankContext:
         """The rank and world size of torch's default process group (one process without)."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return cls(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size())
         return cls()
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, rank: Optional[int] = None, world_size: Optional[int] = None) -> Process:
+    def for_model(
+        cls, model: torch.nn.Module, rank: Optional[int] = None, world_size: Optional[int] = None
+    ) -> RankContext:
         """Where a monitor of ``model`` runs, from the model itself: gathering through FSDP (1)
         when ``model`` is its wrapped root and through DeepSpeed when ZeRO-3 partitions its
         LoRA factors (a plain loop hands the monitor what it trains, or ``engine.module``; a
         front-end its strategy's wrapped model). ``rank`` and ``world_size`` as the front-end's
         framework counts them; default torch's process group (:meth:`from_torch_distributed`)."""
-        process = cls.from_torch_distributed()
+        context = cls.from_torch_distributed()
         if rank is not None and world_size is not None:
-            process = dataclasses.replace(process, rank=rank, world_size=world_size)
+            context = dataclasses.replace(context, rank=rank, world_size=world_size)
         # ZeRO-3 partitions on a single rank too: its factors are empty until gathered.
         if zero3_partitioned(model):
             return dataclasses.replace(
-                process, gathered=lambda: deepspeed_gathered(model), collective_forward="DeepSpeed ZeRO-3"
+                context, gathered=lambda: deepspeed_gathered(model), collective_forward="DeepSpeed ZeRO-3"
             )
-        if process.world_size > 1:
+        if context.world_size > 1:
             from torch.distributed.fsdp import FullyShardedDataParallel
 
             if isinstance(model, FullyShardedDataParallel):
                 return dataclasses.replace(
-                    process, gathered=lambda: fsdp_gathered(model), keeps_base_weight=False, collective_forward="FSDP"
+                    context, gathered=lambda: fsdp_gathered(model), keeps_base_weight=False, collective_forward="FSDP"
                 )
-        return process
+        return context
 
     @property
     def spreads_analysis(self) -> bool:

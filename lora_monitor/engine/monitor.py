@@ -8,8 +8,8 @@ each snapshot is compared with), :class:`AnalysisRunner` (where the analysis run
 The front-end contract: a front-end (``lora_monitor.integrations``) maps its framework's hooks
 onto these methods and uses nothing else of the engine —
 
-- :meth:`~LoRAMonitor.attach` ``(model, process=, outputs=, console=)`` at set-up: the model,
-  where it runs (:meth:`Process.for_model <lora_monitor.engine.distributed.Process.for_model>`
+- :meth:`~LoRAMonitor.attach` ``(model, rank_context=, outputs=, console=)`` at set-up: the model,
+  where it runs (:meth:`RankContext.for_model <lora_monitor.engine.distributed.RankContext.for_model>`
   from the strategy's wrapped model, the framework's rank and world size), a factory of its
   outputs (called on the writing process only) and its console;
 - :meth:`~LoRAMonitor.start` ``(step)`` when training starts (0, or the step it resumes at);
@@ -42,7 +42,7 @@ from lora_monitor.analysis import ModuleAnalysis, Snapshot, analyze, shares_lora
 from lora_monitor.analysis.device import base_weight_results
 from lora_monitor.analysis.probe import ProbeReading
 from lora_monitor.analysis.rank import RankRecommendation, recommend_rank
-from lora_monitor.engine.distributed import Process, ShardedBaseSums, all_gather_objects, capture_kept
+from lora_monitor.engine.distributed import RankContext, ShardedBaseSums, all_gather_objects, capture_kept
 from lora_monitor.engine.options import MonitorOptions, Reference
 from lora_monitor.engine.probing import FunctionalProbe
 from lora_monitor.engine.references import References
@@ -171,7 +171,7 @@ class LoRAMonitor:
         if log_dir is not None and writer is not None:
             raise ValueError(f"{options.owner}: pass log_dir= or writer=, not both")
         self._log_dir, self._writer, self._outputs = log_dir, writer, list(outputs)
-        self.process = Process()
+        self.rank_context = RankContext()
         self.references = References(options)
         self.reporter = Reporter(options)
         self.probing = FunctionalProbe(self.reporter, options.functional_probe)
@@ -229,7 +229,7 @@ class LoRAMonitor:
         self,
         model: torch.nn.Module,
         *,
-        process: Optional[Process] = None,
+        rank_context: Optional[RankContext] = None,
         outputs: Optional[Callable[[], Sequence[Output]]] = None,
         console: Optional[Callable[[str], None]] = None,
     ) -> None:
@@ -239,26 +239,26 @@ class LoRAMonitor:
 
         Args:
             model: what holds the LoRA layers.
-            process: where the monitor runs (:meth:`Process.for_model`; default: found from
+            rank_context: where the monitor runs (:meth:`RankContext.for_model`; default: found from
                 ``model`` and torch's process group).
             outputs: makes the outputs to write to, replacing the monitor's own; called only on
                 the process that writes (global rank zero), so that no other opens a file.
             console: where the end-of-fit lines and the once-said notes go (default ``print``;
                 Lightning's ``rank_zero_info``).
         """
-        self.process = process if process is not None else Process.for_model(model)
+        self.rank_context = rank_context if rank_context is not None else RankContext.for_model(model)
         if console is not None:
             self.reporter.info = console
         self._model = model
         options = self.options
         # FSDP (1) holds flat shards outside its gather: the factors are read and checked in it.
-        with self.process.gathered():
+        with self.rank_context.gathered():
             monitored = self._monitored_factors()
             if options.layers is not None:
                 select_factors(monitored, None, options.layers)  # raises if an entry matches nothing
             self.references.load(monitored)
         self._module_names = {f.module_name for f in monitored.values()}
-        self.reporter.bind(self._outputs_of_process(outputs), speaks=self.process.is_main)
+        self.reporter.bind(self._outputs_of_rank(outputs), speaks=self.rank_context.is_main)
         self.reporter.drawn_layers = (
             list(options.layers) if options.layers is not None else default_layers([layer for layer, _ in monitored])
         )
@@ -266,7 +266,7 @@ class LoRAMonitor:
             self._analyze,
             self._recommend,
             self.reporter.prepare,
-            self.process,
+            self.rank_context,
             options.asynchronous,
             writes=self.reporter.speaks,
         )
@@ -351,10 +351,10 @@ class LoRAMonitor:
         self.probing.disable(reason)
 
     # ------------------------------------------------------------------------- internals
-    def _outputs_of_process(self, outputs: Optional[Callable[[], Sequence[Output]]]) -> list[Output]:
+    def _outputs_of_rank(self, outputs: Optional[Callable[[], Sequence[Output]]]) -> list[Output]:
         """What this process writes to: nothing off global rank zero; there, the front-end's
         ``outputs``, or the monitor's own (its ``SummaryWriter`` opened once)."""
-        if not self.process.is_main:
+        if not self.rank_context.is_main:
             return []
         if outputs is not None:
             return list(outputs())
@@ -377,14 +377,14 @@ class LoRAMonitor:
         gathers (they are computed inside its gather, and no reference to it is kept)."""
         results: dict[ModuleKey, dict[str, Tensor]] = {}
         # Read-only: products of the live parameters must record no autograd graph.
-        with self.process.gathered(), torch.no_grad():
+        with self.rank_context.gathered(), torch.no_grad():
             live = self._monitored_factors()
             sums = ShardedBaseSums() if base_numbers else None
             snapshot = capture_kept(live, self._kept(live), step, sums)  # every rank: collectives
             if sums is not None:
                 with self.reporter.contained(f"step {step}: the W₀ numbers of sharded modules"):
                     results = sums.results()  # every rank: a collective
-            if self.process.keeps_base_weight:
+            if self.rank_context.keeps_base_weight:
                 return snapshot, results
             if base_numbers:
                 with self.reporter.contained(f"step {step}: the W₀ numbers"):
@@ -421,7 +421,9 @@ class LoRAMonitor:
 
     def _read_probe(self, step: int, final: bool) -> Optional[ProbeReading]:
         assert self._model is not None
-        return self.probing.read(self._model, self.options.adapter_name, self._module_names, self.process, step, final)
+        return self.probing.read(
+            self._model, self.options.adapter_name, self._module_names, self.rank_context, step, final
+        )
 
     def _take_snapshot(self, step: int, final: bool = False) -> None:
         assert self.runner is not None
@@ -488,7 +490,7 @@ class LoRAMonitor:
         calls it) for a front-end whose framework saves one state and restores it on every rank
         (Lightning), each rank then keeping its share again."""
         state = {"last_step": self._last_step, **self.references.state_dict(), "probe": self.probing.state_dict()}
-        if every_rank and self.process.spreads_analysis:
+        if every_rank and self.rank_context.spreads_analysis:
             names = ("first", "previous", "initial")
             shares = all_gather_objects({name: state[name] for name in names})
             for name in names:

@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_map
 from lora_monitor.adapters import plain_lora_layers
 from lora_monitor.adapters.truncation import LiveTruncation
 from lora_monitor.analysis.probe import ProbeReading, read_probe
-from lora_monitor.engine.distributed import Process
+from lora_monitor.engine.distributed import RankContext
 from lora_monitor.engine.reporter import Reporter
 
 
@@ -191,7 +191,7 @@ class FunctionalProbe:
         model: torch.nn.Module,
         adapter_name: Optional[str],
         module_names: Collection[str],
-        process: Process,
+        rank_context: RankContext,
         step: int,
         final: bool = False,
     ) -> Optional[ProbeReading]:
@@ -199,11 +199,11 @@ class FunctionalProbe:
         :meth:`due`; ``final``: the end of training, always read), or None (not enabled, no
         loss known, not this process's, or it cannot run: said once, with the reason)."""
         loss = self._loss(model)
-        if not self.enabled or loss is None or not process.is_main:
+        if not self.enabled or loss is None or not rank_context.is_main:
             return None
-        if process.world_size > 1 and process.collective_forward is not None:
+        if rank_context.world_size > 1 and rank_context.collective_forward is not None:
             self._note(
-                f"the functional probe does not run under {process.collective_forward} (its forward is "
+                f"the functional probe does not run under {rank_context.collective_forward} (its forward is "
                 f"collective); no probe reading"
             )
             return None

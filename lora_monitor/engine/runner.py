@@ -25,7 +25,7 @@ from lora_monitor.analysis.probe import ProbeReading
 from lora_monitor.analysis.rank import RankRecommendation
 from lora_monitor.analysis.snapshot import shapes_only
 from lora_monitor.engine.background import Background
-from lora_monitor.engine.distributed import Process, all_gather_objects, rank_share
+from lora_monitor.engine.distributed import RankContext, all_gather_objects, rank_share
 
 Factors = dict[ModuleKey, LoRAFactors]
 
@@ -90,11 +90,11 @@ class AnalysisRunner:
         analyze: Analyze,
         recommend: Recommend,
         prepare: Prepare,
-        process: Process,
+        rank_context: RankContext,
         asynchronous: Optional[bool],
         writes: bool,
     ) -> None:
-        self.analyze, self.recommend, self.prepare, self.process = analyze, recommend, prepare, process
+        self.analyze, self.recommend, self.prepare, self.rank_context = analyze, recommend, prepare, rank_context
         self.asynchronous, self.writes = asynchronous, writes
         self._done: deque[Outcome] = deque()
         #: The worker of an asynchronous runner, from its first job to :meth:`close`.
@@ -104,15 +104,15 @@ class AnalysisRunner:
         """The modules of ``factors`` this rank analyzes where the analysis of a snapshot of
         them is spread over the ranks (every ``world_size``-th, :func:`rank_share`), so that
         its snapshot and references need hold no other; None where it analyzes them all."""
-        if not factors or not self.process.spreads_analysis or self._asynchronous(factors):
+        if not factors or not self.rank_context.spreads_analysis or self._asynchronous(factors):
             return None
-        return rank_share(factors, self.process.rank, self.process.world_size)
+        return rank_share(factors, self.rank_context.rank, self.rank_context.world_size)
 
     def submit(self, job: Job) -> None:
         """Analyze ``job`` now (synchronous: every rank must call it, a collective when split,
         ``job.snapshot`` then holding this rank's :meth:`share`) or hand it to the worker."""
         if not self._asynchronous(job.snapshot.factors):
-            self._done.append(self._spread(job) if self.process.spreads_analysis else self._whole(job))
+            self._done.append(self._spread(job) if self.rank_context.spreads_analysis else self._whole(job))
             return
         device = next(iter(job.snapshot.factors.values())).lora_A.device
         if self.background is None:

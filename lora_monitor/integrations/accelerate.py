@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional, Union
 import torch
 
 from lora_monitor.engine import LoRAMonitor, MonitorOptions
-from lora_monitor.engine.distributed import Process
+from lora_monitor.engine.distributed import RankContext
 from lora_monitor.functional.bases import Basis
 from lora_monitor.outputs.writers import MLflowOutput, Output, SummaryWriterOutput, WandbOutput
 
@@ -65,9 +65,11 @@ class LoRAAcceleratorMonitor:
     ) -> None:
         options = MonitorOptions.of(locals(), owner=type(self).__name__)
         self.engine = LoRAMonitor(options=options, probe=probe, log_dir=log_dir)
-        process = Process.for_model(model, rank=accelerator.process_index, world_size=accelerator.num_processes)
+        ranks = RankContext.for_model(model, rank=accelerator.process_index, world_size=accelerator.num_processes)
         outputs = None if log_dir is not None else (lambda: tracker_outputs(accelerator))
-        self.engine.attach(accelerator.unwrap_model(model), process=process, outputs=outputs, console=accelerator.print)
+        self.engine.attach(
+            accelerator.unwrap_model(model), rank_context=ranks, outputs=outputs, console=accelerator.print
+        )
         self.engine.start(0)
         self._step = 0
 

@@ -23,7 +23,7 @@ from lora_monitor.adapters import ModuleKey
 from lora_monitor.analysis import ModuleAnalysis
 from lora_monitor.analysis.rank import RankRecommendation
 from lora_monitor.engine import LoRAMonitor, MonitorOptions
-from lora_monitor.engine.distributed import Process
+from lora_monitor.engine.distributed import RankContext
 from lora_monitor.functional.bases import Basis
 from lora_monitor.integrations.lightning_loggers import logger_outputs
 
@@ -140,9 +140,9 @@ class LoRASubspaceMonitor(Callback):
             )
         # The strategy's wrapped model tells how to gather: FSDP's root, DeepSpeed's engine.
         wrapped = trainer.strategy.model or pl_module
-        process = Process.for_model(wrapped, rank=trainer.global_rank, world_size=trainer.world_size)
+        rank_context = RankContext.for_model(wrapped, rank=trainer.global_rank, world_size=trainer.world_size)
         outputs = lambda: logger_outputs(trainer.loggers)  # noqa: E731
-        self.engine.attach(pl_module, process=process, outputs=outputs, console=rank_zero_info)
+        self.engine.attach(pl_module, rank_context=rank_context, outputs=outputs, console=rank_zero_info)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -20,7 +20,7 @@ from lora_monitor.adapters import ModuleKey
 from lora_monitor.analysis import ModuleAnalysis
 from lora_monitor.analysis.rank import RankRecommendation
 from lora_monitor.engine import AnalysisWarning, LoRAMonitor, MonitorOptions
-from lora_monitor.engine.distributed import Process
+from lora_monitor.engine.distributed import RankContext
 from lora_monitor.functional.bases import Basis
 from lora_monitor.outputs.writers import MLflowOutput, Output, SummaryWriterOutput, WandbOutput
 
@@ -157,13 +157,13 @@ class LoRASubspaceCallback(TrainerCallback):
         if model is None:
             raise ValueError("LoRASubspaceCallback: the Trainer passed no model to on_train_begin")
         # The model the Trainer hands over is FSDP's wrapped root, or one ZeRO-3 partitions.
-        process = Process.for_model(model, rank=args.process_index, world_size=args.world_size)
+        rank_context = RankContext.for_model(model, rank=args.process_index, world_size=args.world_size)
 
         def outputs() -> list[Output]:  # on the main process only: the Trainer's run, report_to's runs
             directory = self.log_dir or tensorboard_run_dir(args, self._created)
             return [SummaryWriterOutput(log_dir=directory), *_report_to_outputs(args)]
 
-        self.engine.attach(model, process=process, outputs=outputs)
+        self.engine.attach(model, rank_context=rank_context, outputs=outputs)
         if state.global_step > 0:
             self._resume(args, state)
         self.engine.start(state.global_step)

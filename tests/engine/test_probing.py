@@ -145,7 +145,7 @@ def _readings(model, steps: int, foreach: bool = False) -> list[tuple[ProbeReadi
         optimizer.step()
         optimizer.zero_grad()
         calls.clear()
-        reading = monitor.probing.read(model, None, monitor._module_names, monitor.process, step, final=True)
+        reading = monitor.probing.read(model, None, monitor._module_names, monitor.rank_context, step, final=True)
         forwards = len(calls)
         assert reading is not None
         out.append((reading, _uncached_reading(model, loss), forwards))
@@ -175,7 +175,7 @@ def test_a_frozen_weight_written_in_place_has_the_loss_with_no_update_measured_a
     model = tiny_llama_lora(rank=8)
     tokens = _batch(1)
     monitor = LoRAMonitor(model, every_n_steps=1000, probe=lambda: model(input_ids=tokens, labels=tokens).loss)
-    read = lambda step: monitor.probing.read(model, None, monitor._module_names, monitor.process, step, final=True)  # noqa: E731
+    read = lambda step: monitor.probing.read(model, None, monitor._module_names, monitor.rank_context, step, final=True)  # noqa: E731
     first = read(1)
     with torch.no_grad():
         model.base_model.model.model.norm.weight.mul_(2.0)
