@@ -97,7 +97,7 @@ ENGINE_CONTRACT = {
     "wants_probe_batch",
     "capture_probe_batch",
     "refuse_probe",
-    "on_step",
+    "after_optimizer_step",
     "finish",
     "close",
     "state_dict",

@@ -16,7 +16,7 @@ onto these methods and uses nothing else of the engine —
 - :attr:`~LoRAMonitor.wants_probe_batch`, :meth:`~LoRAMonitor.capture_probe_batch`
   ``(batch, evaluate)`` or :meth:`~LoRAMonitor.refuse_probe` ``(reason)``: the functional
   probe's batch and how the framework computes its loss;
-- :meth:`~LoRAMonitor.on_step` ``(step)`` after each optimizer step;
+- :meth:`~LoRAMonitor.after_optimizer_step` ``(step)`` after each optimizer step;
 - :meth:`~LoRAMonitor.finish` ``(step)`` when training ends; :meth:`~LoRAMonitor.close`
   ``(error=None)`` once, last, also after an error;
 - :meth:`~LoRAMonitor.state_dict` / :meth:`~LoRAMonitor.load_state_dict` for resume, and
@@ -180,9 +180,10 @@ class LoRAMonitor:
         self._module_names: set[str] = set()
         self.runner: Optional[AnalysisRunner] = None
         self._model: Optional[torch.nn.Module] = None
-        self._last_step: Optional[int] = None
-        #: The latest step :meth:`step` was told of (the plain loop's end of training).
-        self._seen_step: Optional[int] = None
+        #: The step of the latest snapshot taken (saved as ``"last_step"``).
+        self._snapshot_step: Optional[int] = None
+        #: The latest training step :meth:`step` was told of (the plain loop's end of training).
+        self._training_step: Optional[int] = None
         #: The latest analyzed snapshot's outcome: its analyses, probe and recommendation.
         self._latest: Optional[Outcome] = None
         #: The rank suggested when training ended, from the latest analysis (None before).
@@ -198,8 +199,8 @@ class LoRAMonitor:
             raise LoRAMonitorError(
                 f"{self.options.owner}.step() before the model is known: pass it, LoRAMonitor(model, log_dir=...)"
             )
-        self._seen_step = step
-        self.on_step(step)
+        self._training_step = step
+        self.after_optimizer_step(step)
 
     def close(self, error: Optional[BaseException] = None) -> None:
         """The end of the monitor's life, whatever ended training. Without ``error``: a plain
@@ -208,8 +209,8 @@ class LoRAMonitor:
         analyzed is written, and that error stays the one raised. Then the worker stops and the
         outputs the monitor opened close. Front-ends call it once, last."""
         try:
-            if error is None and self._model is not None and self._seen_step is not None:
-                self.finish(self._seen_step)
+            if error is None and self._model is not None and self._training_step is not None:
+                self.finish(self._training_step)
             elif error is not None:
                 with contextlib.suppress(LoRAMonitorError):
                     self._collect(wait=True)
@@ -293,10 +294,10 @@ class LoRAMonitor:
                 self.reporter.warn(note)
         self.probing.start(step)
 
-    def on_step(self, step: int) -> None:
+    def after_optimizer_step(self, step: int) -> None:
         """An optimizer step ended, ``step`` steps taken: write what the worker finished, and
         take a snapshot when one is due."""
-        due = step > 0 and step % self.options.every_n_steps == 0 and step != self._last_step
+        due = step > 0 and step % self.options.every_n_steps == 0 and step != self._snapshot_step
         # A snapshot waits for the one before it: a worker slower than every_n_steps steps then
         # slows training down, rather than piling snapshots up in memory.
         self._collect(wait=due)
@@ -306,7 +307,7 @@ class LoRAMonitor:
     def finish(self, step: int) -> None:
         """Training ended at ``step``: a last snapshot, every pending result written, and the
         rank recommendation."""
-        if step != self._last_step:
+        if step != self._snapshot_step:
             self._take_snapshot(step, final=True)
         self._collect(wait=True)
         latest = self._latest
@@ -427,7 +428,7 @@ class LoRAMonitor:
 
     def _take_snapshot(self, step: int, final: bool = False) -> None:
         assert self.runner is not None
-        self._last_step = step
+        self._snapshot_step = step
         try:
             snapshot, base_results = self._capture(step)
         except LoRAMonitorError as error:  # e.g. the adapter was merged or unloaded mid-run
@@ -489,7 +490,7 @@ class LoRAMonitor:
         references; ``every_rank`` gathers the shares into one state (a collective: every rank
         calls it) for a front-end whose framework saves one state and restores it on every rank
         (Lightning), each rank then keeping its share again."""
-        state = {"last_step": self._last_step, **self.references.state_dict(), "probe": self.probing.state_dict()}
+        state = {"last_step": self._snapshot_step, **self.references.state_dict(), "probe": self.probing.state_dict()}
         if every_rank and self.rank_context.spreads_analysis:
             names = ("first", "previous", "initial")
             shares = all_gather_objects({name: state[name] for name in names})
@@ -500,6 +501,6 @@ class LoRAMonitor:
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._last_step = state_dict.get("last_step")
+        self._snapshot_step = state_dict.get("last_step")
         self.references.load_state_dict(state_dict)
         self.probing.load_state_dict(state_dict.get("probe") or {})

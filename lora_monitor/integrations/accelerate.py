@@ -76,7 +76,7 @@ class LoRAAcceleratorMonitor:
     def step(self, step: int) -> None:
         """Call after each optimizer step with the number of optimizer steps taken so far."""
         self._step = step
-        self.engine.on_step(step)
+        self.engine.after_optimizer_step(step)
 
     def close(self, error: Optional[BaseException] = None) -> None:
         """Finish (a last snapshot, the rank recommendation) unless training failed, then close."""

@@ -160,7 +160,7 @@ class LoRASubspaceMonitor(Callback):
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self.engine.on_step(trainer.global_step)
+        self.engine.after_optimizer_step(trainer.global_step)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

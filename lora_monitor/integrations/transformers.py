@@ -183,7 +183,7 @@ class LoRASubspaceCallback(TrainerCallback):
 
     @override
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
-        self.engine.on_step(state.global_step)
+        self.engine.after_optimizer_step(state.global_step)
 
     @override
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
