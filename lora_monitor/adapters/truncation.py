@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -104,6 +105,35 @@ def truncate_adapter(source: str | os.PathLike, output: str | os.PathLike, ranks
 
     save_file(tensors, str(output / "adapter_model.safetensors"), metadata={"format": "pt"})
     return written
+
+
+def _pattern_candidates(name: str) -> list[str]:
+    """peft ``rank_pattern`` keys for module ``name``, shortest first: its last name, its last
+    two, its path with the layer numbers wildcarded, its whole path (keys are regular
+    expressions matched against the end of each module's path, after a dot)."""
+    parts = name.split(".")
+    wildcard = r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in parts)
+    return [re.escape(parts[-1]), re.escape(".".join(parts[-2:])), wildcard, re.escape(name)]
+
+
+def rank_pattern(ranks: Mapping[str, int]) -> tuple[int, dict[str, int]]:
+    r"""peft's ``r`` and ``rank_pattern`` that give every module of ``ranks`` (module path → rank)
+    its rank: ``r`` the most common one, and for the others the shortest keys that match (as peft
+    matches them, ``(.*\.)?(key)$``) only modules of that same rank, e.g. ``{"gate_proj": 8}``
+    for every MLP gate of a Llama, ``{"bert\.encoder\.layer\.\d+\.output\.dense": 8}`` for
+    BERT's (whose ``output.dense`` alone would also match ``attention.output.dense``)."""
+    names = {name.removeprefix(PEFT_PREFIX): int(rank) for name, rank in ranks.items()}
+    common = Counter(names.values()).most_common(1)[0][0] if names else 0
+    pattern: dict[str, int] = {}
+    for name, rank in names.items():
+        if rank == common or any(re.match(rf"(.*\.)?({key})$", name) for key in pattern):
+            continue
+        for key in _pattern_candidates(name):
+            matched = [other for other in names if re.match(rf"(.*\.)?({key})$", other)]
+            if all(names[other] == rank for other in matched):
+                pattern[key] = rank
+                break
+    return common, pattern
 
 
 class LiveTruncation:

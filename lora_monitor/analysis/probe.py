@@ -32,6 +32,9 @@ class ProbeReading:
             update has not lowered the probe loss (nothing to keep).
         low, high: the smallest k keeping ``RULE.keep_low`` and ``RULE.keep_high`` of it.
         seconds: the probe's wall time (its forward passes).
+        groups: where the adapter trains both attention and MLP modules, the reading of each
+            group cut alone, the other whole (``"attention"``, ``"mlp"``): their ``losses[0]``
+            is the loss with that group's update removed.
     """
 
     r: int
@@ -40,6 +43,7 @@ class ProbeReading:
     low: Optional[int] = None
     high: Optional[int] = None
     seconds: float = 0.0
+    groups: dict[str, ProbeReading] = field(default_factory=dict)
 
     def kept(self, k: int) -> float:
         """The share of the whole update's log-loss reduction that rank ``k`` keeps."""

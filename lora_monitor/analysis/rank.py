@@ -24,7 +24,7 @@ they count the update's structured noise, which two seeds share too.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from statistics import median
 from typing import Optional
@@ -32,6 +32,7 @@ from typing import Optional
 from torch import Tensor
 
 from lora_monitor.adapters import ModuleKey
+from lora_monitor.adapters.kinds import GROUPS, TrainedModule, module_group
 from lora_monitor.analysis.probe import ProbeReading
 from lora_monitor.analysis.rank_rule import RULE
 from lora_monitor.analysis.results import ModuleAnalysis, spectral_statistics
@@ -110,6 +111,33 @@ class ModuleEvidence:
 
 
 @dataclass(frozen=True)
+class KindAnswer:
+    """The rank one group of modules needs (attention or the MLP), read with the other whole.
+
+    Attributes:
+        group: ``"attention"`` or ``"mlp"``.
+        rank: the larger of the group's probe rank and its largest spectral gap rank (None:
+            nothing supports a rank).
+        probe: the probe with this group's ΔW cut and the other group's whole (None without).
+        spectral: the largest gap rank over the group's modules (None: no gap).
+        r: the largest LoRA rank of the group's modules.
+        projections: the group's projections.
+    """
+
+    group: str
+    rank: Optional[int]
+    probe: Optional[ProbeReading]
+    spectral: Optional[int]
+    r: int
+    projections: tuple[str, ...]
+
+    @property
+    def too_small(self) -> bool:
+        """The group's probe needs every direction of its r: more might help."""
+        return self.probe is not None and self.probe.rank is not None and self.probe.rank >= self.r
+
+
+@dataclass(frozen=True)
 class RankRecommendation:
     """The suggested LoRA rank, with its range, its strength and its evidence.
 
@@ -128,6 +156,13 @@ class RankRecommendation:
         compared: whether φ against another run is shown beside (never used for the rank).
         cautions: why the evidence is weak, one sentence each (empty when it is not).
         skipped: modules left out (their analysis had problems), with the reason.
+        kinds: where the modules include both attention and MLP ones, each group's answer
+            (:class:`KindAnswer`); :attr:`per_kind` says whether they differ enough to give each
+            its own rank.
+        trained: the adapter's modules with their shapes (for the per-kind ``rank_pattern`` and
+            the parameters it saves; empty where not known).
+        not_covered: the projections the adapter trains that the monitor was told to leave out
+            (``target_modules``): the answer does not cover them.
     """
 
     rank: Optional[int]
@@ -141,6 +176,43 @@ class RankRecommendation:
     compared: bool = False
     cautions: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    kinds: dict[str, KindAnswer] = field(default_factory=dict)
+    trained: tuple[TrainedModule, ...] = ()
+    not_covered: tuple[str, ...] = ()
+
+    @property
+    def per_kind(self) -> Optional[dict[str, int]]:
+        """Each group's rank where attention and the MLP need ranks more than
+        ``RULE.kind_split`` apart (``{"attention": 2, "mlp": 8}``); else None (one rank serves)."""
+        ranks = {group: answer.rank for group, answer in self.kinds.items()}
+        if len(ranks) < 2 or any(rank is None for rank in ranks.values()):
+            return None
+        known = [rank for rank in ranks.values() if rank is not None]
+        if max(known) <= RULE.kind_split * min(known):
+            return None
+        return {group: rank for group, rank in ranks.items() if rank is not None}
+
+    def module_ranks(self) -> dict[str, int]:
+        """Each trained module's suggested rank, by path: its group's where :attr:`per_kind`
+        splits them, else the model's (never above the module's own r; a module of no group gets
+        the model's). Empty without a suggestion or without :attr:`trained`."""
+        if self.rank is None:
+            return {}
+        split = self.per_kind or {}
+        ranks = {}
+        for module in self.trained:
+            wanted = split.get(module.group or "", self.rank) if split else self.rank
+            ranks[module.name] = min(wanted, module.rank)
+        return ranks
+
+    def parameters(self) -> tuple[int, int, int]:
+        """LoRA parameters of the trained modules: now, at the model's suggestion for every
+        module, and at :meth:`module_ranks` (equal to the second without a per-kind split)."""
+        now = sum(m.parameters() for m in self.trained)
+        uniform = sum(m.parameters(self.rank) for m in self.trained) if self.rank is not None else now
+        ranks = self.module_ranks()
+        mixed = sum(m.parameters(ranks[m.name]) for m in self.trained) if ranks else uniform
+        return now, uniform, mixed
 
     @property
     def spectral(self) -> Optional[int]:
@@ -153,12 +225,31 @@ class RankRecommendation:
 
     @property
     def too_small(self) -> bool:
-        """The probe needs the whole update: every direction of r counts, more might help."""
+        """The probe needs the whole update: every direction of r counts, more might help (the
+        model's reading; each group's is :attr:`KindAnswer.too_small` in :attr:`kinds`)."""
         return self.probe is not None and self.probe.rank is not None and self.probe.rank >= self.r
 
 
 def _largest(projections: Mapping[str, Optional[int]]) -> Optional[int]:
     return max(filter(None, projections.values()), default=None)
+
+
+def _kinds(
+    modules: Sequence[ModuleEvidence], probe: Optional[ProbeReading], groups: Mapping[ModuleKey, str]
+) -> dict[str, KindAnswer]:
+    """Each group's answer, where the modules hold both attention and MLP ones."""
+    members = {group: [m for m in modules if groups.get(m.key) == group] for group in GROUPS}
+    if not all(members.values()):
+        return {}
+    answers = {}
+    for group, grouped in members.items():
+        reading = probe.groups.get(group) if probe is not None else None
+        spectral = max((m.delta_w_gap_rank for m in grouped), default=0) or None
+        rank = max(filter(None, (reading.rank if reading is not None else None, spectral)), default=None)
+        projections = tuple(dict.fromkeys(m.key[1] for m in grouped))
+        r = max(m.rank for m in grouped)
+        answers[group] = KindAnswer(group, rank, reading, spectral, r, projections)
+    return answers
 
 
 def _cautions(
@@ -203,6 +294,9 @@ def recommend_rank(
     probe: Optional[ProbeReading] = None,
     reference_is_run: bool = False,
     basis: str = "A",
+    groups: Optional[Mapping[ModuleKey, str]] = None,
+    trained: Sequence[TrainedModule] = (),
+    not_covered: Sequence[str] = (),
 ) -> RankRecommendation:
     """Suggest a LoRA rank from one snapshot's analysis (or a saved adapter's) and, where one was
     read, the functional probe.
@@ -213,6 +307,12 @@ def recommend_rank(
         reference_is_run: φ in ``analyses`` compares with another run (shown beside the
             suggestion); False for two snapshots of one run, whose φ is not shown.
         basis: the basis of that φ.
+        groups: each module's group (``"attention"``, ``"mlp"``:
+            :func:`lora_monitor.adapters.kinds.groups_of`); default: told by the projection's
+            name alone. Where both groups are present, each gets its answer (``kinds``).
+        trained: the adapter's modules with their shapes, for the per-kind ``rank_pattern`` and
+            the parameters it saves.
+        not_covered: the projections the adapter trains that were left out of ``analyses``.
 
     Returns:
         The :class:`RankRecommendation`; ``rank`` is None when nothing supports a rank.
@@ -232,6 +332,18 @@ def recommend_rank(
     low = high = None
     if probe is not None and probe.rank is not None:
         low, high = probe.low, max(probe.high or probe.rank, spectral or 0)
+    if groups is None:
+        named = {m.key: module_group(m.key[1]) for m in modules}
+        groups = {key: group for key, group in named.items() if group is not None}
+    kinds = _kinds(modules, probe, groups)
+    cautions = _cautions(modules, probe, spectral, r)
+    for answer in kinds.values():
+        if answer.too_small and not (probe is not None and probe.rank is not None and probe.rank >= r):
+            cautions.append(
+                f"r may be too small for the {answer.group} modules: cut alone, the others whole, they "
+                f"need every one of their r = {answer.r} directions to keep {100 * RULE.keep:g} % of the "
+                f"loss reduction; train them with a larger r"
+            )
     return RankRecommendation(
         rank=rank,
         low=low,
@@ -242,6 +354,9 @@ def recommend_rank(
         r=r,
         basis=basis,
         compared=compared,
-        cautions=_cautions(modules, probe, spectral, r),
+        cautions=cautions,
         skipped=skipped,
+        kinds=kinds,
+        trained=tuple(trained),
+        not_covered=tuple(not_covered),
     )

@@ -31,6 +31,8 @@ class RankRule:
         disagreement: the probe and the gaps further apart than this factor: too early to read.
         early_relative_norm: the median ‖ΔW‖_F / ‖W₀‖_F below which B has barely left its zero
             initialization: too early to read.
+        kind_split: attention and MLP ranks further apart than this factor get a rank each
+            (peft's ``rank_pattern``); closer, one rank serves both.
     """
 
     keep: float = 0.95
@@ -41,6 +43,7 @@ class RankRule:
     gap_floor: float = 0.01
     disagreement: float = 2.0
     early_relative_norm: float = 1e-3
+    kind_split: float = 2.0
 
 
 #: The rule the monitor, the CLI and the validation benchmark use.

@@ -26,6 +26,10 @@ suggestion, the probe's reading and the range, the strength.
 - ``LoRA_rank/suggested.probe_rank``: the functional probe's rank: the smallest k whose joint truncation
   of every monitored ΔW keeps 95 % of the log-loss reduction on the probe batch (with a probe
   only; 0 while the update has not lowered the probe loss).
+- ``LoRA_rank/suggested_kind.attention``, ``LoRA_rank/suggested_kind.mlp``: where the adapter
+  trains both attention and MLP modules, the rank each group needs, read with the other group
+  whole (:class:`lora_monitor.analysis.rank.KindAnswer`); the report gives each its own rank
+  (peft's ``rank_pattern``) where they differ more than 2×.
 - ``LoRA_rank/weak_evidence``: 1 when that suggestion's evidence is weak (or r may be too
   small), else 0.
 - ``LoRA_rank/overview`` (image): every layer at once, per projection each layer's gap rank
@@ -86,6 +90,7 @@ from collections.abc import Mapping, Sequence
 from statistics import median
 
 from lora_monitor.adapters import ModuleKey
+from lora_monitor.adapters.kinds import ATTENTION, MLP, module_group
 from lora_monitor.analysis.rank import RankRecommendation, layer_name
 from lora_monitor.analysis.results import OPTIONAL_SCALAR_NAMES, SCALAR_NAMES, ModuleAnalysis
 
@@ -95,7 +100,7 @@ RANK_GROUP = "LoRA_rank"
 SUMMARY_GROUP = "LoRA_summary"
 #: Per-layer groups are ``lora_monitor.<metric>``.
 LAYER_GROUP_PREFIX = "lora_monitor"
-#: At most this many cards in the two groups TensorBoard opens (for up to 18 projections).
+#: At most this many cards in the two groups TensorBoard opens (for up to 16 projections).
 MAX_SUMMARY_CARDS = 24
 
 #: Per-projection medians in ``LoRA_summary``, most telling first: as many as fit the budget.
@@ -118,6 +123,8 @@ RECOMMENDATION_PLACE = f"TensorBoard → Text → {RECOMMENDATION_TEXT_TAG}"
 #: Cards of ``LoRA_rank`` besides one per projection: overview, model, weak evidence, the
 #: probe's rank and the range's two ends.
 _RANK_CARDS = 6
+#: Cards of ``LoRA_rank`` where the projections hold attention and MLP ones: a rank per group.
+_KIND_CARDS = 2
 
 
 def scalar_tag(name: str, key: ModuleKey) -> str:
@@ -140,6 +147,18 @@ PROBE_RANK_TAG = f"{RANK_GROUP}/suggested.probe_rank"
 WEAK_EVIDENCE_TAG = f"{RANK_GROUP}/weak_evidence"
 
 
+def kind_tag(group: str) -> str:
+    """``LoRA_rank/suggested_kind.<group>``: the rank one group (attention, MLP) needs."""
+    return f"{RANK_GROUP}/suggested_kind.{group}"
+
+
+def has_kinds(projections: Sequence[str]) -> bool:
+    """Whether ``projections`` hold both attention and MLP ones (then ``LoRA_rank`` has a card
+    per group), as their names tell."""
+    groups = {module_group(p) for p in projections}
+    return ATTENTION in groups and MLP in groups
+
+
 def gap_rank_tag(projection: str) -> str:
     """``LoRA_summary/max_delta_w_gap_rank.<p>``: the largest spectral gap rank of projection
     ``p`` over its layers."""
@@ -152,12 +171,13 @@ def is_monitor_tag(tag: str) -> bool:
     return group in (RANK_GROUP, SUMMARY_GROUP, LAYER_GROUP_PREFIX) or group.startswith(f"{LAYER_GROUP_PREFIX}.")
 
 
-def summary_metrics(projections: int, compares_runs: bool = False) -> tuple[str, ...]:
+def summary_metrics(projections: int, compares_runs: bool = False, kinds: bool = False) -> tuple[str, ...]:
     """The medians of ``LoRA_summary`` that fit, with ``projections`` projections, in
     :data:`MAX_SUMMARY_CARDS` cards beside ``LoRA_rank``'s (fixed by the projections alone, so
     the same tags are written at every snapshot of a run): :data:`SUMMARY_METRICS`, after
-    :data:`COMPARISON_METRICS` when the reference is another run (``compares_runs``)."""
-    room = MAX_SUMMARY_CARDS - _RANK_CARDS - projections
+    :data:`COMPARISON_METRICS` when the reference is another run (``compares_runs``); ``kinds``:
+    the projections hold attention and MLP ones (:func:`has_kinds`), two more rank cards."""
+    room = MAX_SUMMARY_CARDS - _RANK_CARDS - (_KIND_CARDS if kinds else 0) - projections
     metrics = (COMPARISON_METRICS if compares_runs else ()) + SUMMARY_METRICS
     return metrics[: max(0, room // max(projections, 1))]
 
@@ -173,7 +193,7 @@ def snapshot_scalars(analyses: Mapping[ModuleKey, ModuleAnalysis], compares_runs
     by_projection: dict[str, list[dict[str, float]]] = {}
     for (_, projection), analysis in sorted(analyses.items()):
         by_projection.setdefault(projection, []).append(analysis.scalars)
-    for name in summary_metrics(len(by_projection), compares_runs):
+    for name in summary_metrics(len(by_projection), compares_runs, has_kinds(list(by_projection))):
         for projection, modules in by_projection.items():
             present = [m[name] for m in modules if name in m]
             if present:
@@ -193,6 +213,8 @@ def recommendation_scalars(recommendation: RankRecommendation) -> dict[str, floa
         values[RANGE_LOW_TAG] = float(rec.low or 0)
         values[RANGE_HIGH_TAG] = float(rec.high or 0)
     values |= {gap_rank_tag(p): float(r or 0) for p, r in rec.projections.items()}
+    if has_kinds(list(rec.projections)):
+        values |= {kind_tag(group): float(answer.rank or 0) for group, answer in rec.kinds.items()}
     values[WEAK_EVIDENCE_TAG] = float(rec.weak)
     return values
 
@@ -208,6 +230,8 @@ def custom_scalars_layout(keys: Sequence[ModuleKey], compares_runs: bool = False
     with the layers as lines."""
     projections = list(dict.fromkeys(projection for _, projection in sorted(keys)))
     readings = [SUGGESTED_TAG, RANGE_LOW_TAG, RANGE_HIGH_TAG, PROBE_RANK_TAG]
+    if has_kinds(projections):
+        readings += [kind_tag(ATTENTION), kind_tag(MLP)]
     layout: dict[str, dict[str, list]] = {
         f"{RANK_GROUP}: suggested rank": {
             "suggested rank, its range, the probe's and the gap ranks": [
@@ -218,7 +242,7 @@ def custom_scalars_layout(keys: Sequence[ModuleKey], compares_runs: bool = False
         },
         f"{SUMMARY_GROUP}: medians over layers": {
             f"median {name}": ["Multiline", [_exactly(summary_tag(name, p)) for p in projections]]
-            for name in summary_metrics(len(projections), compares_runs)
+            for name in summary_metrics(len(projections), compares_runs, has_kinds(projections))
         },
     }
     for name in SCALAR_NAMES + OPTIONAL_SCALAR_NAMES:

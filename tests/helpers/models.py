@@ -154,7 +154,8 @@ def _lora_model(
         r=rank,
         lora_alpha=alpha,
         use_rslora=use_rslora,
-        target_modules=list(target_modules),
+        # A string is peft's own ("all-linear", a regular expression); else a list of names.
+        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
         lora_dropout=0.0,
         task_type=task_type,
         **lora_kwargs,
