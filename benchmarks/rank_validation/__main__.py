@@ -27,7 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=rank_validation.__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("phase", nargs="?", default="all", choices=("all", "train", "evaluate", "report", "worker"))
+    parser.add_argument(
+        "phase",
+        nargs="?",
+        default="all",
+        choices=("all", "train", "evaluate", "report", "worker", "heldout-train", "heldout-evaluate", "heldout-report"),
+    )
     parser.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument(
         "--quick",
@@ -47,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("planted", "example"),
         help="train only these tasks",
     )
+    parser.add_argument("--cases", nargs="+", default=None, help="held-out phases: only these held-out cases")
     parser.add_argument("--figure", default=None, help="draw the figure into this PNG (docs/rank_validation.png)")
     parser.add_argument("--truth", default="trunc", choices=tuple(TRUTHS), help="the k* the tables are scored against")
     parser.add_argument("--reevaluate", action="store_true", help="recompute the cached readings")
@@ -66,6 +72,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     cache = pathlib.Path(args.cache) / ("quick" if args.quick else "full")
     settings = settings_for(args.quick)
+    if args.phase.startswith("heldout"):
+        return heldout_main(args, pathlib.Path(args.cache), settings)
     t0 = time.perf_counter()
     ok = True
     if args.phase in ("all", "train"):
@@ -80,6 +88,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ok = report(results, settings, figure=args.figure, how=args.aggregate, truth=args.truth)
     print(f"total {time.perf_counter() - t0:.0f} s")
     return 0 if ok else 1
+
+
+def heldout_main(args: argparse.Namespace, cache: pathlib.Path, settings) -> int:
+    """The held-out cases (``rank_validation.heldout``): trained one run at a time on one thread,
+    in ``CACHE/heldout``."""
+    if args.phase == "heldout-train":
+        from rank_validation.heldout_training import train_heldout
+
+        train_heldout(cache, settings, args.cases)
+        return 0
+    from rank_validation.heldout_eval import evaluate_heldout, report_heldout
+
+    if args.phase == "heldout-evaluate":
+        evaluate_heldout(cache, settings, args.cases, reevaluate=args.reevaluate)
+    return 0 if report_heldout(cache, settings) else 1
 
 
 if __name__ == "__main__":
