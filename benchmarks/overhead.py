@@ -63,8 +63,8 @@ class HookTimer:
         self.seconds = self.probe_seconds = 0.0
         for name in HOOKS:
             setattr(callback, name, self._timed(getattr(callback, name), "seconds"))
-        probing = callback.engine.probing
-        probing.read = self._timed(probing.read, "probe_seconds")
+        probe_runner = callback.engine.probe_runner
+        probe_runner.read = self._timed(probe_runner.read, "probe_seconds")
 
     def _timed(self, hook, total: str):
         def timed(*args, **kwargs):

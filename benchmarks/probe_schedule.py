@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lora_monitor.engine import probing  # noqa: E402
+from lora_monitor.engine import probe_runner  # noqa: E402
 from lora_monitor.outputs.tags import PROBE_RANK_TAG, SUGGESTED_TAG  # noqa: E402
 from tests.end_to_end.test_planted_rank import _train_student  # noqa: E402
 from tests.helpers.events import read_events, scalar_series  # noqa: E402
@@ -29,7 +29,7 @@ CASES = [(2, 16, 0), (4, 16, 0), (8, 4, 0)]
 
 
 def run(planted: int, rank: int, seed: int, budget: float):
-    probing.BUDGET = budget
+    probe_runner.BUDGET = budget
     with tempfile.TemporaryDirectory() as log_dir:
         monitor = _train_student(planted, rank=rank, seed=seed, log_dir=log_dir)
         events = read_events(log_dir)
@@ -39,7 +39,7 @@ def run(planted: int, rank: int, seed: int, budget: float):
 
 def main() -> int:
     torch.set_num_threads(1)  # the machine is shared: two threads oversubscribe it
-    default, differ = probing.BUDGET, []
+    default, differ = probe_runner.BUDGET, []
     for planted, rank, seed in CASES:
         every, suggested_every, probe_every = run(planted, rank, seed, float("inf"))
         scheduled, suggested_now, probe_now = run(planted, rank, seed, default)
@@ -51,7 +51,7 @@ def main() -> int:
             )
         a, b = every.recommendation, scheduled.recommendation
         same = (a.rank, a.low, a.high, a.weak, a.too_small) == (b.rank, b.low, b.high, b.weak, b.too_small)
-        same_reading = every.latest_probe.losses == scheduled.latest_probe.losses
+        same_reading = every.latest_probe_reading.losses == scheduled.latest_probe_reading.losses
         print(f"  end of training: recommendation {a.rank} ({a.low}–{a.high}) → {b.rank} ({b.low}–{b.high}), "
               f"{'the same' if same else 'DIFFERENT'}; final probe losses {'equal' if same_reading else 'DIFFERENT'}")
         if not (same and same_reading):

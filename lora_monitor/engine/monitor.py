@@ -44,7 +44,7 @@ from lora_monitor.analysis.probe import ProbeReading
 from lora_monitor.analysis.rank import RankRecommendation, recommend_rank
 from lora_monitor.engine.distributed import RankContext, ShardedBaseSums, all_gather_objects, capture_kept
 from lora_monitor.engine.options import MonitorOptions, Reference
-from lora_monitor.engine.probing import FunctionalProbe
+from lora_monitor.engine.probe_runner import ProbeRunner
 from lora_monitor.engine.references import References
 from lora_monitor.engine.reporter import Reporter
 from lora_monitor.engine.runner import AnalysisRunner, Job, Outcome
@@ -174,8 +174,8 @@ class LoRAMonitor:
         self.rank_context = RankContext()
         self.references = References(options)
         self.reporter = Reporter(options)
-        self.probing = FunctionalProbe(self.reporter, options.functional_probe)
-        self.probing.loss = probe
+        self.probe_runner = ProbeRunner(self.reporter, options.functional_probe)
+        self.probe_runner.loss = probe
         #: The paths of the monitored LoRA modules (what the probe cuts).
         self._module_names: set[str] = set()
         self.runner: Optional[AnalysisRunner] = None
@@ -292,7 +292,7 @@ class LoRAMonitor:
             note = self.references.start(self._capture(step, base_numbers=False)[0], step)
             if note is not None:
                 self.reporter.warn(note)
-        self.probing.start(step)
+        self.probe_runner.start(step)
 
     def after_optimizer_step(self, step: int) -> None:
         """An optimizer step ended, ``step`` steps taken: write what the worker finished, and
@@ -311,7 +311,7 @@ class LoRAMonitor:
             self._take_snapshot(step, final=True)
         self._collect(wait=True)
         latest = self._latest
-        if latest is not None and self.probing.skipped == step:
+        if latest is not None and self.probe_runner.skipped == step:
             # The probe's schedule skipped the last snapshot (its cards carry the reading before):
             # the recommendation rests on the probe of its own step, decided again.
             latest = self._latest = dataclasses.replace(latest, probe=self._read_probe(step, final=True), problems=[])
@@ -329,7 +329,7 @@ class LoRAMonitor:
         return (self._latest.analyses or {}) if self._latest is not None else {}
 
     @property
-    def latest_probe(self) -> Optional[ProbeReading]:
+    def latest_probe_reading(self) -> Optional[ProbeReading]:
         """The functional probe's reading the latest snapshot rests on (None: not read)."""
         return self._latest.probe if self._latest is not None else None
 
@@ -338,18 +338,18 @@ class LoRAMonitor:
     def wants_probe_batch(self) -> bool:
         """Whether the front-end should hand over a batch for the functional probe
         (:meth:`capture_probe_batch`): the probe is on, and has no loss or batch yet."""
-        return self.probing.wants_batch
+        return self.probe_runner.wants_batch
 
     def capture_probe_batch(self, batch: Any, evaluate: Callable[[Any], Any]) -> None:
         """The probe's fixed batch, and how the front-end's framework computes its loss
         (``evaluate(batch)``, returning a loss, a mapping with ``"loss"`` or an output with
         ``.loss``); the batch is kept in the monitor's state, so a resumed run probes it too."""
-        self.probing.capture(batch, evaluate)
+        self.probe_runner.capture(batch, evaluate)
 
     def refuse_probe(self, reason: str) -> None:
         """The front-end cannot give the probe a loss (``reason`` is said once): the suggestion
         rests on ΔW's spectra alone."""
-        self.probing.disable(reason)
+        self.probe_runner.disable(reason)
 
     # ------------------------------------------------------------------------- internals
     def _outputs_of_rank(self, outputs: Optional[Callable[[], Sequence[Output]]]) -> list[Output]:
@@ -422,7 +422,7 @@ class LoRAMonitor:
 
     def _read_probe(self, step: int, final: bool) -> Optional[ProbeReading]:
         assert self._model is not None
-        return self.probing.read(
+        return self.probe_runner.read(
             self._model, self.options.adapter_name, self._module_names, self.rank_context, step, final
         )
 
@@ -490,7 +490,11 @@ class LoRAMonitor:
         references; ``every_rank`` gathers the shares into one state (a collective: every rank
         calls it) for a front-end whose framework saves one state and restores it on every rank
         (Lightning), each rank then keeping its share again."""
-        state = {"last_step": self._snapshot_step, **self.references.state_dict(), "probe": self.probing.state_dict()}
+        state = {
+            "last_step": self._snapshot_step,
+            **self.references.state_dict(),
+            "probe": self.probe_runner.state_dict(),
+        }
         if every_rank and self.rank_context.spreads_analysis:
             names = ("first", "previous", "initial")
             shares = all_gather_objects({name: state[name] for name in names})
@@ -503,4 +507,4 @@ class LoRAMonitor:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._snapshot_step = state_dict.get("last_step")
         self.references.load_state_dict(state_dict)
-        self.probing.load_state_dict(state_dict.get("probe") or {})
+        self.probe_runner.load_state_dict(state_dict.get("probe") or {})

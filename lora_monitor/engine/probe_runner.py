@@ -1,4 +1,4 @@
-"""The functional probe of a monitored run: :class:`FunctionalProbe`.
+"""The functional probe run in a monitored run: :class:`ProbeRunner`, its batch, loss and schedule.
 
 The loss on one fixed batch — a plain loop's ``probe=``, Lightning's ``training_step`` on the
 first batch of the fit, the transformers model's own loss on the first batch it trains on —
@@ -11,7 +11,7 @@ What it costs, and how that is kept near free (``docs/performance.md``): a readi
 forward passes of the probe batch. The loss with no update (k = 0) is the frozen model's, so it
 is kept while no other parameter or buffer changes (:func:`_fingerprint`). Between the first
 snapshot and the end of training the probe is read only while its readings stay within
-:data:`BUDGET` of the training, counted in forward passes (:meth:`FunctionalProbe.due`): the same
+:data:`BUDGET` of the training, counted in forward passes (:meth:`ProbeRunner.due`): the same
 steps on every machine; a snapshot it skips carries the
 latest reading; the end of training is always read, so the recommendation rests on the update
 it names.
@@ -96,7 +96,7 @@ def _fingerprint(model: torch.nn.Module, cut: Collection[torch.Tensor]) -> tuple
     )
 
 
-class FunctionalProbe:
+class ProbeRunner:
     """Reads the probe when a snapshot is taken, if a loss is known and the run allows it.
 
     The loss is a plain loop's callable (:attr:`loss`), or a front-end's evaluation of one

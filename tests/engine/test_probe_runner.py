@@ -14,7 +14,7 @@ from lora_monitor import AnalysisWarning, LoRAMonitor, LoRAMonitorError
 from lora_monitor.adapters import plain_lora_layers
 from lora_monitor.adapters.truncation import LiveTruncation
 from lora_monitor.analysis.probe import ProbeReading, read_probe
-from lora_monitor.engine import probing
+from lora_monitor.engine import probe_runner
 from tests.helpers.models import lora_layers, tiny_llama_lora
 
 VOCAB = 64
@@ -59,7 +59,7 @@ def test_each_probe_loss_is_the_dense_truncated_model_s():
     monitor = LoRAMonitor(model, every_n_steps=3, probe=probe, strict=True)
     with monitor:
         _train(model, 6, monitor)
-    reading = monitor.latest_probe
+    reading = monitor.latest_probe_reading
     assert reading is not None and reading.r == 8 and reading.rank is not None
     assert {0, 8} <= set(reading.losses) and len(reading.losses) > 3
     for k, loss in reading.losses.items():
@@ -70,7 +70,7 @@ def test_each_probe_loss_is_the_dense_truncated_model_s():
 def test_reading_the_probe_changes_nothing_in_training(monkeypatch):
     """Same seeds, with and without the probe: the same losses and factors, bit for bit, the
     model back in training mode and the random generator where it was."""
-    monkeypatch.setattr(probing, "BUDGET", float("inf"))  # read at every snapshot, mid-training
+    monkeypatch.setattr(probe_runner, "BUDGET", float("inf"))  # read at every snapshot, mid-training
     with_probe, without = tiny_llama_lora(rank=4, seed=3), tiny_llama_lora(rank=4, seed=3)
     tokens = _batch(2)
     monitor = LoRAMonitor(with_probe, every_n_steps=2, probe=lambda: with_probe(input_ids=tokens, labels=tokens).loss)
@@ -81,7 +81,7 @@ def test_reading_the_probe_changes_nothing_in_training(monkeypatch):
     torch.manual_seed(0)
     assert _train(without, 4, plain) == losses
     assert torch.equal(torch.random.get_rng_state(), state)
-    assert with_probe.training and monitor.latest_probe is not None and plain.latest_probe is None
+    assert with_probe.training and monitor.latest_probe_reading is not None and plain.latest_probe_reading is None
     for (name, a), (_, b) in zip(with_probe.named_parameters(), without.named_parameters()):
         assert torch.equal(a, b), name
 
@@ -100,7 +100,7 @@ def test_a_probe_that_fails_is_said_once_and_left_off():
             _train(model, 3, monitor)
     said = [str(w.message) for w in caught if issubclass(w.category, AnalysisWarning) and "probe" in str(w.message)]
     assert len(said) == 1 and "the batch went away" in said[0] and "not read again" in said[0]
-    assert len(calls) == 1 and monitor.latest_probe is None and monitor.latest_analysis
+    assert len(calls) == 1 and monitor.latest_probe_reading is None and monitor.latest_analysis
 
 
 def test_in_strict_mode_a_failing_probe_stops_training():
@@ -145,7 +145,7 @@ def _readings(model, steps: int, foreach: bool = False) -> list[tuple[ProbeReadi
         optimizer.step()
         optimizer.zero_grad()
         calls.clear()
-        reading = monitor.probing.read(model, None, monitor._module_names, monitor.rank_context, step, final=True)
+        reading = monitor.probe_runner.read(model, None, monitor._module_names, monitor.rank_context, step, final=True)
         forwards = len(calls)
         assert reading is not None
         out.append((reading, _uncached_reading(model, loss), forwards))
@@ -175,7 +175,10 @@ def test_a_frozen_weight_written_in_place_has_the_loss_with_no_update_measured_a
     model = tiny_llama_lora(rank=8)
     tokens = _batch(1)
     monitor = LoRAMonitor(model, every_n_steps=1000, probe=lambda: model(input_ids=tokens, labels=tokens).loss)
-    read = lambda step: monitor.probing.read(model, None, monitor._module_names, monitor.rank_context, step, final=True)  # noqa: E731
+
+    def read(step):
+        return monitor.probe_runner.read(model, None, monitor._module_names, monitor.rank_context, step, final=True)
+
     first = read(1)
     with torch.no_grad():
         model.base_model.model.model.norm.weight.mul_(2.0)
@@ -187,7 +190,7 @@ def test_a_frozen_weight_written_in_place_has_the_loss_with_no_update_measured_a
 def test_the_schedule_reads_within_its_budget_and_always_at_the_end():
     # Counted in forward passes (a training step is 3 of them), never in seconds: the same run
     # is read at the same steps on any machine, so two runs compare card by card.
-    probe = LoRAMonitor(functional_probe=True).probing
+    probe = LoRAMonitor(functional_probe=True).probe_runner
     probe.start(0)
     assert probe.due(10)  # the first snapshot: nothing to price the next reading by
     probe.latest, probe._spent, probe._cost = ProbeReading(8), 5, 5
@@ -203,8 +206,11 @@ def test_a_short_run_is_probed_at_its_start_and_end_the_end_s_reading_the_whole_
     loss = lambda: model(input_ids=tokens, labels=tokens).loss  # noqa: E731
     with LoRAMonitor(model, every_n_steps=2, probe=loss, log_images=False) as monitor:
         _train(model, 6, monitor)
-        first = monitor.latest_probe  # read at the first snapshot, carried since: no other fits
-        assert first is not None and monitor.probing.skipped == 6
-    assert monitor.latest_probe is not first and monitor.recommendation is not None
+        first = monitor.latest_probe_reading  # read at the first snapshot, carried since: no other fits
+        assert first is not None and monitor.probe_runner.skipped == 6
+    assert monitor.latest_probe_reading is not first and monitor.recommendation is not None
     full = _uncached_reading(model, loss)
-    assert monitor.latest_probe.losses == full.losses and monitor.recommendation.probe == monitor.latest_probe
+    assert (
+        monitor.latest_probe_reading.losses == full.losses
+        and monitor.recommendation.probe == monitor.latest_probe_reading
+    )

@@ -205,7 +205,7 @@ def test_a_probe_given_to_the_callback_replaces_the_model_s_loss(tokenizer, tmp_
         model=model, args=trainer_arguments(tmp_path, max_steps=4), train_dataset=dataset, callbacks=[callback]
     ).train()
     reading = callback.recommendation.probe
-    assert reading is not None and calls and callback.engine.probing.batch is None  # nothing captured
+    assert reading is not None and calls and callback.engine.probe_runner.batch is None  # nothing captured
     model.eval()
     with torch.no_grad():
         assert reading.losses[4] == pytest.approx(2 * float(model(input_ids=ids, labels=ids).loss), rel=1e-5)
