@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Optional
 
-from lora_monitor.cli.commands import Comparison, compare_adapters, inspect_adapter, truncate_saved
+from lora_monitor.cli.commands import Comparison, compare_adapters, inspect_adapter, parse_ranks, truncate_saved
 from lora_monitor.functional.bases import BASES
 
 
@@ -121,12 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the adapter cut to a smaller rank (its best rank-K approximation)",
         description="Write to OUT a peft adapter whose every ΔW is the best rank-K approximation "
         "of DIR's (its top K singular directions), loadable by PeftModel.from_pretrained; "
-        "modules of another rank go through peft's rank_pattern. K is a number, or 'suggested': "
-        "the rank `inspect` suggests for the model, for every module.",
+        "modules of another rank go through peft's rank_pattern. K is a number; a rank per group, "
+        "attention=K,mlp=K (an entry without a group: every other module); or 'suggested': the "
+        "rank `inspect` suggests for the model, for every module, or per group where attention's "
+        "and the MLP's readings differ more than 2×.",
     )
     truncating.add_argument("directory", metavar="DIR", help="adapter directory")
     truncating.add_argument(
-        "--rank", required=True, metavar="K", type=_rank_argument, help="a rank K ≥ 1, or 'suggested'"
+        "--rank",
+        required=True,
+        metavar="K",
+        type=_rank_argument,
+        help="a rank K ≥ 1, attention=K,mlp=K, or 'suggested'",
     )
     truncating.add_argument("-o", "--output", required=True, metavar="OUT", help="directory to write the adapter to")
     truncating.add_argument(
@@ -139,16 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _rank_argument(text: str) -> int | str:
-    if text == "suggested":
-        return text
+def _rank_argument(text: str) -> int | str | dict[str, int]:
     try:
-        rank = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a rank (an integer ≥ 1) or 'suggested', not {text!r}") from None
-    if rank < 1:
-        raise argparse.ArgumentTypeError(f"a LoRA rank is at least 1, not {rank}")
-    return rank
+        return parse_ranks(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{error} (give a rank K, attention=K,mlp=K or 'suggested')") from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

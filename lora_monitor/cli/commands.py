@@ -157,12 +157,44 @@ def inspect_adapter(
     """The spectral table of one saved adapter and the rank its spectra alone suggest (the
     rule of :func:`~lora_monitor.analysis.rank.recommend_rank` without a probe: a saved
     adapter holds no batch to probe) (``base_config`` as for :func:`compare_adapters`)."""
+    from lora_monitor.adapters.kinds import groups_of, trained_modules
     from lora_monitor.analysis.rank import ModuleEvidence, recommend_rank
     from lora_monitor.outputs.report import spectrum_table
 
-    analyses = analyze_saved(SavedFactors.open(directory, projections, layers, base_config))
+    saved = SavedFactors.open(directory, projections, layers, base_config)
+    analyses = analyze_saved(saved)
     rows = [ModuleEvidence.from_analysis(analysis) for _, analysis in sorted(analyses.items())]
-    return spectrum_table(rows), recommend_rank(analyses)
+    recommendation = recommend_rank(analyses, groups=groups_of(saved.factors), trained=trained_modules(saved.factors))
+    return spectrum_table(rows), recommendation
+
+
+#: The groups a ``--rank`` of several entries names (``attention=2,mlp=8``).
+RANK_GROUPS = ("attention", "mlp")
+
+
+def parse_ranks(text: str) -> int | str | dict[str, int]:
+    """``--rank``'s value: a rank K, ``"suggested"``, or a rank per group,
+    ``attention=K,mlp=K`` (an entry without a group, ``2,mlp=8``, is every other module's).
+
+    Raises:
+        ValueError: anything else, or a rank below 1.
+    """
+    if text == "suggested":
+        return text
+    ranks: dict[str, int] = {}
+    for entry in text.split(","):
+        group, _, value = entry.rpartition("=")
+        group = group.strip() or "*"
+        if group != "*" and group not in RANK_GROUPS:
+            raise ValueError(f"unknown group {group!r} in {text!r}: the groups are {', '.join(RANK_GROUPS)}")
+        try:
+            rank = int(value)
+        except ValueError:
+            raise ValueError(f"expected a rank (an integer ≥ 1), not {value!r}") from None
+        if rank < 1:
+            raise ValueError(f"a LoRA rank is at least 1, not {rank}")
+        ranks[group] = rank
+    return ranks["*"] if list(ranks) == ["*"] else ranks
 
 
 def truncate_saved(
@@ -195,7 +227,10 @@ def truncate_saved(
         raise LoRAMonitorError(
             f"the output directory {output} exists: give a new directory, or replace the adapter in it (overwrite=True)"
         )
-    largest = max(f.lora_A.shape[0] for f in SavedFactors.open(directory, base_config=base_config).factors.values())
+    from lora_monitor.adapters.kinds import trained_modules
+
+    saved = SavedFactors.open(directory, base_config=base_config)
+    largest = max(f.lora_A.shape[0] for f in saved.factors.values())
     if rank == "suggested":
         _, recommendation = inspect_adapter(directory, base_config=base_config)
         if recommendation.rank is None:
@@ -203,13 +238,30 @@ def truncate_saved(
                 f"no rank is suggested for {directory} (no ΔW shows a spectral gap), so there is "
                 f"nothing to cut it to; give --rank K"
             )
+        if recommendation.per_kind is not None:
+            return truncate_adapter(directory, output, recommendation.module_ranks())
         if recommendation.rank >= largest:
             raise LoRAMonitorError(
                 f"the rank suggested for {directory} is its own, r = {largest}: nothing to cut (the "
                 f"update may need all of its rank, or more)"
             )
         rank = recommendation.rank
-    elif int(rank) >= largest:
+    if isinstance(rank, dict):
+        by_module = {}
+        for module in trained_modules(saved.factors):
+            wanted = rank.get(module.group or "*", rank.get("*"))
+            if wanted is None:
+                named = " or ".join(sorted({module.group or "*"} - {"*"})) or "a rank without a group"
+                raise LoRAMonitorError(
+                    f"{module.name} has no rank in {rank}: give it {named} (e.g. --rank 4,attention=2,mlp=8)"
+                )
+            by_module[module.name] = min(wanted, module.rank)
+        if all(by_module[m.name] >= m.rank for m in trained_modules(saved.factors)):
+            raise LoRAMonitorError(f"{directory}: the ranks {rank} would leave every module as it is")
+        return truncate_adapter(directory, output, by_module)
+    if isinstance(rank, str) and rank != "suggested":
+        raise LoRAMonitorError(f"unknown rank {rank!r}: give a rank K, 'suggested' or attention=K,mlp=K")
+    if int(rank) >= largest:
         raise LoRAMonitorError(
             f"{directory} has rank r = {largest}: cutting it to {rank} would leave every module as "
             f"it is; give a rank below {largest} (inspect suggests one)"

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from statistics import median
 from typing import Optional
 
+from lora_monitor.adapters.truncation import rank_pattern
 from lora_monitor.analysis.rank import ModuleEvidence, RankRecommendation, layer_name
 from lora_monitor.analysis.rank_rule import RULE
 from lora_monitor.functional.bases import basis_info
@@ -54,7 +55,56 @@ def summary_line(recommendation: RankRecommendation, details: str = RECOMMENDATI
     else:
         strength = "evidence consistent"
     head = "no LoRA rank is supported by the evidence yet" if rec.rank is None else f"suggested LoRA rank {rec.rank}"
-    return f"{head} ({_span(rec)}r = {rec.r}; {readings}; {strength})"
+    split = rec.per_kind
+    if split is not None:
+        head += " (" + ", ".join(f"{_GROUP_NAMES[group]} {rank}" for group, rank in split.items()) + ")"
+    elif any(answer.too_small for answer in rec.kinds.values()) and not rec.too_small:
+        small = [_GROUP_NAMES[g] for g, answer in rec.kinds.items() if answer.too_small]
+        strength = f"r may be too small for the {' and '.join(small)} modules: see {details}"
+    line = f"{head} ({_span(rec)}r = {rec.r}; {readings}; {strength})"
+    if rec.not_covered:
+        line += f"; {not_covered(rec)}"
+    return line
+
+
+#: How the text names the groups of :mod:`lora_monitor.adapters.kinds`.
+_GROUP_NAMES = {"attention": "attention", "mlp": "MLP"}
+
+
+def not_covered(recommendation: RankRecommendation) -> str:
+    """What the answer leaves out: the projections the adapter trains that were not monitored."""
+    left_out = ", ".join(recommendation.not_covered)
+    return (
+        f"not covered: the adapter also trains {left_out}, which target_modules leaves out (the "
+        f"answer and the probe read the monitored modules only)"
+    )
+
+
+def _count(parameters: int) -> str:
+    return f"{parameters:,}".replace(",", " ")
+
+
+def _per_kind_advice(rec: RankRecommendation, source: str, output: str, where: str) -> str:
+    """What to do with a rank per kind: peft's rank_pattern for a new run, the cut for this one,
+    and the parameters it saves against one rank for every module."""
+    split = rec.per_kind
+    assert split is not None and rec.rank is not None
+    ranks = rec.module_ranks()
+    spec = ",".join(f"{group}={rank}" for group, rank in split.items())
+    words = " and ".join(f"the {_GROUP_NAMES[group]} modules r = {rank}" for group, rank in split.items())
+    act = f"Give {words}"
+    if ranks:
+        r, pattern = rank_pattern(ranks)
+        act += f": LoraConfig(r={r}, rank_pattern={pattern!r}, ...) for a new run"
+        _, uniform, mixed = rec.parameters()
+        act += (
+            f" ({_count(mixed)} LoRA parameters, {_count(uniform - mixed)} fewer than r = {rec.rank} for every module)"
+        )
+    act += f"; or cut this run's adapter so: `lora-monitor truncate {source} --rank {spec} -o {output}`{where}."
+    small = [_GROUP_NAMES[group] for group, answer in rec.kinds.items() if answer.too_small]
+    if small:
+        act += f" The {' and '.join(small)} modules may need a larger r than they have: train them larger first."
+    return act
 
 
 def advice(recommendation: RankRecommendation, adapter_dir: Optional[str | os.PathLike] = None) -> str:
@@ -62,23 +112,53 @@ def advice(recommendation: RankRecommendation, adapter_dir: Optional[str | os.Pa
     command names ``adapter_dir`` (the run's saved adapter) and runs as printed when it is
     given, else it names placeholders."""
     rec = recommendation
+    act = _advice(rec, adapter_dir)
+    if rec.not_covered and rec.rank is not None:
+        act += (
+            f" This answer reads the monitored modules only; the adapter also trains "
+            f"{', '.join(rec.not_covered)}, which lora-monitor truncate cuts too: monitor every trained module "
+            f"(target_modules=None, the default) before cutting them."
+        )
+    return act
+
+
+def _advice(rec: RankRecommendation, adapter_dir: Optional[str | os.PathLike]) -> str:
     if rec.rank is None:
         return "Nothing to act on yet: train longer and read the suggestion again."
+    split = rec.per_kind
+    if rec.too_small and split is not None and not all(a.too_small for a in rec.kinds.values()):
+        # One group needs more than it has, the other less: a rank each for the next run.
+        wanted = {g: 2 * a.r if a.too_small else split[g] for g, a in rec.kinds.items()}
+        small = [_GROUP_NAMES[g] for g, a in rec.kinds.items() if a.too_small]
+        act = (
+            f"Train again with a larger r for the {' and '.join(small)} modules (every one of their r "
+            f"directions counts on the probe batch) and "
+            + " and ".join(f"r = {wanted[g]} for the {_GROUP_NAMES[g]} modules" for g in wanted)
+        )
+        ranks = {m.name: wanted.get(m.group or "", max(wanted.values())) for m in rec.trained}
+        if ranks:
+            r, pattern = rank_pattern(ranks)
+            act += f": LoraConfig(r={r}, rank_pattern={pattern!r}, ...)"
+        return act + "."
     if rec.too_small:
         return (
             f"Train again with a larger r (e.g. r = {2 * rec.r}): every one of the r = {rec.r} "
             f"directions counts on the probe batch, so the task may need more."
         )
-    if rec.rank >= rec.r:
+    if rec.rank >= rec.r and split is None:
         return f"Keep r = {rec.r}."
+    label = "_".join(f"{group}{rank}" for group, rank in split.items()) if split is not None else f"r{rec.rank}"
     if adapter_dir is None:
         source, output, where = "ADAPTER_DIR", "OUT_DIR", " (ADAPTER_DIR: where model.save_pretrained saved it)"
     else:
-        source, output, where = shlex.quote(str(adapter_dir)), shlex.quote(f"{adapter_dir}_r{rec.rank}"), ""
-    act = (
-        f"Train with r = {rec.rank}, or keep this run and cut its adapter to the suggestion: "
-        f"`lora-monitor truncate {source} --rank {rec.rank} -o {output}`{where}."
-    )
+        source, output, where = shlex.quote(str(adapter_dir)), shlex.quote(f"{adapter_dir}_{label}"), ""
+    if split is not None:
+        act = _per_kind_advice(rec, source, output, where)
+    else:
+        act = (
+            f"Train with r = {rec.rank}, or keep this run and cut its adapter to the suggestion: "
+            f"`lora-monitor truncate {source} --rank {rec.rank} -o {output}`{where}."
+        )
     if rec.weak:
         act += " The evidence is weak: read the suggestion again later in training before acting on it."
     return act
@@ -117,6 +197,10 @@ def report_markdown(recommendation: RankRecommendation, adapter_dir: Optional[st
                 "lower than with its whole update (the directions cut off raise it on this batch).",
                 "",
             ]
+    if rec.kinds:
+        lines += [_kinds_table(rec), ""]
+    if rec.not_covered:
+        lines += [f"Modules {not_covered(rec)}.", ""]
     by_projection: dict[str, list[ModuleEvidence]] = defaultdict(list)
     for m in rec.modules:
         by_projection[m.key[1]].append(m)
@@ -153,6 +237,32 @@ def report_markdown(recommendation: RankRecommendation, adapter_dir: Optional[st
     if rec.skipped:
         lines += ["", "Skipped: " + "; ".join(rec.skipped)]
     return "\n".join(lines)
+
+
+def _kinds_table(rec: RankRecommendation) -> str:
+    """The per-kind answer: each group cut alone, the other whole."""
+    rows = []
+    for group, answer in rec.kinds.items():
+        probe = answer.probe
+        rows.append(
+            [
+                _GROUP_NAMES[group],
+                ", ".join(answer.projections),
+                "–" if probe is None else ("none" if probe.rank is None else str(probe.rank)),
+                "none" if answer.spectral is None else str(answer.spectral),
+                "none" if answer.rank is None else str(answer.rank),
+                str(answer.r),
+                "yes" if answer.too_small else "no",
+            ]
+        )
+    split = rec.per_kind
+    verdict = (
+        f"they differ more than {RULE.kind_split:g}×: a rank each (peft's rank_pattern)"
+        if split is not None
+        else f"within {RULE.kind_split:g}× of each other: one rank serves both"
+    )
+    headers = ["group", "projections", "probe (this group cut, the other whole)", "ΔW gap rank", "rank", "r"]
+    return f"Per kind ({verdict}):\n\n" + markdown_table([*headers, "r may be too small"], rows)
 
 
 def _number(value: Optional[float], spec: str) -> str:
