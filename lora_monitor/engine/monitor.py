@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from lora_monitor.adapters import LoRAFactors, LoRAMonitorError, ModuleKey, find_lora_factors, select_factors
+from lora_monitor.adapters.kinds import TrainedModule, groups_of, module_kind, trained_modules, uncovered_projections
 from lora_monitor.analysis import ModuleAnalysis, Snapshot, analyze, shares_lora_A
 from lora_monitor.analysis.device import base_weight_results
 from lora_monitor.analysis.probe import ProbeReading
@@ -108,9 +109,13 @@ class LoRAMonitor:
             of the run; ``"previous"`` — the snapshot before; or the path of an adapter
             directory written by peft's ``save_pretrained`` (another rank or seed), whose shapes
             are checked layer by layer at setup.
-        target_modules: which projections to monitor: canonical names ``"q"``, ``"k"``,
-            ``"v"``, ``"o"`` (matching ``q_proj``, ``query``, GPT-2's fused ``c_attn``, ...)
-            or a module's own name, as in peft's ``LoraConfig.target_modules``.
+        target_modules: which projections to monitor. Default (None, or ``"all-linear"`` as
+            peft spells it): every LoRA module the adapter trains, so that the probe cuts and
+            the answer covers the whole adapter (the φ heatmaps draw q and v). Else canonical
+            names ``"q"``, ``"k"``, ``"v"``, ``"o"`` (matching ``q_proj``, ``query``, GPT-2's
+            fused ``c_attn``, ...) or a module's own name, as in peft's
+            ``LoraConfig.target_modules``: ``("q", "v")`` is the paper's choice; the report
+            then names the trained modules the answer does not cover.
         layers: layer indices drawn as heatmaps; scalars are logged for every monitored
             layer. Default: four layers spread over depth, like the paper's 1/32/64/96.
         basis: the singular vectors φ is computed in
@@ -152,7 +157,7 @@ class LoRAMonitor:
         outputs: Sequence[Output] = (),
         every_n_steps: int = 50,
         reference: Reference = "first",
-        target_modules: Sequence[str] = ("q", "v"),
+        target_modules: Optional[Union[str, Sequence[str]]] = None,
         layers: Optional[Sequence[int]] = None,
         basis: Basis = "A",
         adapter_name: Optional[str] = None,
@@ -178,6 +183,12 @@ class LoRAMonitor:
         self.probe_runner.loss = probe
         #: The paths of the monitored LoRA modules (what the probe cuts).
         self._module_names: set[str] = set()
+        #: Each monitored module's group (attention, MLP), by key and by path (the probe's).
+        self._groups: dict[ModuleKey, str] = {}
+        self._module_groups: dict[str, str] = {}
+        #: The monitored modules with their shapes, and the trained projections left out.
+        self._trained: list[TrainedModule] = []
+        self._not_covered: list[str] = []
         self.runner: Optional[AnalysisRunner] = None
         self._model: Optional[torch.nn.Module] = None
         #: The step of the latest snapshot taken (saved as ``"last_step"``).
@@ -254,11 +265,20 @@ class LoRAMonitor:
         options = self.options
         # FSDP (1) holds flat shards outside its gather: the factors are read and checked in it.
         with self.rank_context.gathered():
-            monitored = self._monitored_factors()
+            trained = find_lora_factors(model, options.adapter_name)
+            monitored = select_factors(trained, options.target_modules, None)
             if options.layers is not None:
                 select_factors(monitored, None, options.layers)  # raises if an entry matches nothing
             self.references.load(monitored)
+            self._trained = trained_modules(monitored)
         self._module_names = {f.module_name for f in monitored.values()}
+        self._groups = groups_of(monitored)
+        self._module_groups = {monitored[key].module_name: group for key, group in self._groups.items()}
+        self._not_covered = uncovered_projections(trained, monitored)
+        if options.watches_all_trained:
+            # The φ heatmaps keep the paper's q and v (where the adapter trains them).
+            paper = {key[1] for key, f in monitored.items() if module_kind(f.projection, f.module_name) in ("q", "v")}
+            self.reporter.drawn_projections = paper or None
         self.reporter.bind(self._outputs_of_rank(outputs), speaks=self.rank_context.is_main)
         self.reporter.drawn_layers = (
             list(options.layers) if options.layers is not None else default_layers([layer for layer, _ in monitored])
@@ -414,6 +434,9 @@ class LoRAMonitor:
                 probe=outcome.probe,
                 reference_is_run=self.options.compares_runs,
                 basis=self.options.basis,
+                groups=self._groups,
+                trained=self._trained,
+                not_covered=self._not_covered,
             )
         except Exception as error:
             outcome.problems.append(
@@ -423,7 +446,13 @@ class LoRAMonitor:
     def _read_probe(self, step: int, final: bool) -> Optional[ProbeReading]:
         assert self._model is not None
         return self.probe_runner.read(
-            self._model, self.options.adapter_name, self._module_names, self.rank_context, step, final
+            self._model,
+            self.options.adapter_name,
+            self._module_names,
+            self.rank_context,
+            step,
+            final,
+            groups=self._module_groups,
         )
 
     def _take_snapshot(self, step: int, final: bool = False) -> None:

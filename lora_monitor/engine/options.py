@@ -13,6 +13,10 @@ from lora_monitor.functional.bases import BASES, Basis
 #: ``"first"``, ``"previous"`` or the path of an adapter directory saved by ``save_pretrained``.
 Reference = Union[Literal["first", "previous"], str, os.PathLike]
 
+#: ``target_modules``' default, as peft spells it: every LoRA module the adapter trains
+#: (``None``, or the string ``"all-linear"``, peft's own name for every linear layer).
+ALL_TRAINED = "all-linear"
+
 
 @dataclass(frozen=True)
 class MonitorOptions:
@@ -24,7 +28,7 @@ class MonitorOptions:
 
     every_n_steps: int = 50
     reference: Reference = "first"
-    target_modules: Sequence[str] = ("q", "v")
+    target_modules: Optional[Union[str, Sequence[str]]] = None
     layers: Optional[Sequence[int]] = None
     basis: Basis = "A"
     adapter_name: Optional[str] = None
@@ -50,12 +54,15 @@ class MonitorOptions:
                 f"with save_pretrained, got {reference!r}"
             )
         targets = self.target_modules
-        if isinstance(targets, str):
+        if targets == ALL_TRAINED:
+            targets = None
+        elif isinstance(targets, str):
             targets = (targets,)
-        if not targets or not all(isinstance(t, str) and t for t in targets):
+        if targets is not None and (not targets or not all(isinstance(t, str) and t for t in targets)):
             fail(
-                "target_modules must be a non-empty list of projection names such as ['q', 'v'] "
-                f"or ['q_proj', 'gate_proj'], got {self.target_modules!r}"
+                "target_modules must be None (every LoRA module of the adapter), 'all-linear' (the "
+                "same) or a non-empty list of projection names such as ['q', 'v'] or ['q_proj', "
+                f"'gate_proj'], got {self.target_modules!r}"
             )
         layers = self.layers
         if layers is not None and (
@@ -85,7 +92,7 @@ class MonitorOptions:
                 f"device), got {self.asynchronous!r}"
             )
         # Normal forms: a tuple of targets, a list of layers, a Path for a directory.
-        object.__setattr__(self, "target_modules", tuple(targets))
+        object.__setattr__(self, "target_modules", None if targets is None else tuple(targets))
         if layers is not None:
             object.__setattr__(self, "layers", list(layers))
         if reference not in ("first", "previous"):
@@ -103,6 +110,12 @@ class MonitorOptions:
     def compares_runs(self) -> bool:
         """True when the reference is another run (an adapter directory), not this run's past."""
         return isinstance(self.reference, Path)
+
+    @property
+    def watches_all_trained(self) -> bool:
+        """True at the default: every LoRA module the adapter trains is monitored (the φ
+        heatmaps then draw q and v only, the paper's choice)."""
+        return self.target_modules is None
 
     def identity(self) -> dict[str, Any]:
         """The options that tell two monitors of one run apart (their checkpoint state keys)."""

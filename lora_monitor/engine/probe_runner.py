@@ -20,8 +20,9 @@ it names.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, Optional
 
 import torch
@@ -194,10 +195,13 @@ class ProbeRunner:
         rank_context: RankContext,
         step: int,
         final: bool = False,
+        groups: Optional[Mapping[str, str]] = None,
     ) -> Optional[ProbeReading]:
         """The probe at ``step`` (the latest reading where the schedule skips ``step``,
         :meth:`due`; ``final``: the end of training, always read), or None (not enabled, no
-        loss known, not this process's, or it cannot run: said once, with the reason)."""
+        loss known, not this process's, or it cannot run: said once, with the reason).
+        ``groups``: module path → its group (attention, MLP); where the cut modules hold two,
+        each is also read cut alone (:func:`read_groups`), its passes counted in the schedule."""
         loss = self._loss(model)
         if not self.enabled or loss is None or not rank_context.is_main:
             return None
@@ -230,15 +234,18 @@ class ProbeRunner:
             key = (self.loss, self._evaluate, id(self.batch), sorted(layers), _fingerprint(model, cut))
             base = self._base[1] if self._base is not None and self._base[0] == key else None
             passes = 0
-            with _evaluating(model), LiveTruncation(layers) as truncation:
+            with _evaluating(model):
+                with LiveTruncation(layers) as truncation:
 
-                def loss_at(k: int) -> float:
-                    nonlocal passes
-                    passes += 1
-                    truncation.cut(k)
-                    return loss_value(loss())
+                    def loss_at(k: int) -> float:
+                        nonlocal passes
+                        passes += 1
+                        truncation.cut(k)
+                        return loss_value(loss())
 
-                reading = read_probe(loss_at, truncation.rank, base)
+                    reading = read_probe(loss_at, truncation.rank, base)
+                reading, group_passes = read_groups(reading, layers, groups or {}, loss)
+                passes += group_passes
             self._base = (key, reading.losses[0])
             self._spent, self._cost = self._spent + passes, passes
             self.latest, self.skipped = reading, None
@@ -250,3 +257,34 @@ class ProbeRunner:
                 f"not read again in this run"
             )
             return None
+
+
+def read_groups(
+    reading: ProbeReading, layers: Mapping[str, tuple], groups: Mapping[str, str], loss: Callable[[], Any]
+) -> tuple[ProbeReading, int]:
+    """``reading`` with each group's own reading (:attr:`ProbeReading.groups`) where ``layers``
+    hold modules of two groups or more (attention and MLP): the group cut to k directions, the
+    others whole; and the forward passes they took. The whole update's loss is ``reading``'s
+    (every group whole), so a group's reading costs its ``loss(0)`` and its grid. None is read
+    while the update has not lowered the loss (``reading.rank`` None: nothing to share out)."""
+    members: dict[str, dict[str, tuple]] = {}
+    for name, found in layers.items():
+        if name in groups:
+            members.setdefault(groups[name], {})[name] = found
+    if len(members) < 2 or reading.rank is None:
+        return reading, 0
+    passes, whole = 0, reading.losses[reading.r]
+    readings = {}
+    for group, chosen in sorted(members.items()):
+        with LiveTruncation(chosen) as truncation:
+
+            def loss_at(k: int) -> float:
+                nonlocal passes
+                if k >= truncation.rank:
+                    return whole  # every module whole again: the joint reading's loss(r)
+                passes += 1
+                truncation.cut(k)
+                return loss_value(loss())
+
+            readings[group] = read_probe(loss_at, truncation.rank)
+    return dataclasses.replace(reading, groups=readings), passes

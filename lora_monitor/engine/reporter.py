@@ -51,6 +51,8 @@ class Reporter:
         self.info: Callable[[str], None] = print
         #: The layers whose φ heatmaps are drawn.
         self.drawn_layers: list[int] = []
+        #: The projections the φ heatmaps draw (None: every monitored one).
+        self.drawn_projections: Optional[set[str]] = None
         #: The variants' notes (what an analysis leaves out, and why) already given: once each.
         self._notes_given: set[str] = set()
         self._layout_written = False
@@ -103,7 +105,9 @@ class Reporter:
             grids = {
                 key: analysis.phi.numpy()
                 for key, analysis in outcome.analyses.items()
-                if analysis.phi is not None and key[0] in self.drawn_layers
+                if analysis.phi is not None
+                and key[0] in self.drawn_layers
+                and (self.drawn_projections is None or key[1] in self.drawn_projections)
             }
         except Exception as error:
             outcome.problems.append(f"step {step}: logging the analysis failed with {type(error).__name__}: {error}")

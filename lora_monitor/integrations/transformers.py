@@ -112,7 +112,7 @@ class LoRASubspaceCallback(TrainerCallback):
         self,
         every_n_steps: int = 50,
         reference: Union[Literal["first", "previous"], str, os.PathLike] = "first",
-        target_modules: Sequence[str] = ("q", "v"),
+        target_modules: Optional[Union[str, Sequence[str]]] = None,
         layers: Optional[Sequence[int]] = None,
         basis: Basis = "A",
         adapter_name: Optional[str] = None,
