@@ -1,7 +1,7 @@
 """Snapshots of the LoRA factors, their analysis, and the rank they suggest.
 
 - :mod:`~lora_monitor.analysis.snapshot` — :class:`Snapshot`: copies of the factors at a step;
-- :mod:`~lora_monitor.analysis.variants` — which factors carry the update each peft variant
+- :mod:`~lora_monitor.analysis.update_factors` — which factors carry the update each peft variant
   applies;
 - :mod:`~lora_monitor.analysis.device` — the batched work on the model's device;
 - :mod:`~lora_monitor.analysis.results` — :class:`ModuleAnalysis`, per module on the host;
@@ -13,7 +13,7 @@ from lora_monitor.analysis.device import ReferenceBases
 from lora_monitor.analysis.results import ModuleAnalysis, new_notes
 from lora_monitor.analysis.snapshot import Snapshot, group_by_shape
 from lora_monitor.analysis.snapshot_analysis import analyze
-from lora_monitor.analysis.variants import missing_initial_note, shares_lora_A, with_base_weights
+from lora_monitor.analysis.update_factors import missing_initial_note, shares_lora_A, with_base_weights
 
 __all__ = [
     "ModuleAnalysis",

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from lora_monitor.adapters import LoRAFactors, ModuleKey
 from lora_monitor.analysis.snapshot import group_by_shape
-from lora_monitor.analysis.variants import UpdateFactors, needs_update, update_of, with_base_weights
+from lora_monitor.analysis.update_factors import UpdateFactors, needs_update, update_of, with_base_weights
 from lora_monitor.functional.bases import Basis, basis_info
 from lora_monitor.functional.similarity import column_space_similarity, subspace_similarity
 from lora_monitor.functional.spectra import frobenius_norm

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from lora_monitor.adapters import LoRAFactors, ModuleKey
 from lora_monitor.analysis.rank_rule import RULE
-from lora_monitor.analysis.variants import UpdateFactors, unknown_because
+from lora_monitor.analysis.update_factors import UpdateFactors, unknown_because
 from lora_monitor.functional.bases import Basis, basis_info
 from lora_monitor.functional.similarity import shared_directions
 from lora_monitor.functional.spectra import effective_rank, energy_rank, frobenius_norm, gap_rank, stable_rank

@@ -17,7 +17,7 @@ from torch import Tensor
 from lora_monitor.adapters import LoRAFactors, ModuleKey
 
 if TYPE_CHECKING:
-    from lora_monitor.analysis.variants import UpdateFactors
+    from lora_monitor.analysis.update_factors import UpdateFactors
 
 
 @dataclass

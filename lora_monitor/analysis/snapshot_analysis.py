@@ -1,7 +1,7 @@
 """The analysis of one snapshot against a reference: :func:`analyze`.
 
 Three steps, each in its own module: which factors carry each module's update
-(:mod:`~lora_monitor.analysis.variants`), the batched work on the device
+(:mod:`~lora_monitor.analysis.update_factors`), the batched work on the device
 (:mod:`~lora_monitor.analysis.device`), and the per-module results on the host
 (:mod:`~lora_monitor.analysis.results`).
 """
@@ -17,7 +17,7 @@ from lora_monitor.adapters import LoRAFactors, ModuleKey
 from lora_monitor.analysis.device import ReferenceBases, device_results, to_host
 from lora_monitor.analysis.results import ModuleAnalysis, assemble
 from lora_monitor.analysis.snapshot import Snapshot
-from lora_monitor.analysis.variants import sharded_base_notes, update_of, with_base_weights
+from lora_monitor.analysis.update_factors import sharded_base_notes, update_of, with_base_weights
 from lora_monitor.functional.bases import Basis
 
 
@@ -37,7 +37,7 @@ def analyze(
     reference's factors are moved there. A module whose factors are not finite, or whose ΔW is
     zero while the basis is one of ΔW's, gets no φ and a note in ``problems`` instead.
 
-    ΔW is the update the model applies, whatever the variant (:mod:`lora_monitor.analysis.variants`):
+    ΔW is the update the model applies, whatever the variant (:mod:`lora_monitor.analysis.update_factors`):
     s·B·A; s·(B·A − B₀·A₀) from ``initial`` for a PiSSA-like initialization (factored, rank
     ≤ 2r); B·(E ⊙ A)·s/(ranknum + ε) for AdaLoRA (folded in by the adapters layer); for DoRA
     (D − I)·W₀ + D·s·B·A, formed and decomposed densely one module at a time (it is full rank),

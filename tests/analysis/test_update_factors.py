@@ -1,4 +1,4 @@
-"""lora_monitor.analysis.variants: φ, spectra, amplification and intruder dimensions under each
+"""lora_monitor.analysis.update_factors: φ, spectra, amplification and intruder dimensions under each
 peft variant, against dense computations on small shapes: ΔW (or DoRA's directional term)
 formed from the live peft layer's own tensors, decomposed by a full SVD, φ as the LoRA paper
 defines it. And what a reference or a run whose update cannot be known (DoRA without W₀, PiSSA
