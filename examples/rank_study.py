@@ -93,7 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         lora_monitor.cli.Comparison}, "seconds": wall time}``.
     """
     args = build_parser().parse_args(argv)
-    from lora_monitor.outputs.report import report_markdown  # it loads torch: after parsing, for a fast --help
+    from lora_monitor.outputs.rank_text import report_markdown  # it loads torch: after parsing, for a fast --help
 
     start = time.perf_counter()
     large, small = args.large_rank, args.small_rank

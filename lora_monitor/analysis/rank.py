@@ -1,5 +1,5 @@
 """The LoRA rank a run needs, with its evidence: logic only (the report's text is
-:mod:`lora_monitor.outputs.report`).
+:mod:`lora_monitor.outputs.rank_text`).
 
 The rule (every constant of it: :mod:`lora_monitor.analysis.rank_rule`) was chosen, and is
 checked, by ``benchmarks/rank_validation`` against tasks whose needed rank is known; how often

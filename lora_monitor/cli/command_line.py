@@ -160,7 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch  # after parsing: --help and usage errors load no torch
 
     from lora_monitor.adapters import LoRAMonitorError
-    from lora_monitor.outputs.report import CAUTIONS_BELOW, advice, report_markdown, summary_line
+    from lora_monitor.outputs.rank_text import CAUTIONS_BELOW, advice, report_markdown, summary_line
 
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)  # restored below: main() may run inside a longer process

@@ -159,7 +159,7 @@ def inspect_adapter(
     adapter holds no batch to probe) (``base_config`` as for :func:`compare_adapters`)."""
     from lora_monitor.adapters.kinds import groups_of, trained_modules
     from lora_monitor.analysis.rank import ModuleEvidence, recommend_rank
-    from lora_monitor.outputs.report import spectrum_table
+    from lora_monitor.outputs.rank_text import spectrum_table
 
     saved = SavedFactors.open(directory, projections, layers, base_config)
     analyses = analyze_saved(saved)

@@ -18,7 +18,7 @@ from lora_monitor.analysis import new_notes
 from lora_monitor.analysis.rank import RankRecommendation
 from lora_monitor.engine.options import MonitorOptions
 from lora_monitor.engine.runner import Job, Outcome
-from lora_monitor.outputs.report import advice, report_markdown, summary_line
+from lora_monitor.outputs.rank_text import advice, report_markdown, summary_line
 from lora_monitor.outputs.tags import (
     RECOMMENDATION_TAG,
     custom_scalars_layout,

@@ -19,7 +19,7 @@ from lora_monitor.analysis import Snapshot, analyze
 from lora_monitor.analysis.probe import read_probe
 from lora_monitor.analysis.rank import recommend_rank
 from lora_monitor.functional import random_subspace_similarity
-from lora_monitor.outputs.report import advice, report_markdown, summary_line
+from lora_monitor.outputs.rank_text import advice, report_markdown, summary_line
 from tests.helpers.lightning import CausalLMModule, make_trainer
 from tests.helpers.models import tiny_llama_lora
 

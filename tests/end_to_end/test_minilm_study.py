@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import rank_study  # noqa: E402
 
 from lora_monitor import LoRASubspaceMonitor  # noqa: E402
-from lora_monitor.outputs.report import CAUTIONS_BELOW, summary_line  # noqa: E402
+from lora_monitor.outputs.rank_text import CAUTIONS_BELOW, summary_line  # noqa: E402
 from lora_monitor.outputs.tags import RECOMMENDATION_TAG  # noqa: E402
 from tests.helpers.events import read_events  # noqa: E402
 

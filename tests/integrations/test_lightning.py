@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lora_monitor import LoRAMonitorError, LoRASubspaceMonitor
 from lora_monitor.outputs.plots import CARD_WIDTH, MASK_COLOR
-from lora_monitor.outputs.report import CAUTIONS_BELOW, summary_line
+from lora_monitor.outputs.rank_text import CAUTIONS_BELOW, summary_line
 from lora_monitor.outputs.tags import (
     OPTIONAL_SCALAR_NAMES,
     OVERVIEW_TAG,

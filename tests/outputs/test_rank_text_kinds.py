@@ -12,7 +12,7 @@ from lora_monitor.adapters.kinds import groups_of, trained_modules
 from lora_monitor.analysis import Snapshot, analyze
 from lora_monitor.analysis.rank import recommend_rank
 from lora_monitor.cli.commands import parse_ranks
-from lora_monitor.outputs.report import advice, report_markdown, summary_line
+from lora_monitor.outputs.rank_text import advice, report_markdown, summary_line
 from tests.analysis.test_rank_kinds import R, _factors, _reading
 
 

@@ -1,4 +1,4 @@
-"""lora_monitor.outputs.report: one language for every number. The report the monitor writes to
+"""lora_monitor.outputs.rank_text: one language for every number. The report the monitor writes to
 TensorBoard's Text tab and the tables of ``lora-monitor inspect`` / ``compare`` give the same
 value, formatted the same, under every column header they share, for the same adapter."""
 
@@ -15,7 +15,7 @@ from lora_monitor.analysis import Snapshot, analyze
 from lora_monitor.analysis.probe import read_probe
 from lora_monitor.analysis.rank import recommend_rank
 from lora_monitor.cli import main
-from lora_monitor.outputs.report import GAP_RANK_COLUMN, advice, report_markdown
+from lora_monitor.outputs.rank_text import GAP_RANK_COLUMN, advice, report_markdown
 from lora_monitor.outputs.tags import RECOMMENDATION_PLACE, RECOMMENDATION_TEXT_TAG
 from tests.helpers.events import read_events
 from tests.helpers.factors import random_factors
