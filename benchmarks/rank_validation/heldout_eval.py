@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import math
 import pathlib
 import time
 from collections.abc import Callable
@@ -98,7 +99,19 @@ def _reading(rec: Any, reading: Any) -> dict:
     }
 
 
-def read_run(case: HeldoutCase, run: dict, plain: Plain, batch: tuple) -> dict:
+def tail_losses(plain: Plain, svds: dict, batches: list[tuple], r: int) -> list[dict[int, float]]:
+    """Not the package's rule, a diagnostic for "r may be too small": on the probe batch and on a
+    second training batch, the loss with no update, with every ΔW cut to ⌈r/2⌉ and whole. Where
+    r is too small the top half of the directions lowers the loss on both batches; where r ≥ 2k*
+    it is noise, and its effect differs from batch to batch."""
+    out = []
+    for batch in batches:
+        loss_at = _probe(plain, svds, batch, set(svds))
+        out.append({k: loss_at(k) for k in sorted({0, (r + 1) // 2, r})})
+    return out
+
+
+def read_run(case: HeldoutCase, run: dict, plain: Plain, batches: list[tuple]) -> dict:
     """The package's suggestion (and per group, where there are two) at every saved snapshot."""
     out: dict[str, Any] = {}
     groups = sorted({group_of(k) for k in case.lora})
@@ -107,6 +120,7 @@ def read_run(case: HeldoutCase, run: dict, plain: Plain, batch: tuple) -> dict:
         factors = _factors(case, run, i, plain.W0)
         svds = {key: thin_svd(fa.lora_B, fa.lora_A, fa.scaling) for key, fa in factors.items()}
         analyses = analyze(Snapshot(step=step, factors=factors))
+        batch = batches[0]
         reading = package_probe.read_probe(_probe(plain, svds, batch, set(svds)), run["rank"])
         parts = {}
         if len(groups) > 1:
@@ -138,6 +152,7 @@ def read_run(case: HeldoutCase, run: dict, plain: Plain, batch: tuple) -> dict:
                 keys = {k for k in svds if group_of(k[1]) == g}
                 rec = package_rank.recommend_rank({k: a for k, a in analyses.items() if k in keys}, probe=part)
                 entry[g] = _reading(rec, part) | {"package": False}
+        entry["tail"] = tail_losses(plain, svds, batches, run["rank"])
         out[str(f)] = entry
     return out
 
@@ -155,7 +170,7 @@ def version() -> str:
     package = ROOT / "lora_monitor"
     files = sorted(p for sub in ("adapters", "analysis", "functional") for p in (package / sub).rglob("*.py"))
     text = "".join(p.read_text() for p in files) + repr(HELDOUT_FRACTIONS)
-    text += "".join(inspect.getsource(fn) for fn in (read_run, _probe, _reading, _factors, cut_loss))
+    text += "".join(inspect.getsource(fn) for fn in (read_run, _probe, _reading, _factors, cut_loss, tail_losses))
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
@@ -187,12 +202,13 @@ def evaluate_heldout(
                 teacher = torch.load(teacher_file(cache, case))
                 plain = Plain(case, [parse_key(n) for n in run["factors"][0]])
             train, held = teacher["train"], teacher["heldout"]
-            batch = (train["ids"][:PROBE_BATCH], train["mask"][:PROBE_BATCH], train["target"][:PROBE_BATCH])
+            n = PROBE_BATCH
+            batches = [tuple(train[x][i * n : (i + 1) * n] for x in ("ids", "mask", "target")) for i in (0, 1)]
             heldset = (held["ids"], held["mask"], held["target"])
             summary = {k: run[k] for k in ("rank", "steps", "train_seconds", "heldout_loss", "base_heldout_loss")}
             summary |= {"version": v, "truncation": run["truncation"], "snapshot_steps": run["snapshot_steps"]}
             summary["train_loss_first_last"] = (run["train_loss"][0], run["train_loss"][-1])
-            summary["readings"] = read_run(case, run, plain, batch)
+            summary["readings"] = read_run(case, run, plain, batches)
             if r == settings.big_rank:
                 ks = {summary["readings"][f]["all"]["rank"] for f in ("0.25", "1.0")}
                 summary["cut"] = {k: cut_loss(case, run, plain, heldset, k) for k in ks if k}
@@ -231,9 +247,40 @@ def _cell(reading: dict, k_star: int) -> str:
     return f"{rank}{likely} {_mark(k_star <= rank <= 2 * k_star)}"
 
 
-def _small(run: dict, group: str = "all") -> str:
-    fired = [f for f in ("0.1", "0.25", "0.5", "0.75", "1.0") if run["readings"][f][group]["too_small"]]
+def _fires(run: dict, f: str, group: str = "all", proposal: bool = False) -> bool:
+    """Whether "r may be too small" is said at fraction ``f``: the package's rule (the probe needs
+    all r directions) or the proposal of the report (the probe needs more than r/2 of them)."""
+    reading = run["readings"][f][group]
+    if not proposal:
+        return bool(reading["too_small"])
+    return reading["probe"] is not None and reading["probe"] > run["rank"] / 2
+
+
+def _small(run: dict, group: str = "all", proposal: bool = False) -> str:
+    fired = [f for f in ("0.1", "0.25", "0.5", "0.75", "1.0") if _fires(run, f, group, proposal)]
     return "at " + ", ".join(f"{float(f):.0%}" for f in fired) if fired else "never"
+
+
+def tail_table(results: dict, big: int) -> None:
+    """The diagnostic of :func:`tail_losses`: per run, at 25 % and 50 % of training, what the top
+    half of the directions does to the log loss of the probe batch (A) and of a second batch (B):
+    gain_X = log loss_X(⌈r/2⌉) − log loss_X(r), and its share of the update's log-loss reduction."""
+    rows = []
+    for case in HELDOUT_CASES:
+        runs = results.get(case.name) or {}
+        k = truths(case, runs, big)
+        for run in sorted(runs.values(), key=lambda v: -v["rank"]):
+            cells = []
+            for f in ("0.25", "0.5", "1.0"):
+                tail = [{int(x): y for x, y in t.items()} for t in run["readings"][f]["tail"]]
+                r, h = run["rank"], (run["rank"] + 1) // 2
+                gains = [math.log(t[h] / t[r]) for t in tail]
+                shares = [g / math.log(t[0] / t[r]) for g, t in zip(gains, tail)]
+                cells.append(" / ".join(f"{g:+.3f} ({s:+.0%})" for g, s in zip(gains, shares)))
+            rows.append([case.name, run["rank"], "–" if k is None else k["all"], *cells])
+    print("\n## Diagnostic (not the rule): the top half of the directions, probe batch A / second batch B\n")
+    headers = ["case", "r", "k*", "gain A / B at 25 % (share)", "at 50 %", "at 100 %"]
+    print(table(headers, rows))
 
 
 def _split(entry: dict) -> str:
@@ -250,7 +297,7 @@ def report_heldout(cache: pathlib.Path, settings: Settings) -> bool:
     big = settings.big_rank
     rows, small_rows = [], []
     hits: dict[str, list[bool]] = {f: [] for f in ("0.1", "0.25", "0.5", "0.75", "1.0")}
-    below_ok, above_ok = [], []
+    below_ok, above_ok, below_proposal, above_proposal = [], [], [], []
     per_kind_rows = []
     for case in HELDOUT_CASES:
         runs = results.get(case.name)
@@ -282,14 +329,15 @@ def report_heldout(cache: pathlib.Path, settings: Settings) -> bool:
             ]
         )
         if big >= 2 * k_star:
-            above_ok.append(not any(run["readings"][f]["all"]["too_small"] for f in hits))
+            above_ok.append(not any(_fires(run, f) for f in hits))
+            above_proposal.append(not any(_fires(run, f, proposal=True) for f in hits))
         for other in runs.values():
             r = other["rank"]
             if r >= k_star and r < 2 * k_star and r != big:
                 continue
             if r < k_star:
-                said = other["readings"]["0.5"]["all"]["too_small"] or other["readings"]["0.25"]["all"]["too_small"]
-                below_ok.append(said)
+                below_ok.append(_fires(other, "0.25") or _fires(other, "0.5"))
+                below_proposal.append(_fires(other, "0.25", proposal=True) or _fires(other, "0.5", proposal=True))
             small_rows.append(
                 [
                     case.name,
@@ -297,6 +345,7 @@ def report_heldout(cache: pathlib.Path, settings: Settings) -> bool:
                     k_star,
                     "below k*" if r < k_star else ("≥ 2k*" if r >= 2 * k_star else "k*…2k*"),
                     _small(other),
+                    _small(other, proposal=True),
                     " / ".join(str(other["readings"][f]["all"]["rank"]) for f in ("0.25", "0.5", "1.0")),
                 ]
             )
@@ -325,14 +374,29 @@ def report_heldout(cache: pathlib.Path, settings: Settings) -> bool:
         )
     )
     print('\n## "r may be too small"\n')
-    print(table(["case", "run", "k*", "r vs k*", "said", "suggestion 25 % / 50 % / 100 %"], small_rows))
+    print(
+        table(
+            [
+                "case",
+                "run",
+                "k*",
+                "r vs k*",
+                "said",
+                "proposal (probe > r/2) would say",
+                "suggestion 25 % / 50 % / 100 %",
+            ],
+            small_rows,
+        )
+    )
     print(
         f"\nruns below k* that said it by half of training: {sum(below_ok)}/{len(below_ok)}; "
-        f"runs at r ≥ 2k* that never said it: {sum(above_ok)}/{len(above_ok)}"
+        f"runs at r ≥ 2k* that never said it: {sum(above_ok)}/{len(above_ok)}. The proposal (not the "
+        f"package's rule): {sum(below_proposal)}/{len(below_proposal)} and {sum(above_proposal)}/{len(above_proposal)}"
     )
     if per_kind_rows:
         print("\n## Per group (attention / MLP), each cut with the other whole\n")
         headers = ["case", "group", "k* of the group", "at 25 %", "at 100 %", "too small said"]
         headers.append("the package's per-kind answer (25 % / 100 %)")
         print(table(headers, per_kind_rows))
+    tail_table(results, big)
     return all(hits["0.25"]) and all(hits["1.0"]) and all(below_ok) and all(above_ok)
