@@ -84,6 +84,8 @@ def monitor_images(targets: Targets) -> None:
     grids = {key: a.phi.numpy().T for key, a in analyses.items() if key[0] in layers}
     symbols = dict(layers=layers, row_symbol="A_{r=8}", column_symbol="A_{r=64}", recommendation=recommendation)
     rendering._FRAMES.clear()
+    rendering._OVERVIEWS.clear()
+    rendering._OVERVIEW_CANVASES.clear()
     start = time.perf_counter()
     rendering.snapshot_images(grids, **symbols)
     cold = time.perf_counter() - start

@@ -25,7 +25,7 @@ from matplotlib.text import Text
 from lora_monitor.adapters import ModuleKey
 from lora_monitor.analysis.rank import RankRecommendation
 from lora_monitor.outputs import overview, plots
-from lora_monitor.outputs.plots import DPI, figure_to_rgb, phi_colormap, phi_figure
+from lora_monitor.outputs.plots import DPI, phi_colormap, phi_figure
 from lora_monitor.outputs.tags import OVERVIEW_TAG, heatmap_tag
 
 
@@ -270,18 +270,32 @@ def comparison_images(
 
 #: Overview images already drawn, by their content (:func:`~lora_monitor.outputs.overview.overview_content`).
 _OVERVIEWS: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+#: Overview frames, by :func:`~lora_monitor.outputs.overview.overview_structure`.
+_OVERVIEW_CANVASES: OrderedDict[Hashable, overview.OverviewCanvas] = OrderedDict()
 
 
 def overview_image(recommendation: RankRecommendation) -> np.ndarray:
     """``figure_to_rgb(overview_figure(recommendation))``, drawn only when its content changed:
-    once a run's suggestion and per-layer ranks settle, every snapshot has the same overview,
-    and drawing it with matplotlib costs 50–100 ms (most of a snapshot's hook time)."""
-    content = overview.overview_content(recommendation)
+    once a run's suggestion and per-layer ranks settle, every snapshot has the same overview.
+    When it changed, only what changed is drawn, into the frame kept for its structure
+    (:class:`~lora_monitor.outputs.overview.OverviewCanvas`): a few ms, where drawing the whole
+    figure with matplotlib costs 50–150 ms (most of a snapshot's drawing)."""
+    return content_overview_image(overview.overview_content(recommendation))
+
+
+def content_overview_image(content: overview.OverviewContent) -> np.ndarray:
+    """:func:`overview_image` of a recommendation's :func:`~lora_monitor.outputs.overview.overview_content`."""
     with _DRAWING:
         image = _OVERVIEWS.get(content)
         if image is None:
-            image = figure_to_rgb(overview.draw_overview(content))
-            _OVERVIEWS[content] = image
+            structure = overview.overview_structure(content)
+            canvas = _OVERVIEW_CANVASES.get(structure)
+            if canvas is None:
+                canvas = _OVERVIEW_CANVASES[structure] = overview.OverviewCanvas(content)
+                if len(_OVERVIEW_CANVASES) > _FRAME_CACHE_SIZE:
+                    _OVERVIEW_CANVASES.popitem(last=False)
+            _OVERVIEW_CANVASES.move_to_end(structure)
+            image = _OVERVIEWS[content] = canvas.image(content)
             if len(_OVERVIEWS) > _FRAME_CACHE_SIZE:
                 _OVERVIEWS.popitem(last=False)
         _OVERVIEWS.move_to_end(content)
