@@ -33,31 +33,40 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
-import numpy as np
 import torch
-from torch import Tensor
 
-from lora_monitor.adapters import LoRAFactors, LoRAMonitorError, ModuleKey, find_lora_factors, select_factors
-from lora_monitor.adapters.kinds import TrainedModule, groups_of, module_kind, trained_modules, uncovered_projections
-from lora_monitor.analysis import ModuleAnalysis, Snapshot, analyze, shares_lora_A
-from lora_monitor.analysis.device import base_weight_results
+from lora_monitor.adapters import LoRAFactors, LoRAMonitorError, ModuleKey
+from lora_monitor.adapters.kinds import module_kind
+from lora_monitor.analysis import ModuleAnalysis, Snapshot, shares_lora_A
 from lora_monitor.analysis.probe import ProbeReading
-from lora_monitor.analysis.rank import RankRecommendation, recommend_rank
-from lora_monitor.engine.distributed import RankContext, ShardedBaseSums, all_gather_objects, capture_kept
+from lora_monitor.analysis.rank import RankRecommendation
+from lora_monitor.engine.distributed import RankContext
+from lora_monitor.engine.monitored import BaseResults, Monitored, default_layers
 from lora_monitor.engine.options import MonitorOptions, Reference
 from lora_monitor.engine.probe_runner import ProbeRunner
 from lora_monitor.engine.references import References
-from lora_monitor.engine.reporter import Reporter
-from lora_monitor.engine.runner import AnalysisRunner, Job, Outcome
+from lora_monitor.engine.reporter import OwnOutputs, Reporter
+from lora_monitor.engine.runner import AnalysisRunner, Job, Outcome, analyze_job
 from lora_monitor.functional.bases import Basis
-from lora_monitor.outputs.writers import Output, SummaryWriterOutput
+from lora_monitor.outputs.writers import Output
 
 
-def default_layers(layer_indices: Sequence[int], count: int = 4) -> list[int]:
-    """``count`` layers spread evenly over depth, first and last included (paper: 1/32/64/96)."""
-    ordered = sorted(set(layer_indices))
-    positions = np.linspace(0, len(ordered) - 1, min(count, len(ordered))).round().astype(int)
-    return [ordered[p] for p in dict.fromkeys(positions.tolist())]
+@dataclasses.dataclass
+class Progress:
+    """How far the monitored run has come: the steps seen and taken, and what they concluded.
+
+    Attributes:
+        training_step: the latest training step :meth:`LoRAMonitor.step` was told of (the plain
+            loop's end of training).
+        snapshot_step: the step of the latest snapshot taken (saved as ``"last_step"``).
+        latest: the latest analyzed snapshot's outcome: its analyses, probe and recommendation.
+        recommendation: the rank suggested when training ended, the latest analysis's.
+    """
+
+    training_step: Optional[int] = None
+    snapshot_step: Optional[int] = None
+    latest: Optional[Outcome] = None
+    recommendation: Optional[RankRecommendation] = None
 
 
 class LoRAMonitor:
@@ -175,30 +184,15 @@ class LoRAMonitor:
         self.options = options
         if log_dir is not None and writer is not None:
             raise ValueError(f"{options.owner}: pass log_dir= or writer=, not both")
-        self._log_dir, self._writer, self._outputs = log_dir, writer, list(outputs)
-        self.rank_context = RankContext()
+        self._own_outputs = OwnOutputs(log_dir, writer, list(outputs))
         self.references = References(options)
         self.reporter = Reporter(options)
         self.probe_runner = ProbeRunner(self.reporter, options.functional_probe)
         self.probe_runner.loss = probe
-        #: The paths of the monitored LoRA modules (what the probe cuts).
-        self._module_names: set[str] = set()
-        #: Each monitored module's group (attention, MLP), by key and by path (the probe's).
-        self._groups: dict[ModuleKey, str] = {}
-        self._module_groups: dict[str, str] = {}
-        #: The monitored modules with their shapes, and the trained projections left out.
-        self._trained: list[TrainedModule] = []
-        self._not_covered: list[str] = []
+        #: The model and what its set-up found (None before :meth:`attach`).
+        self._monitored: Optional[Monitored] = None
         self.runner: Optional[AnalysisRunner] = None
-        self._model: Optional[torch.nn.Module] = None
-        #: The step of the latest snapshot taken (saved as ``"last_step"``).
-        self._snapshot_step: Optional[int] = None
-        #: The latest training step :meth:`step` was told of (the plain loop's end of training).
-        self._training_step: Optional[int] = None
-        #: The latest analyzed snapshot's outcome: its analyses, probe and recommendation.
-        self._latest: Optional[Outcome] = None
-        #: The rank suggested when training ended, from the latest analysis (None before).
-        self.recommendation: Optional[RankRecommendation] = None
+        self._progress = Progress()
         if model is not None:
             self.attach(model)
             self.start(0)
@@ -206,11 +200,11 @@ class LoRAMonitor:
     # -------------------------------------------------------------------- plain-loop API
     def step(self, step: int) -> None:
         """Call after each optimizer step with the number of optimizer steps taken so far."""
-        if self._model is None:
+        if self._monitored is None:
             raise LoRAMonitorError(
                 f"{self.options.owner}.step() before the model is known: pass it, LoRAMonitor(model, log_dir=...)"
             )
-        self._training_step = step
+        self._progress.training_step = step
         self.after_optimizer_step(step)
 
     def close(self, error: Optional[BaseException] = None) -> None:
@@ -220,8 +214,9 @@ class LoRAMonitor:
         analyzed is written, and that error stays the one raised. Then the worker stops and the
         outputs the monitor opened close. Front-ends call it once, last."""
         try:
-            if error is None and self._model is not None and self._training_step is not None:
-                self.finish(self._training_step)
+            training_step = self._progress.training_step
+            if error is None and self._monitored is not None and training_step is not None:
+                self.finish(training_step)
             elif error is not None:
                 with contextlib.suppress(LoRAMonitorError):
                     self._collect(wait=True)
@@ -258,36 +253,27 @@ class LoRAMonitor:
             console: where the end-of-fit lines and the once-said notes go (default ``print``;
                 Lightning's ``rank_zero_info``).
         """
-        self.rank_context = rank_context if rank_context is not None else RankContext.for_model(model)
+        if rank_context is None:
+            rank_context = RankContext.for_model(model)
         if console is not None:
             self.reporter.info = console
-        self._model = model
         options = self.options
-        # FSDP (1) holds flat shards outside its gather: the factors are read and checked in it.
-        with self.rank_context.gathered():
-            trained = find_lora_factors(model, options.adapter_name)
-            monitored = select_factors(trained, options.target_modules, None)
-            if options.layers is not None:
-                select_factors(monitored, None, options.layers)  # raises if an entry matches nothing
-            self.references.load(monitored)
-            self._trained = trained_modules(monitored)
-        self._module_names = {f.module_name for f in monitored.values()}
-        self._groups = groups_of(monitored)
-        self._module_groups = {monitored[key].module_name: group for key, group in self._groups.items()}
-        self._not_covered = uncovered_projections(trained, monitored)
+        watched, monitored = Monitored.attach(model, rank_context, options, self.references)
+        self._monitored = watched
         if options.watches_all_trained:
             # The φ heatmaps keep the paper's q and v (where the adapter trains them).
             paper = {key[1] for key, f in monitored.items() if module_kind(f.projection, f.module_name) in ("q", "v")}
             self.reporter.drawn_projections = paper or None
-        self.reporter.bind(self._outputs_of_rank(outputs), speaks=self.rank_context.is_main)
+        speaks = rank_context.is_main  # only global rank zero opens its outputs
+        self.reporter.bind((outputs or self._own_outputs.open)() if speaks else [], speaks=speaks)
         self.reporter.drawn_layers = (
             list(options.layers) if options.layers is not None else default_layers([layer for layer, _ in monitored])
         )
         self.runner = AnalysisRunner(
-            self._analyze,
-            self._recommend,
+            lambda job: analyze_job(job, options, self.references),
+            lambda outcome: watched.recommend(outcome, options),
             self.reporter.prepare,
-            self.rank_context,
+            rank_context,
             options.asynchronous,
             writes=self.reporter.speaks,
         )
@@ -317,7 +303,7 @@ class LoRAMonitor:
     def after_optimizer_step(self, step: int) -> None:
         """An optimizer step ended, ``step`` steps taken: write what the worker finished, and
         take a snapshot when one is due."""
-        due = step > 0 and step % self.options.every_n_steps == 0 and step != self._snapshot_step
+        due = step > 0 and step % self.options.every_n_steps == 0 and step != self._progress.snapshot_step
         # A snapshot waits for the one before it: a worker slower than every_n_steps steps then
         # slows training down, rather than piling snapshots up in memory.
         self._collect(wait=due)
@@ -327,31 +313,46 @@ class LoRAMonitor:
     def finish(self, step: int) -> None:
         """Training ended at ``step``: a last snapshot, every pending result written, and the
         rank recommendation."""
-        if step != self._snapshot_step:
+        progress = self._progress
+        if step != progress.snapshot_step:
             self._take_snapshot(step, final=True)
         self._collect(wait=True)
-        latest = self._latest
-        if latest is not None and self.probe_runner.skipped == step:
+        latest = progress.latest
+        if latest is not None and self._monitored is not None and self.probe_runner.skipped == step:
             # The probe's schedule skipped the last snapshot (its cards carry the reading before):
             # the recommendation rests on the probe of its own step, decided again.
-            latest = self._latest = dataclasses.replace(latest, probe=self._read_probe(step, final=True), problems=[])
-            self._recommend(latest)
+            latest = progress.latest = dataclasses.replace(
+                latest, probe=self._read_probe(step, final=True), problems=[]
+            )
+            self._monitored.recommend(latest, self.options)
             for problem in latest.problems:
                 self.reporter.report(problem)
         if latest is not None and latest.recommendation is not None:
-            self.recommendation = latest.recommendation  # the snapshot's, decided once
+            progress.recommendation = latest.recommendation  # the snapshot's, decided once
             with self.reporter.contained(f"step {step}: the rank recommendation"):
-                self.reporter.write_recommendation(self.recommendation, step)
+                self.reporter.write_recommendation(latest.recommendation, step)
+
+    @property
+    def recommendation(self) -> Optional[RankRecommendation]:
+        """The rank suggested when training ended, from the latest analysis (None before)."""
+        return self._progress.recommendation
 
     @property
     def latest_analysis(self) -> dict[ModuleKey, ModuleAnalysis]:
         """The analysis of the latest snapshot, ``(layer, projection) → ModuleAnalysis``."""
-        return (self._latest.analyses or {}) if self._latest is not None else {}
+        latest = self._progress.latest
+        return (latest.analyses or {}) if latest is not None else {}
 
     @property
     def latest_probe_reading(self) -> Optional[ProbeReading]:
         """The functional probe's reading the latest snapshot rests on (None: not read)."""
-        return self._latest.probe if self._latest is not None else None
+        latest = self._progress.latest
+        return latest.probe if latest is not None else None
+
+    @property
+    def rank_context(self) -> RankContext:
+        """Where the monitor runs (a single process before :meth:`attach`)."""
+        return self._monitored.rank_context if self._monitored is not None else RankContext()
 
     # ------------------------------------------------------------- the probe's batch
     @property
@@ -372,45 +373,10 @@ class LoRAMonitor:
         self.probe_runner.disable(reason)
 
     # ------------------------------------------------------------------------- internals
-    def _outputs_of_rank(self, outputs: Optional[Callable[[], Sequence[Output]]]) -> list[Output]:
-        """What this process writes to: nothing off global rank zero; there, the front-end's
-        ``outputs``, or the monitor's own (its ``SummaryWriter`` opened once)."""
-        if not self.rank_context.is_main:
-            return []
-        if outputs is not None:
-            return list(outputs())
-        if self._log_dir is not None or self._writer is not None:
-            self._outputs.insert(0, SummaryWriterOutput(writer=self._writer, log_dir=self._log_dir))
-            self._log_dir = self._writer = None
-        return list(self._outputs)
-
-    def _monitored_factors(self) -> dict[ModuleKey, LoRAFactors]:
-        assert self._model is not None
-        factors = find_lora_factors(self._model, self.options.adapter_name)
-        return select_factors(factors, self.options.target_modules, None)
-
-    def _capture(self, step: int, base_numbers: bool = True) -> tuple[Snapshot, dict[ModuleKey, dict[str, Tensor]]]:
-        """A snapshot of the monitored factors this rank keeps (:meth:`_kept`: its share where
-        the ranks split the analysis), taken on every rank (sharded strategies gather the LoRA
-        factors collectively, and copies are made while they are whole), and the W₀ numbers
-        that can only be taken now, of every module: a sharded or
-        partitioned W₀'s are summed over the ranks (a collective), and FSDP (1) frees the W₀ it
-        gathers (they are computed inside its gather, and no reference to it is kept)."""
-        results: dict[ModuleKey, dict[str, Tensor]] = {}
-        # Read-only: products of the live parameters must record no autograd graph.
-        with self.rank_context.gathered(), torch.no_grad():
-            live = self._monitored_factors()
-            sums = ShardedBaseSums() if base_numbers else None
-            snapshot = capture_kept(live, self._kept(live), step, sums)  # every rank: collectives
-            if sums is not None:
-                with self.reporter.contained(f"step {step}: the W₀ numbers of sharded modules"):
-                    results = sums.results()  # every rank: a collective
-            if self.rank_context.keeps_base_weight:
-                return snapshot, results
-            if base_numbers:
-                with self.reporter.contained(f"step {step}: the W₀ numbers"):
-                    results |= base_weight_results(snapshot.factors)
-            return snapshot.without_base_weights(), results
+    def _capture(self, step: int, base_numbers: bool = True) -> tuple[Snapshot, BaseResults]:
+        """This rank's snapshot and the W₀ numbers of its step (:meth:`Monitored.capture`)."""
+        assert self._monitored is not None
+        return self._monitored.capture(step, self.options, self._kept, self.reporter, base_numbers)
 
     def _collect(self, wait: bool) -> None:
         """Keep, report and write the outcomes the runner finished (all of them if ``wait``)."""
@@ -421,43 +387,25 @@ class LoRAMonitor:
 
     def _publish(self, outcome: Outcome) -> None:
         if outcome.analyses is not None:
-            self._latest = outcome
+            self._progress.latest = outcome
         self.reporter.publish(outcome)
 
-    def _recommend(self, outcome: Outcome) -> None:
-        """The rank an analyzed outcome suggests (:func:`recommend_rank`), decided once per
-        snapshot, on every rank; a failure is one of its problems."""
-        assert outcome.analyses is not None
-        try:
-            outcome.recommendation = recommend_rank(
-                outcome.analyses,
-                probe=outcome.probe,
-                reference_is_run=self.options.compares_runs,
-                basis=self.options.basis,
-                groups=self._groups,
-                trained=self._trained,
-                not_covered=self._not_covered,
-            )
-        except Exception as error:
-            outcome.problems.append(
-                f"step {outcome.step}: the rank recommendation failed with {type(error).__name__}: {error}"
-            )
-
     def _read_probe(self, step: int, final: bool) -> Optional[ProbeReading]:
-        assert self._model is not None
+        monitored = self._monitored
+        assert monitored is not None
         return self.probe_runner.read(
-            self._model,
+            monitored.model,
             self.options.adapter_name,
-            self._module_names,
-            self.rank_context,
+            monitored.module_names,
+            monitored.rank_context,
             step,
             final,
-            groups=self._module_groups,
+            groups=monitored.module_groups,
         )
 
     def _take_snapshot(self, step: int, final: bool = False) -> None:
         assert self.runner is not None
-        self._snapshot_step = step
+        self._progress.snapshot_step = step
         try:
             snapshot, base_results = self._capture(step)
         except LoRAMonitorError as error:  # e.g. the adapter was merged or unloaded mid-run
@@ -487,31 +435,6 @@ class LoRAMonitor:
         self.references.keep_only(share)
         return share
 
-    def _analyze(self, job: Job) -> Outcome:
-        """The analyses of ``job``'s modules, and its problems (the analysis's own errors
-        included: an analysis fault must never end a training run). Runs in whichever thread
-        analyses; writes only the reference bases' cache."""
-        step = job.snapshot.step
-        outcome = Outcome(step, probe=job.probe)
-        try:
-            outcome.analyses = analyze(
-                job.snapshot,
-                job.reference,
-                self.options.basis,
-                initial=job.initial,
-                intruder_top_k=self.options.intruder_top_k,
-                reference_bases=self.references.bases_of(job.reference, job.snapshot),
-                base_results=job.base_results,
-            )
-        except Exception as error:
-            outcome.problems.append(f"step {step}: the analysis failed with {type(error).__name__}: {error}")
-            return outcome
-        for analysis in outcome.analyses.values():
-            for problem in analysis.problems:
-                layer, projection = analysis.key
-                outcome.problems.append(f"step {step}, layer {layer} projection {projection!r}: {problem}; skipped")
-        return outcome
-
     # ------------------------------------------------------------------------------ resume
     def state_dict(self, every_rank: bool = False) -> dict[str, Any]:
         """The references ("first", "previous", the factors before the first step) and the
@@ -519,21 +442,10 @@ class LoRAMonitor:
         references; ``every_rank`` gathers the shares into one state (a collective: every rank
         calls it) for a front-end whose framework saves one state and restores it on every rank
         (Lightning), each rank then keeping its share again."""
-        state = {
-            "last_step": self._snapshot_step,
-            **self.references.state_dict(),
-            "probe": self.probe_runner.state_dict(),
-        }
-        if every_rank and self.rank_context.spreads_analysis:
-            names = ("first", "previous", "initial")
-            shares = all_gather_objects({name: state[name] for name in names})
-            for name in names:
-                parts = [share[name] for share in shares if share[name] is not None]
-                if parts:
-                    state[name] = {"step": parts[0]["step"], "modules": [m for part in parts for m in part["modules"]]}
-        return state
+        references = self.references.state_dict(every_rank and self.rank_context.spreads_analysis)
+        return {"last_step": self._progress.snapshot_step, **references, "probe": self.probe_runner.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._snapshot_step = state_dict.get("last_step")
+        self._progress.snapshot_step = state_dict.get("last_step")
         self.references.load_state_dict(state_dict)
         self.probe_runner.load_state_dict(state_dict.get("probe") or {})

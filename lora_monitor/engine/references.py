@@ -14,6 +14,7 @@ from lora_monitor.adapters import (
     load_adapter,
 )
 from lora_monitor.analysis import ReferenceBases, Snapshot, analyze, missing_initial_note, with_base_weights
+from lora_monitor.engine.distributed import all_gather_objects
 from lora_monitor.engine.options import MonitorOptions
 
 Factors = dict[ModuleKey, LoRAFactors]
@@ -149,12 +150,21 @@ class References:
             self._bases = (reference, bases)
         return self._bases[1]
 
-    def state_dict(self) -> dict[str, Any]:
-        """The references a resumed run needs, as plain CPU tensors."""
-        return {
+    def state_dict(self, gather_shares: bool = False) -> dict[str, Any]:
+        """The references a resumed run needs, as plain CPU tensors. Where the ranks split the
+        analysis each holds its share of the references: ``gather_shares`` gathers them into
+        one state (a collective: every rank calls it)."""
+        state = {
             name: snapshot.state_dict() if snapshot is not None else None
             for name, snapshot in (("first", self.first), ("previous", self.previous), ("initial", self.initial))
         }
+        if gather_shares:
+            shares = all_gather_objects(state)
+            for name in state:
+                parts = [share[name] for share in shares if share[name] is not None]
+                if parts:
+                    state[name] = {"step": parts[0]["step"], "modules": [m for part in parts for m in part["modules"]]}
+        return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         def restored(name: str) -> Optional[Snapshot]:

@@ -8,10 +8,12 @@ rest of the engine never asks which process it is on.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
 
 from lora_monitor.adapters import LoRAMonitorError, ModuleKey
 from lora_monitor.analysis import new_notes
@@ -25,11 +27,29 @@ from lora_monitor.outputs.tags import (
     recommendation_scalars,
     snapshot_scalars,
 )
-from lora_monitor.outputs.writers import Output, write_layout, write_snapshot, write_text
+from lora_monitor.outputs.writers import Output, SummaryWriterOutput, write_layout, write_snapshot, write_text
 
 
 class AnalysisWarning(UserWarning):
     """A snapshot of a module could not be analyzed; training goes on (see ``strict``)."""
+
+
+@dataclass
+class OwnOutputs:
+    """The outputs a monitor is given itself (``log_dir=``, ``writer=``, ``outputs=``), for
+    when its front-end gives none: the ``SummaryWriter`` is opened on the first :meth:`open`,
+    on the writing rank only."""
+
+    log_dir: Optional[Union[str, os.PathLike]] = None
+    writer: Any = None
+    outputs: list[Output] = field(default_factory=list)
+
+    def open(self) -> list[Output]:
+        """The outputs, the ``SummaryWriter`` among them (opened once)."""
+        if self.log_dir is not None or self.writer is not None:
+            self.outputs.insert(0, SummaryWriterOutput(writer=self.writer, log_dir=self.log_dir))
+            self.log_dir = self.writer = None
+        return list(self.outputs)
 
 
 class Reporter:

@@ -20,12 +20,14 @@ import torch
 from torch import Tensor
 
 from lora_monitor.adapters import LoRAFactors, ModuleKey
-from lora_monitor.analysis import ModuleAnalysis, Snapshot
+from lora_monitor.analysis import ModuleAnalysis, Snapshot, analyze
 from lora_monitor.analysis.probe import ProbeReading
 from lora_monitor.analysis.rank import RankRecommendation
 from lora_monitor.analysis.snapshot import shapes_only
 from lora_monitor.engine.background import Background
 from lora_monitor.engine.distributed import RankContext, all_gather_objects, rank_share
+from lora_monitor.engine.options import MonitorOptions
+from lora_monitor.engine.references import References
 
 Factors = dict[ModuleKey, LoRAFactors]
 
@@ -62,6 +64,32 @@ class Outcome:
     problems: list[str] = field(default_factory=list)
 
 
+def analyze_job(job: Job, options: MonitorOptions, references: References) -> Outcome:
+    """The analyses of ``job``'s modules, and its problems (the analysis's own errors
+    included: an analysis fault must never end a training run). Runs in whichever thread
+    analyses; writes only the reference bases' cache."""
+    step = job.snapshot.step
+    outcome = Outcome(step, probe=job.probe)
+    try:
+        outcome.analyses = analyze(
+            job.snapshot,
+            job.reference,
+            options.basis,
+            initial=job.initial,
+            intruder_top_k=options.intruder_top_k,
+            reference_bases=references.bases_of(job.reference, job.snapshot),
+            base_results=job.base_results,
+        )
+    except Exception as error:
+        outcome.problems.append(f"step {step}: the analysis failed with {type(error).__name__}: {error}")
+        return outcome
+    for analysis in outcome.analyses.values():
+        for problem in analysis.problems:
+            layer, projection = analysis.key
+            outcome.problems.append(f"step {step}, layer {layer} projection {projection!r}: {problem}; skipped")
+    return outcome
+
+
 #: Analyses a job's snapshot (or the part of it given): an outcome with analyses and problems.
 Analyze = Callable[[Job], Outcome]
 #: Decides an outcome's recommendation from its analyses and probe (on every rank, after the
@@ -79,7 +107,7 @@ class AnalysisRunner:
         recommend: decides the recommendation of an analyzed outcome.
         prepare: what is written for an outcome (scalars, figures); called only where
             ``writes``.
-        process: where the monitor runs; several ranks in one process group split a
+        rank_context: where the monitor runs; several ranks in one process group split a
             synchronous analysis.
         asynchronous: run in a worker thread; None: when the factors are on a CUDA device.
         writes: whether this process writes (global rank zero).

@@ -145,7 +145,9 @@ def _readings(model, steps: int, foreach: bool = False) -> list[tuple[ProbeReadi
         optimizer.step()
         optimizer.zero_grad()
         calls.clear()
-        reading = monitor.probe_runner.read(model, None, monitor._module_names, monitor.rank_context, step, final=True)
+        reading = monitor.probe_runner.read(
+            model, None, monitor._monitored.module_names, monitor.rank_context, step, final=True
+        )
         forwards = len(calls)
         assert reading is not None
         out.append((reading, _uncached_reading(model, loss), forwards))
@@ -177,7 +179,9 @@ def test_a_frozen_weight_written_in_place_has_the_loss_with_no_update_measured_a
     monitor = LoRAMonitor(model, every_n_steps=1000, probe=lambda: model(input_ids=tokens, labels=tokens).loss)
 
     def read(step):
-        return monitor.probe_runner.read(model, None, monitor._module_names, monitor.rank_context, step, final=True)
+        return monitor.probe_runner.read(
+            model, None, monitor._monitored.module_names, monitor.rank_context, step, final=True
+        )
 
     first = read(1)
     with torch.no_grad():

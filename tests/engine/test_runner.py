@@ -47,13 +47,13 @@ def logged(trainer) -> tuple[dict[str, dict[int, float]], list[int], list[int]]:
 def analysis_threads(monkeypatch) -> list[str]:
     """The names of the threads ``analyze`` runs in, in order."""
     threads = []
-    real = lora_monitor.engine.monitor.analyze
+    real = lora_monitor.engine.runner.analyze
 
     def recording(*args, **kwargs):
         threads.append(threading.current_thread().name)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lora_monitor.engine.monitor, "analyze", recording)
+    monkeypatch.setattr(lora_monitor.engine.runner, "analyze", recording)
     return threads
 
 
@@ -91,7 +91,7 @@ class ReleaseAt(Callback):
 
 def test_training_goes_on_while_a_snapshot_is_analysed(tmp_path, monkeypatch):
     released = threading.Event()
-    real = lora_monitor.engine.monitor.analyze
+    real = lora_monitor.engine.runner.analyze
 
     def waiting_for_step_3(snapshot, *args, **kwargs):
         # Done in the training step, this would wait for a step that never comes.
@@ -99,7 +99,7 @@ def test_training_goes_on_while_a_snapshot_is_analysed(tmp_path, monkeypatch):
             raise TimeoutError("training did not reach step 3 while step 2 was analyzed")
         return real(snapshot, *args, **kwargs)
 
-    monkeypatch.setattr(lora_monitor.engine.monitor, "analyze", waiting_for_step_3)
+    monkeypatch.setattr(lora_monitor.engine.runner, "analyze", waiting_for_step_3)
     monitor, trainer = monitored_run(tmp_path, callbacks=[ReleaseAt(3, released)], asynchronous=True, strict=True)
     scalars, images, _ = logged(trainer)
     assert sorted(scalars[scalar_tag("delta_w_norm", (0, "q"))]) == [2, 4, 6]
@@ -110,7 +110,7 @@ def test_an_error_in_the_worker_is_raised_by_fit_with_strict(tmp_path, monkeypat
     def broken(*args, **kwargs):
         raise RuntimeError("cusolver failed")
 
-    monkeypatch.setattr(lora_monitor.engine.monitor, "analyze", broken)
+    monkeypatch.setattr(lora_monitor.engine.runner, "analyze", broken)
     with pytest.raises(LoRAMonitorError, match=r"step 2: the analysis failed with RuntimeError: cusolver failed"):
         monitored_run(tmp_path, asynchronous=True, strict=True)
 
@@ -137,7 +137,7 @@ def test_default_on_cpu_is_synchronous(tmp_path, monkeypatch, analysis_threads):
 def test_on_cuda_the_analysis_runs_on_the_side_stream(tmp_path, monkeypatch):
     workers: list[Background] = []
     streams: list[torch.cuda.Stream] = []
-    real = lora_monitor.engine.monitor.analyze
+    real = lora_monitor.engine.runner.analyze
 
     class RecordedBackground(Background):
         def __init__(self, device: torch.device) -> None:
@@ -150,7 +150,7 @@ def test_on_cuda_the_analysis_runs_on_the_side_stream(tmp_path, monkeypatch):
 
     synchronous, sync_trainer = monitored_run(tmp_path / "sync", accelerator="gpu", asynchronous=False)
     monkeypatch.setattr(lora_monitor.engine.runner, "Background", RecordedBackground)
-    monkeypatch.setattr(lora_monitor.engine.monitor, "analyze", recording)
+    monkeypatch.setattr(lora_monitor.engine.runner, "analyze", recording)
     asynchronous, async_trainer = monitored_run(tmp_path / "async", accelerator="gpu")  # default: on, on CUDA
 
     assert len(workers) == 1 and workers[0].stream is not None
