@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
 import torch
+from typing_extensions import Unpack
 
 from lora_monitor.adapters import LoRAFactors, LoRAMonitorError, ModuleKey
 from lora_monitor.adapters.kinds import module_kind
@@ -42,12 +43,11 @@ from lora_monitor.analysis.probe import ProbeReading
 from lora_monitor.analysis.rank import RankRecommendation
 from lora_monitor.engine.distributed import RankContext
 from lora_monitor.engine.monitored import BaseResults, Monitored, default_layers
-from lora_monitor.engine.options import MonitorOptions, Reference
+from lora_monitor.engine.options import MonitorKwargs, MonitorOptions
 from lora_monitor.engine.probe_runner import ProbeRunner
 from lora_monitor.engine.references import References
 from lora_monitor.engine.reporter import OwnOutputs, Reporter
 from lora_monitor.engine.runner import AnalysisRunner, Job, Outcome, analyze_job
-from lora_monitor.functional.bases import Basis
 from lora_monitor.outputs.writers import Output
 
 
@@ -164,23 +164,12 @@ class LoRAMonitor:
         log_dir: Optional[Union[str, os.PathLike]] = None,
         writer: Any = None,
         outputs: Sequence[Output] = (),
-        every_n_steps: int = 50,
-        reference: Reference = "first",
-        target_modules: Optional[Union[str, Sequence[str]]] = None,
-        layers: Optional[Sequence[int]] = None,
-        basis: Basis = "A",
-        adapter_name: Optional[str] = None,
-        log_images: bool = True,
-        strict: bool = False,
-        intruder_top_k: Optional[int] = None,
-        asynchronous: Optional[bool] = None,
-        functional_probe: bool = True,
-        adapter_dir: Optional[Union[str, os.PathLike]] = None,
         probe: Optional[Callable[[], Any]] = None,
         options: Optional[MonitorOptions] = None,
+        **option_values: Unpack[MonitorKwargs],
     ) -> None:
         if options is None:
-            options = MonitorOptions.of(locals(), owner="LoRAMonitor")
+            options = MonitorOptions(**option_values, owner="LoRAMonitor")
         self.options = options
         if log_dir is not None and writer is not None:
             raise ValueError(f"{options.owner}: pass log_dir= or writer=, not both")

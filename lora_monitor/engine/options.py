@@ -8,6 +8,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+from typing_extensions import TypedDict
+
 from lora_monitor.functional.bases import BASES, Basis
 
 #: ``"first"``, ``"previous"`` or the path of an adapter directory saved by ``save_pretrained``.
@@ -16,6 +18,26 @@ Reference = Union[Literal["first", "previous"], str, os.PathLike]
 #: ``target_modules``' default, as peft spells it: every LoRA module the adapter trains
 #: (``None``, or the string ``"all-linear"``, peft's own name for every linear layer).
 ALL_TRAINED = "all-linear"
+
+
+class MonitorKwargs(TypedDict, total=False):
+    """The options as keyword arguments, for the front-ends that take them with arguments of
+    their own (``**options: Unpack[MonitorKwargs]``, PEP 692): their names and types, which IDEs
+    and type checkers read; defaults and help are :class:`MonitorOptions`' (a test keeps the
+    two equal). Lightning's callback spells them out instead, for LightningCLI."""
+
+    every_n_steps: int
+    reference: Reference
+    target_modules: Optional[Union[str, Sequence[str]]]
+    layers: Optional[Sequence[int]]
+    basis: Basis
+    adapter_name: Optional[str]
+    log_images: bool
+    strict: bool
+    intruder_top_k: Optional[int]
+    asynchronous: Optional[bool]
+    functional_probe: bool
+    adapter_dir: Optional[Union[str, os.PathLike]]
 
 
 @dataclass(frozen=True)
@@ -100,9 +122,9 @@ class MonitorOptions:
 
     @classmethod
     def of(cls, arguments: dict[str, Any], owner: str) -> MonitorOptions:
-        """The options among a front-end's constructor ``arguments`` (its ``locals()``): every
-        front-end takes the same ones, spelled out in its own signature for its users' tools
-        (LightningCLI, IDEs)."""
+        """The options among a front-end's constructor ``arguments`` (its ``locals()``): for
+        Lightning's callback, which spells them out in its signature for LightningCLI (the
+        others take ``**options: Unpack[MonitorKwargs]``)."""
         names = [f.name for f in fields(cls) if f.name != "owner" and f.name in arguments]
         return cls(owner=owner, **{name: arguments[name] for name in names})
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from typing import Any, Literal, Optional, Union
+from collections.abc import Callable
+from typing import Any, Optional, Union
 
 import torch
+from typing_extensions import Unpack
 
-from lora_monitor.engine import LoRAMonitor, MonitorOptions
+from lora_monitor.engine import LoRAMonitor, MonitorKwargs, MonitorOptions
 from lora_monitor.engine.distributed import RankContext
-from lora_monitor.functional.bases import Basis
 from lora_monitor.outputs.writers import MLflowOutput, Output, SummaryWriterOutput, WandbOutput
 
 
@@ -48,23 +48,13 @@ class LoRAAcceleratorMonitor:
         self,
         accelerator: Any,
         model: torch.nn.Module,
-        every_n_steps: int = 50,
-        reference: Union[Literal["first", "previous"], str, os.PathLike] = "first",
-        target_modules: Optional[Union[str, Sequence[str]]] = None,
-        layers: Optional[Sequence[int]] = None,
-        basis: Basis = "A",
-        adapter_name: Optional[str] = None,
-        log_images: bool = True,
-        strict: bool = False,
-        intruder_top_k: Optional[int] = None,
-        asynchronous: Optional[bool] = None,
-        functional_probe: bool = True,
-        adapter_dir: Optional[Union[str, os.PathLike]] = None,
+        *,
         probe: Optional[Callable[[], Any]] = None,
         log_dir: Optional[Union[str, os.PathLike]] = None,
+        **options: Unpack[MonitorKwargs],
     ) -> None:
-        options = MonitorOptions.of(locals(), owner=type(self).__name__)
-        self.engine = LoRAMonitor(options=options, probe=probe, log_dir=log_dir)
+        owner = type(self).__name__
+        self.engine = LoRAMonitor(options=MonitorOptions(**options, owner=owner), probe=probe, log_dir=log_dir)
         ranks = RankContext.for_model(model, rank=accelerator.process_index, world_size=accelerator.num_processes)
         outputs = None if log_dir is not None else (lambda: tracker_outputs(accelerator))
         self.engine.attach(

@@ -8,20 +8,19 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from typing_extensions import override
+from typing_extensions import Unpack, override
 
 from lora_monitor.adapters import ModuleKey
 from lora_monitor.analysis import ModuleAnalysis
 from lora_monitor.analysis.rank import RankRecommendation
-from lora_monitor.engine import AnalysisWarning, LoRAMonitor, MonitorOptions
+from lora_monitor.engine import AnalysisWarning, LoRAMonitor, MonitorKwargs, MonitorOptions
 from lora_monitor.engine.distributed import RankContext
-from lora_monitor.functional.bases import Basis
 from lora_monitor.outputs.writers import MLflowOutput, Output, SummaryWriterOutput, WandbOutput
 
 #: The checkpoint file of a monitor's state, inside each ``checkpoint-N`` directory.
@@ -110,23 +109,12 @@ class LoRASubspaceCallback(TrainerCallback):
 
     def __init__(
         self,
-        every_n_steps: int = 50,
-        reference: Union[Literal["first", "previous"], str, os.PathLike] = "first",
-        target_modules: Optional[Union[str, Sequence[str]]] = None,
-        layers: Optional[Sequence[int]] = None,
-        basis: Basis = "A",
-        adapter_name: Optional[str] = None,
-        log_images: bool = True,
-        strict: bool = False,
-        intruder_top_k: Optional[int] = None,
-        asynchronous: Optional[bool] = None,
-        functional_probe: bool = True,
-        adapter_dir: Optional[Union[str, os.PathLike]] = None,
+        *,
         probe: Optional[Callable[[], Any]] = None,
         log_dir: Optional[Union[str, os.PathLike]] = None,
+        **options: Unpack[MonitorKwargs],
     ) -> None:
-        options = MonitorOptions.of(locals(), owner=type(self).__name__)
-        self.engine = LoRAMonitor(options=options, probe=probe)
+        self.engine = LoRAMonitor(options=MonitorOptions(**options, owner=type(self).__name__), probe=probe)
         self.log_dir = None if log_dir is None else Path(log_dir)
         self._created = time.time()
 

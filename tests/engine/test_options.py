@@ -8,14 +8,16 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import typing
 from pathlib import Path
 
 import pytest
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from typing_extensions import Unpack
 
 import lora_monitor
 from lora_monitor import LoRASubspaceCallback, LoRASubspaceMonitor
-from lora_monitor.engine import MonitorOptions
+from lora_monitor.engine import MonitorKwargs, MonitorOptions
 
 
 @pytest.mark.parametrize(
@@ -49,11 +51,31 @@ FRONT_ENDS = ("LoRAMonitor", "LoRASubspaceMonitor", "LoRASubspaceCallback", "LoR
 OPTIONS = {f.name: f.default for f in dataclasses.fields(MonitorOptions) if f.name != "owner"}
 
 
+OPTION_TYPES = {name: kind for name, kind in typing.get_type_hints(MonitorOptions).items() if name != "owner"}
+
+
+def test_the_keyword_arguments_type_is_the_dataclass():
+    assert typing.get_type_hints(MonitorKwargs) == OPTION_TYPES
+
+
+def options_taken(front_end) -> dict[str, tuple[object, object]]:
+    """``name → (type, default)`` of the options ``front_end``'s constructor takes: spelled out
+    in its signature (Lightning's, for LightningCLI), or as ``**options: Unpack[MonitorKwargs]``,
+    whose defaults are the dataclass's."""
+    parameters = inspect.signature(front_end.__init__).parameters
+    hints = typing.get_type_hints(front_end.__init__)
+    taken = {p: (hints[p], parameters[p].default) for p in OPTIONS if p in parameters}
+    for parameter in parameters.values():
+        if parameter.kind is parameter.VAR_KEYWORD:
+            assert hints[parameter.name] == Unpack[MonitorKwargs]
+            taken |= {name: (OPTION_TYPES[name], default) for name, default in OPTIONS.items()}
+    return taken
+
+
 @pytest.mark.parametrize("name", FRONT_ENDS)
 def test_every_front_end_takes_every_option_with_its_default(name):
     front_end = getattr(lora_monitor, name)
-    parameters = inspect.signature(front_end.__init__).parameters
-    assert {p: parameters[p].default for p in OPTIONS if p in parameters} == OPTIONS
+    assert options_taken(front_end) == {name: (OPTION_TYPES[name], default) for name, default in OPTIONS.items()}
     documented = front_end.__doc__ if name != "LoRAMonitor" else front_end.__doc__.split("Args:")[1]
     assert [option for option in OPTIONS if option not in documented] == []
 
