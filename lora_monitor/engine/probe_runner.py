@@ -9,12 +9,13 @@ back exactly.
 
 What it costs, and how that is kept near free (``docs/performance.md``): a reading is 3–10
 forward passes of the probe batch. The loss with no update (k = 0) is the frozen model's, so it
-is kept while no other parameter or buffer changes (:func:`_fingerprint`). Between the first
-snapshot and the end of training the probe is read only while its readings stay within
-:data:`BUDGET` of the training, counted in forward passes (:meth:`ProbeRunner.due`): the same
-steps on every machine; a snapshot it skips carries the
-latest reading; the end of training is always read, so the recommendation rests on the update
-it names.
+is kept while no other parameter or buffer changes (:func:`_fingerprint`). Before the end of
+training the probe is read only while its readings stay within :data:`BUDGET` of the training,
+counted in forward passes (:meth:`ProbeRunner.due`; the first reading priced at the most a
+reading of this adapter can take, :func:`reading_price`): the same steps on every machine; a
+snapshot it skips carries the latest reading (none before the first); the end of training is
+always read, so the recommendation rests on the update it names. A short fit is read at its end
+only.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch.utils._pytree import tree_map
 from lora_monitor.adapters import plain_lora_layers
 from lora_monitor.adapters.truncation import LiveTruncation
 from lora_monitor.analysis.probe import ProbeReading, read_probe
+from lora_monitor.analysis.rank_rule import RULE
 from lora_monitor.engine.distributed import RankContext
 from lora_monitor.engine.reporter import Reporter
 
@@ -83,6 +85,26 @@ BUDGET = 0.005
 PASSES_PER_STEP = 3.0
 
 
+def reading_price(ranks: Mapping[str, int], groups: Mapping[str, str]) -> int:
+    """The most forward passes a reading of modules of these ``ranks`` (module path → r) can
+    take: loss(0), loss(r) and every rank of ``RULE.grid`` below r (:func:`read_probe`), and
+    where they hold two groups or more (``groups``: module path → group) each group's loss(0)
+    and grid below its r (:func:`read_groups`). What the first reading is priced at, before any
+    reading measured one."""
+
+    def below(r: int) -> int:
+        return sum(1 for k in RULE.grid if k < r)
+
+    price = 2 + below(max(ranks.values(), default=0))
+    members: dict[str, int] = {}
+    for name, r in ranks.items():
+        if name in groups:
+            members[groups[name]] = max(members.get(groups[name], 0), r)
+    if len(members) >= 2:
+        price += sum(1 + below(r) for r in members.values())
+    return price
+
+
 def _fingerprint(model: torch.nn.Module, cut: Collection[torch.Tensor]) -> tuple[tuple[int, int], ...]:
     """What the loss with every cut ΔW at zero depends on besides the batch: every parameter and
     buffer but the cut factors, by storage and version counter — an optimizer step, a load or
@@ -121,6 +143,8 @@ class ProbeRunner:
         self._base: Optional[tuple[tuple[Any, ...], float]] = None
         #: The step training started at; None: every snapshot is read.
         self._start_step: Optional[int] = None
+        #: What the first reading is priced at (:func:`reading_price`; 0 until it is known).
+        self.price = 0
         #: The forward passes the readings took so far, and the latest reading's.
         self._spent = self._cost = 0
         #: The latest reading, carried to the snapshots the schedule skips.
@@ -154,17 +178,19 @@ class ProbeRunner:
             self._start_step = step
 
     def due(self, step: int, final: bool = False) -> bool:
-        """Whether the probe is read at the snapshot of ``step``: at the first (it prices the
-        next) and at the end of training (``final``) always; between, when the forward passes
-        of the readings so far and of one more like the latest stay within :data:`BUDGET` of
-        the training since :meth:`start` (:data:`PASSES_PER_STEP` passes a step). Counted in
-        forward passes, not seconds, so that the same run is read at the same steps on any
-        machine: a reading of n passes every n / (BUDGET · 3) steps, about 330 for n = 5
-        (``docs/performance.md``)."""
-        if final or self._start_step is None or self.latest is None:
+        """Whether the probe is read at the snapshot of ``step``: at the end of training
+        (``final``) always; before, when the forward passes of the readings so far and of one
+        more like the latest (the first: :attr:`price`, the most it can take) stay within
+        :data:`BUDGET` of the training since :meth:`start` (:data:`PASSES_PER_STEP` passes a
+        step). Counted in forward passes, not seconds, so that the same run is read at the same
+        steps on any machine: a reading of n passes every n / (BUDGET · 3) steps, about 330 for
+        n = 5, the first after about 730 steps for r = 16 (11 passes at most;
+        ``docs/performance.md``). Without :meth:`start` (a monitor driven by hand), every
+        snapshot is read."""
+        if final or self._start_step is None:
             return True
         training = PASSES_PER_STEP * (step - self._start_step)
-        return self._spent + self._cost <= BUDGET * training
+        return self._spent + (self._cost if self.latest is not None else self.price) <= BUDGET * training
 
     def _loss(self, model: torch.nn.Module) -> Optional[Callable[[], Any]]:
         if self.loss is not None:
@@ -224,6 +250,10 @@ class ProbeRunner:
                     "modules has one (DoRA, AdaLoRA and PiSSA-like updates are not cut); no probe reading"
                 )
                 return None
+            self.price = reading_price(
+                {name: layer.lora_A[adapter].weight.shape[0] for name, (layer, adapter) in layers.items()},
+                groups or {},
+            )
             if not self.due(step, final):
                 self.skipped = step
                 return self.latest

@@ -196,7 +196,12 @@ def test_the_schedule_reads_within_its_budget_and_always_at_the_end():
     # is read at the same steps on any machine, so two runs compare card by card.
     probe = LoRAMonitor(functional_probe=True).probe_runner
     probe.start(0)
-    assert probe.due(10)  # the first snapshot: nothing to price the next reading by
+    # The first reading, priced at the most it can take: 11 passes at r = 16 (loss(0), loss(16)
+    # and the grid 1, 2, 3, 4, 5, 6, 8, 10, 12), read once 11 ≤ 0.5 % of 3 passes a step.
+    probe.price = probe_runner.reading_price({"q": 16, "v": 16}, {})
+    assert probe.price == 11 and not probe.due(733) and probe.due(734) and probe.due(10, final=True)
+    # Attention and MLP read apart too: each group's loss(0) and grid besides.
+    assert probe_runner.reading_price({"q": 16, "up": 8}, {"q": "attention", "up": "mlp"}) == 11 + 10 + 7
     probe.latest, probe._spent, probe._cost = ProbeReading(8), 5, 5
     assert not probe.due(100) and probe.due(100, final=True)  # 10 passes > 0.5 % of 300
     assert not probe.due(666) and probe.due(667)  # 10 passes ≤ 0.5 % of 3 × 667
@@ -204,15 +209,15 @@ def test_the_schedule_reads_within_its_budget_and_always_at_the_end():
     assert probe.due(1)
 
 
-def test_a_short_run_is_probed_at_its_start_and_end_the_end_s_reading_the_whole_probe_s():
+def test_a_short_run_is_probed_at_its_end_only_the_end_s_reading_the_whole_probe_s():
     model = tiny_llama_lora(rank=8)
     tokens = _batch(1)
     loss = lambda: model(input_ids=tokens, labels=tokens).loss  # noqa: E731
     with LoRAMonitor(model, every_n_steps=2, probe=loss, log_images=False) as monitor:
         _train(model, 6, monitor)
-        first = monitor.latest_probe_reading  # read at the first snapshot, carried since: no other fits
-        assert first is not None and monitor.probe_runner.skipped == 6
-    assert monitor.latest_probe_reading is not first and monitor.recommendation is not None
+        # No reading fits in 0.5 % of 6 steps: the snapshots before the end carry none.
+        assert monitor.latest_probe_reading is None and monitor.probe_runner.skipped == 6
+    assert monitor.latest_probe_reading is not None and monitor.recommendation is not None
     full = _uncached_reading(model, loss)
     assert (
         monitor.latest_probe_reading.losses == full.losses

@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lora_monitor import LoRAMonitorError, LoRASubspaceMonitor
+from lora_monitor.engine import probe_runner
 from lora_monitor.outputs.plots import CARD_WIDTH, MASK_COLOR
 from lora_monitor.outputs.rank_text import CAUTIONS_BELOW, summary_line
 from lora_monitor.outputs.tags import (
@@ -258,10 +259,11 @@ def test_fused_c_attn_is_split_into_q_and_v(tmp_path):
     assert all(a.phi.shape == (4, 4) for a in monitor.latest_analysis.values())
 
 
-def test_the_functional_probe_reads_training_step_and_changes_no_training(tmp_path):
+def test_the_functional_probe_reads_training_step_and_changes_no_training(tmp_path, monkeypatch):
     """With the probe (the default) and without: the same training losses, bit for bit; with
     it, a probe reading at every snapshot whose whole-update loss is ``training_step``'s loss
     on the fit's first batch, the model in eval mode."""
+    monkeypatch.setattr(probe_runner, "BUDGET", float("inf"))  # read at every snapshot of this short fit
     runs = {}
     for probe in (True, False):
         torch.manual_seed(0)

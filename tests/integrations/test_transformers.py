@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lora_monitor import AnalysisWarning, LoRASubspaceCallback
+from lora_monitor.engine import probe_runner
 from lora_monitor.outputs.tags import (
     OVERVIEW_TAG,
     PROBE_RANK_TAG,
@@ -122,6 +123,7 @@ def _train_with_checkpoints(tokenizer, output_dir, lora_seed, stop_at=None, resu
 
 def test_resume_from_a_checkpoint_gives_the_uninterrupted_figures(tokenizer, tmp_path, monkeypatch):
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    monkeypatch.setattr(probe_runner, "BUDGET", float("inf"))  # the probe read at every snapshot
     whole = tmp_path / "whole"
     _train_with_checkpoints(tokenizer, whole, lora_seed=0)
     interrupted = tmp_path / "interrupted"
@@ -155,6 +157,7 @@ def test_the_functional_probe_reads_the_model_s_loss_and_changes_no_training(tok
     a reading at every snapshot whose whole-update loss is the model's own loss on the first
     batch it trained on, the model in eval mode."""
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    monkeypatch.setattr(probe_runner, "BUDGET", float("inf"))  # read at every snapshot of this short run
     runs = {}
     for probe in (True, False):
         callback = LoRASubspaceCallback(every_n_steps=EVERY, log_images=False, functional_probe=probe)
