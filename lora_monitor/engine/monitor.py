@@ -113,40 +113,49 @@ class LoRAMonitor:
             closes, on global rank zero only).
         writer: an existing ``SummaryWriter`` to write into (flushed, not closed).
         outputs: other :class:`~lora_monitor.outputs.writers.Output` s to write to.
-        every_n_steps: snapshot period, in optimizer steps.
-        reference: what the current update is compared with: ``"first"`` — the first snapshot
-            of the run; ``"previous"`` — the snapshot before; or the path of an adapter
-            directory written by peft's ``save_pretrained`` (another rank or seed), whose shapes
-            are checked layer by layer at setup.
-        target_modules: which projections to monitor. Default (None, or ``"all-linear"`` as
-            peft spells it): every LoRA module the adapter trains, so that the probe cuts and
-            the answer covers the whole adapter (the φ heatmaps draw q and v). Else canonical
-            names ``"q"``, ``"k"``, ``"v"``, ``"o"`` (matching ``q_proj``, ``query``, GPT-2's
-            fused ``c_attn``, ...) or a module's own name, as in peft's
-            ``LoraConfig.target_modules``: ``("q", "v")`` is the paper's choice; the report
-            then names the trained modules the answer does not cover.
-        layers: layer indices drawn as heatmaps; scalars are logged for every monitored
-            layer. Default: four layers spread over depth, like the paper's 1/32/64/96.
+        every_n_steps: snapshot period, in optimizer steps (Lightning's
+            ``trainer.global_step``); a last snapshot is taken when training ends.
+        reference: what the current update is compared with: ``"first"`` — the first snapshot of
+            the run; ``"previous"`` — the snapshot before; or the path of an adapter directory
+            written by peft's ``save_pretrained`` (another rank or seed), whose shapes are
+            checked layer by layer at setup.
+        target_modules: which projections to monitor. Default (None, or ``"all-linear"`` as peft
+            spells it): every LoRA module the adapter trains, grouped by kind (q, k, v, o, gate,
+            up, down under each architecture's names), so that the probe cuts and the answer
+            covers the whole adapter (the φ heatmaps draw q and v). Else canonical names
+            ``"q"``, ``"k"``, ``"v"``, ``"o"`` (matching ``q_proj``, ``query``, GPT-2's fused
+            ``c_attn``, ...) or a module's own name, as in peft's ``LoraConfig.target_modules``:
+            ``("q", "v")`` is the paper's choice; the report then names the trained modules the
+            answer does not cover.
+        layers: layer indices whose φ heatmaps are drawn; scalars and the overview cover every
+            monitored layer. Default: four layers spread over depth, like the paper's
+            1/32/64/96.
         basis: the singular vectors φ is computed in
             (:data:`lora_monitor.functional.bases.BASES`): ``"A"`` (right singular vectors of
-            ``lora_A``, the paper's choice), ``"B"``, ``"delta_w_left"``, ``"delta_w_right"``.
+            ``lora_A``, the paper's choice), ``"B"`` (left singular vectors of ``lora_B``),
+            ``"delta_w_left"``, ``"delta_w_right"`` (of ΔW).
         adapter_name: the peft adapter to monitor; default the active one.
-        log_images: draw and log the figures (scalars are always logged).
-        strict: raise instead of warning when a snapshot cannot be analyzed (for tests and
-            CI). Errors in the configuration are raised at setup either way.
+        log_images: draw and log the figures (the overview and the φ heatmaps); scalars are
+            always logged.
+        strict: raise instead of warning when a snapshot of a module cannot be analyzed (for
+            tests and CI). Errors in the configuration are raised at setup either way.
         intruder_top_k: count the intruder dimensions (Shuttleworth et al. 2024) among the top
-            ``intruder_top_k`` singular vectors of W₀ + ΔW. Off (None) by default: it takes two
-            dense SVDs per module and snapshot.
+            ``intruder_top_k`` singular vectors of W₀ + ΔW (e.g. 10). Off (None) by default: it
+            takes two dense SVDs (of W₀ and of W₀ + ΔW) per module and snapshot.
         asynchronous: analyze and draw each snapshot in a worker thread (on a CUDA side stream
-            on a GPU) while training goes on; its results are written at a later step, under
+            on a GPU) while training goes on; the copy of the factors is still taken at its
+            step, and its results are written from the training thread at a later step, under
             their own step, and all of them when training ends. Default (None): on when the
             monitored factors are on a CUDA device.
-        functional_probe: read the functional probe at every snapshot
-            (:mod:`lora_monitor.analysis.probe`), the loss on one batch with every monitored
-            ΔW cut to k directions; it drives the rank suggestion with ΔW's spectral gaps.
+        functional_probe: read the functional probe (:mod:`lora_monitor.analysis.probe`), the
+            loss on one batch with every monitored ΔW cut to k directions, at snapshots as often
+            as its share of the training time allows (``docs/performance.md``; a snapshot it
+            skips carries the latest reading) and always when training ends; it drives the rank
+            suggestion with ΔW's spectral gaps. Off: the suggestion rests on ΔW's spectra alone.
         adapter_dir: the directory this run saves its adapter to
             (``model.save_pretrained(adapter_dir)``), named in the end-of-fit advice so that its
-            ``lora-monitor truncate`` command runs as printed; default a placeholder.
+            ``lora-monitor truncate`` command runs as printed; default a placeholder,
+            ``ADAPTER_DIR``.
         probe: the plain loop's probe: a callable of no argument returning the loss on a fixed
             batch (a tensor, a number, or an output with ``.loss``), called in eval mode
             without gradients, e.g. ``lambda: model(**probe_batch).loss``. The front-ends

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -44,23 +44,125 @@ class MonitorKwargs(TypedDict, total=False):
 class MonitorOptions:
     """What to watch and how; validated on construction, with messages that say what to pass.
 
-    The fields are the monitor's arguments (see :class:`LoRAMonitor`). ``owner`` names the
-    front-end in messages.
+    The fields are the monitor's arguments, and the one home of their names, defaults and help
+    (``metadata["help"]``, as peft's configs document theirs): :class:`LoRAMonitor`'s docstring
+    and ``docs/usage.md``'s table say the same (``tests/engine/test_options.py`` checks them).
+    ``owner`` names the front-end in messages.
     """
 
-    every_n_steps: int = 50
-    reference: Reference = "first"
-    target_modules: Optional[Union[str, Sequence[str]]] = None
-    layers: Optional[Sequence[int]] = None
-    basis: Basis = "A"
-    adapter_name: Optional[str] = None
-    log_images: bool = True
-    strict: bool = False
-    intruder_top_k: Optional[int] = None
-    asynchronous: Optional[bool] = None
-    functional_probe: bool = True
-    adapter_dir: Optional[Union[str, os.PathLike]] = None
-    owner: str = "LoRAMonitor"
+    every_n_steps: int = field(
+        default=50,
+        metadata={
+            "help": (
+                "snapshot period, in optimizer steps (Lightning's ``trainer.global_step``); a last snapshot is "
+                "taken when training ends."
+            )
+        },
+    )
+    reference: Reference = field(
+        default="first",
+        metadata={
+            "help": (
+                'what the current update is compared with: ``"first"`` — the first snapshot of the run; '
+                '``"previous"`` — the snapshot before; or the path of an adapter directory written by peft\'s '
+                "``save_pretrained`` (another rank or seed), whose shapes are checked layer by layer at setup."
+            )
+        },
+    )
+    target_modules: Optional[Union[str, Sequence[str]]] = field(
+        default=None,
+        metadata={
+            "help": (
+                'which projections to monitor. Default (None, or ``"all-linear"`` as peft spells it): every LoRA '
+                "module the adapter trains, grouped by kind (q, k, v, o, gate, up, down under each architecture's"
+                " names), so that the probe cuts and the answer covers the whole adapter (the φ heatmaps draw q "
+                'and v). Else canonical names ``"q"``, ``"k"``, ``"v"``, ``"o"`` (matching ``q_proj``, ``query``,'
+                " GPT-2's fused ``c_attn``, ...) or a module's own name, as in peft's "
+                '``LoraConfig.target_modules``: ``("q", "v")`` is the paper\'s choice; the report then names the '
+                "trained modules the answer does not cover."
+            )
+        },
+    )
+    layers: Optional[Sequence[int]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "layer indices whose φ heatmaps are drawn; scalars and the overview cover every monitored layer. "
+                "Default: four layers spread over depth, like the paper's 1/32/64/96."
+            )
+        },
+    )
+    basis: Basis = field(
+        default="A",
+        metadata={
+            "help": (
+                'the singular vectors φ is computed in (:data:`lora_monitor.functional.bases.BASES`): ``"A"`` '
+                '(right singular vectors of ``lora_A``, the paper\'s choice), ``"B"`` (left singular vectors of '
+                '``lora_B``), ``"delta_w_left"``, ``"delta_w_right"`` (of ΔW).'
+            )
+        },
+    )
+    adapter_name: Optional[str] = field(
+        default=None,
+        metadata={"help": ("the peft adapter to monitor; default the active one.")},
+    )
+    log_images: bool = field(
+        default=True,
+        metadata={"help": ("draw and log the figures (the overview and the φ heatmaps); scalars are always logged.")},
+    )
+    strict: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "raise instead of warning when a snapshot of a module cannot be analyzed (for tests and CI). "
+                "Errors in the configuration are raised at setup either way."
+            )
+        },
+    )
+    intruder_top_k: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": (
+                "count the intruder dimensions (Shuttleworth et al. 2024) among the top ``intruder_top_k`` "
+                "singular vectors of W₀ + ΔW (e.g. 10). Off (None) by default: it takes two dense SVDs (of W₀ and"
+                " of W₀ + ΔW) per module and snapshot."
+            )
+        },
+    )
+    asynchronous: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": (
+                "analyze and draw each snapshot in a worker thread (on a CUDA side stream on a GPU) while "
+                "training goes on; the copy of the factors is still taken at its step, and its results are "
+                "written from the training thread at a later step, under their own step, and all of them when "
+                "training ends. Default (None): on when the monitored factors are on a CUDA device."
+            )
+        },
+    )
+    functional_probe: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "read the functional probe (:mod:`lora_monitor.analysis.probe`), the loss on one batch with every"
+                " monitored ΔW cut to k directions, at snapshots as often as its share of the training time "
+                "allows (``docs/performance.md``; a snapshot it skips carries the latest reading) and always when"
+                " training ends; it drives the rank suggestion with ΔW's spectral gaps. Off: the suggestion rests"
+                " on ΔW's spectra alone."
+            )
+        },
+    )
+    adapter_dir: Optional[Union[str, os.PathLike]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "the directory this run saves its adapter to (``model.save_pretrained(adapter_dir)``), named in "
+                "the end-of-fit advice so that its ``lora-monitor truncate`` command runs as printed; default a "
+                "placeholder, ``ADAPTER_DIR``."
+            )
+        },
+    )
+    owner: str = field(default="LoRAMonitor", metadata={"help": "the front-end, as messages name it."})
 
     def __post_init__(self) -> None:
         def fail(message: str) -> None:

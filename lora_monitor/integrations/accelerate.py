@@ -33,8 +33,8 @@ class LoRAAcceleratorMonitor:
         accelerator: the ``Accelerator``, its trackers initialized (``init_trackers``).
         model: the prepared model (what ``accelerator.prepare`` returned).
         every_n_steps, reference, target_modules, layers, basis, adapter_name, log_images,
-        strict, intruder_top_k, asynchronous, functional_probe, adapter_dir, probe, log_dir: as
-        :class:`lora_monitor.LoRAMonitor`.
+        strict, intruder_top_k, asynchronous, functional_probe, adapter_dir, probe, log_dir:
+            as :class:`lora_monitor.LoRAMonitor`.
 
     Example (``tests/integrations/test_accelerate.py`` runs it)::
 

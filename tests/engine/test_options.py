@@ -76,13 +76,54 @@ def options_taken(front_end) -> dict[str, tuple[object, object]]:
 def test_every_front_end_takes_every_option_with_its_default(name):
     front_end = getattr(lora_monitor, name)
     assert options_taken(front_end) == {name: (OPTION_TYPES[name], default) for name, default in OPTIONS.items()}
-    documented = front_end.__doc__ if name != "LoRAMonitor" else front_end.__doc__.split("Args:")[1]
-    assert [option for option in OPTIONS if option not in documented] == []
+
+
+#: Each option's help, the one text of it (``MonitorOptions``' field metadata).
+HELP = {f.name: f.metadata["help"] for f in dataclasses.fields(MonitorOptions) if f.name != "owner"}
+#: What a front-end's docstring says of the options it documents as the engine's.
+AS_THE_ENGINE = "as :class:`lora_monitor.LoRAMonitor`."
+#: The options a front-end documents in its own words: where its framework gives the probe's loss.
+OWN_WORDS = {("LoRASubspaceMonitor", "functional_probe"), ("LoRASubspaceCallback", "functional_probe")}
+
+
+def docstring_args(doc: str) -> dict[str, str]:
+    """``name → description`` (spaces normalized) of a Google-style docstring's ``Args:``; an
+    entry naming several (``a, b,\n c: as ...``) gives each the same description."""
+    section = doc.split("Args:\n")[1].split("\n\n")[0]
+    entries: list[str] = []
+    for line in section.splitlines():
+        starts = len(line) - len(line.lstrip()) == 8 and not (entries and entries[-1].endswith(","))
+        entries.append(line.strip()) if starts else entries.__setitem__(-1, f"{entries[-1]} {line.strip()}")
+    args = {}
+    for entry in entries:
+        names, description = entry.split(": ", 1)
+        args |= {name.strip(): " ".join(description.split()) for name in names.split(",")}
+    return args
+
+
+@pytest.mark.parametrize("name", FRONT_ENDS)
+def test_every_front_end_documents_every_option_as_its_help_says(name):
+    args = docstring_args(getattr(lora_monitor, name).__doc__)
+    for option, help_text in HELP.items():
+        if (name, option) in OWN_WORDS:
+            assert option in args, option
+        elif name == "LoRAMonitor":
+            assert args.get(option) == " ".join(help_text.split()), option
+        else:
+            assert args.get(option) == AS_THE_ENGINE, option
+
+
+def markdown(text: str) -> str:
+    """reST as the docs write it: ``code`` and :role:`target` become `code`."""
+    return re.sub(r":\w+:`~?([^`]+)`", r"``\1``", text).replace("``", "`")
 
 
 def test_the_option_table_of_the_docs_is_the_dataclass():
     table = (Path(__file__).resolve().parents[2] / "docs" / "usage.md").read_text()
-    rows = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", table, re.MULTILINE))
+    rows = {
+        name: (default, meaning)
+        for name, default, meaning in re.findall(r"^\| `(\w+)` \| `([^`]*)` \| (.*) \|$", table, re.M)
+    }
     assert {name: rows.get(name) for name in OPTIONS} == {
-        name: repr(default).replace("'", '"') for name, default in OPTIONS.items()
+        name: (repr(default).replace("'", '"'), markdown(HELP[name])) for name, default in OPTIONS.items()
     }
