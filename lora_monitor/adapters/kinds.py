@@ -86,6 +86,14 @@ def module_kind(projection: str, module_name: Optional[str] = None) -> str:
     return _BY_NAME.get(name, name)
 
 
+def block_order(module_name: str) -> int:
+    """Where a module's kind comes in a block (q, k, v, o, gate, up, down; others last), to list
+    modules as a block holds them."""
+    order = list(KIND_GROUPS)
+    kind = module_kind(module_name.rsplit(".", 1)[-1], module_name)
+    return order.index(kind) if kind in order else len(order)
+
+
 def module_group(projection: str, module_name: Optional[str] = None) -> Optional[str]:
     """The group of a module (:data:`ATTENTION` or :data:`MLP`), None for a module of no known
     kind (a head, an unknown layer)."""

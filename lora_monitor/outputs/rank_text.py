@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from statistics import median
 from typing import Optional
 
+from lora_monitor.adapters.kinds import block_order
 from lora_monitor.adapters.truncation import rank_pattern
 from lora_monitor.analysis.rank import ModuleEvidence, RankRecommendation, layer_name
 from lora_monitor.analysis.rank_rule import RULE
@@ -57,7 +58,7 @@ def summary_line(recommendation: RankRecommendation, details: str = RECOMMENDATI
     head = "no LoRA rank is supported by the evidence yet" if rec.rank is None else f"suggested LoRA rank {rec.rank}"
     split = rec.per_kind
     if split is not None:
-        head += " (" + ", ".join(f"{_GROUP_NAMES[group]} {rank}" for group, rank in split.items()) + ")"
+        head += ": " + ", ".join(f"{_GROUP_NAMES[group]} {rank}" for group, rank in split.items())
     elif any(answer.too_small for answer in rec.kinds.values()) and not rec.too_small:
         small = [_GROUP_NAMES[g] for g, answer in rec.kinds.items() if answer.too_small]
         strength = f"r may be too small for the {' and '.join(small)} modules: see {details}"
@@ -94,7 +95,7 @@ def _per_kind_advice(rec: RankRecommendation, source: str, output: str, where: s
     words = " and ".join(f"the {_GROUP_NAMES[group]} modules r = {rank}" for group, rank in split.items())
     act = f"Give {words}"
     if ranks:
-        r, pattern = rank_pattern(ranks)
+        r, pattern = rank_pattern(dict(sorted(ranks.items(), key=lambda item: block_order(item[0]))))
         act += f": LoraConfig(r={r}, rank_pattern={pattern!r}, ...) for a new run"
         _, uniform, mixed = rec.parameters()
         act += (
@@ -135,7 +136,8 @@ def _advice(rec: RankRecommendation, adapter_dir: Optional[str | os.PathLike]) -
             f"directions counts on the probe batch) and "
             + " and ".join(f"r = {wanted[g]} for the {_GROUP_NAMES[g]} modules" for g in wanted)
         )
-        ranks = {m.name: wanted.get(m.group or "", max(wanted.values())) for m in rec.trained}
+        ordered = sorted(rec.trained, key=lambda m: block_order(m.name))
+        ranks = {m.name: wanted.get(m.group or "", max(wanted.values())) for m in ordered}
         if ranks:
             r, pattern = rank_pattern(ranks)
             act += f": LoraConfig(r={r}, rank_pattern={pattern!r}, ...)"

@@ -31,7 +31,7 @@ def test_what_to_do_gives_a_rank_pattern_peft_reads_and_the_parameters_it_saves(
     split = rec.per_kind
     assert split is not None
     line = summary_line(rec)
-    assert line.startswith(f"suggested LoRA rank {rec.rank} (attention {split['attention']}, MLP {split['mlp']})")
+    assert line.startswith(f"suggested LoRA rank {rec.rank}: attention {split['attention']}, MLP {split['mlp']} (")
     text = advice(rec, "runs/a")
     (config,) = re.findall(r"LoraConfig\(r=(\d+), rank_pattern=(\{[^}]*\})", text)
     r, pattern = int(config[0]), eval(config[1])  # a dict literal of the text itself
