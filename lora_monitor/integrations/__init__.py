@@ -8,5 +8,6 @@
   a plain ``accelerate`` loop.
 
 Each maps its framework's hooks onto the engine's front-end contract (the
-:mod:`lora_monitor.engine.monitor` docstring) and uses nothing else of the engine.
+:mod:`lora_monitor.engine.monitor` docstring) and uses nothing else of the engine; what each
+reads back (``latest_analysis``, ``recommendation``) is :mod:`lora_monitor.integrations.engine_results`'.
 """

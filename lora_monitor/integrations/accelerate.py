@@ -11,6 +11,7 @@ from typing_extensions import Unpack
 
 from lora_monitor.engine import LoRAMonitor, MonitorKwargs, MonitorOptions
 from lora_monitor.engine.distributed import RankContext
+from lora_monitor.integrations.engine_results import EngineResults
 from lora_monitor.outputs.writers import MLflowOutput, Output, SummaryWriterOutput, WandbOutput
 
 
@@ -22,7 +23,7 @@ def tracker_outputs(accelerator: Any) -> list[Output]:
     return outputs
 
 
-class LoRAAcceleratorMonitor:
+class LoRAAcceleratorMonitor(EngineResults):
     """Watch the LoRA updates of a model an ``accelerate.Accelerator`` trains: the engine
     (:class:`lora_monitor.LoRAMonitor`, whose docstring lists every tag), placed by the
     accelerator — its processes, its FSDP or DeepSpeed wrapping — and writing into its trackers

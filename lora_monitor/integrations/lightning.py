@@ -19,12 +19,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from lora_monitor.adapters import ModuleKey
-from lora_monitor.analysis import ModuleAnalysis
-from lora_monitor.analysis.rank import RankRecommendation
 from lora_monitor.engine import LoRAMonitor, MonitorOptions
 from lora_monitor.engine.distributed import RankContext
 from lora_monitor.functional.bases import Basis
+from lora_monitor.integrations.engine_results import EngineResults
 from lora_monitor.integrations.lightning_loggers import logger_outputs
 
 
@@ -39,7 +37,7 @@ def _quiet_training_step(pl_module: pl.LightningModule, batch: Any) -> Any:
         del pl_module.log, pl_module.log_dict  # the class's methods again
 
 
-class LoRASubspaceMonitor(Callback):
+class LoRASubspaceMonitor(EngineResults, Callback):
     r"""Watch the low-rank updates ΔW = s·B·A of a peft LoRA model while Lightning trains it.
 
     Every ``every_n_steps`` optimizer steps (``trainer.global_step``), and once at the end of
@@ -111,16 +109,6 @@ class LoRASubspaceMonitor(Callback):
     intruder_top_k = property(lambda self: self.engine.options.intruder_top_k)
     asynchronous = property(lambda self: self.engine.options.asynchronous)
     functional_probe = property(lambda self: self.engine.options.functional_probe)
-
-    @property
-    def latest_analysis(self) -> dict[ModuleKey, ModuleAnalysis]:
-        """The analysis of the latest snapshot, ``(layer, projection) → ModuleAnalysis``."""
-        return self.engine.latest_analysis
-
-    @property
-    def recommendation(self) -> Optional[RankRecommendation]:
-        """The rank suggested at the end of fit from the latest analysis (None before)."""
-        return self.engine.recommendation
 
     @property
     @override

@@ -16,11 +16,9 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from typing_extensions import Unpack, override
 
-from lora_monitor.adapters import ModuleKey
-from lora_monitor.analysis import ModuleAnalysis
-from lora_monitor.analysis.rank import RankRecommendation
 from lora_monitor.engine import AnalysisWarning, LoRAMonitor, MonitorKwargs, MonitorOptions
 from lora_monitor.engine.distributed import RankContext
+from lora_monitor.integrations.engine_results import EngineResults
 from lora_monitor.outputs.writers import MLflowOutput, Output, SummaryWriterOutput, WandbOutput
 
 #: The checkpoint file of a monitor's state, inside each ``checkpoint-N`` directory.
@@ -67,7 +65,7 @@ def _report_to_outputs(args: TrainingArguments) -> list[Output]:
     return outputs
 
 
-class LoRASubspaceCallback(TrainerCallback):
+class LoRASubspaceCallback(EngineResults, TrainerCallback):
     r"""Watch the low-rank updates ΔW of a peft LoRA model while a transformers ``Trainer`` (or
     TRL's ``SFTTrainer``, which wraps the model with peft itself) trains it.
 
@@ -117,16 +115,6 @@ class LoRASubspaceCallback(TrainerCallback):
         self.engine = LoRAMonitor(options=MonitorOptions(**options, owner=type(self).__name__), probe=probe)
         self.log_dir = None if log_dir is None else Path(log_dir)
         self._created = time.time()
-
-    @property
-    def latest_analysis(self) -> dict[ModuleKey, ModuleAnalysis]:
-        """The analysis of the latest snapshot, ``(layer, projection) → ModuleAnalysis``."""
-        return self.engine.latest_analysis
-
-    @property
-    def recommendation(self) -> Optional[RankRecommendation]:
-        """The rank suggested when training ended (None before)."""
-        return self.engine.recommendation
 
     def state_file(self, args: TrainingArguments) -> str:
         """This callback's file in a checkpoint directory: one per monitor (several keep apart)
