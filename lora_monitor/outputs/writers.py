@@ -87,7 +87,21 @@ class SummaryWriterOutput:
         return f"SummaryWriterOutput({self.log_dir!r})"
 
 
-class WandbOutput:
+class TrackerOutput:
+    """An experiment tracker's run (W&B, MLflow): it keeps what it is sent as it comes (nothing
+    to flush) and has no custom-scalars layout (TensorBoard's own)."""
+
+    def layout(self, layout: dict[str, Any]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return type(self).__name__
+
+
+class WandbOutput(TrackerOutput):
     """The active W&B run (``wandb.run``), as transformers' ``WandbCallback`` leaves it."""
 
     def __init__(self, run: Any) -> None:
@@ -108,17 +122,8 @@ class WandbOutput:
 
         self.run.log({tag: wandb.Html(f"<pre>{text}</pre>"), "train/global_step": step})
 
-    def layout(self, layout: dict[str, Any]) -> None:
-        pass
 
-    def flush(self) -> None:
-        pass
-
-    def __repr__(self) -> str:
-        return "WandbOutput"
-
-
-class MLflowOutput:
+class MLflowOutput(TrackerOutput):
     """An MLflow run, by id: the one transformers' ``MLflowCallback`` opened. Written through
     ``MlflowClient``, so that the last snapshot, taken after that callback has ended the run,
     still lands in it instead of opening a new one."""
@@ -143,15 +148,6 @@ class MLflowOutput:
 
     def text(self, tag: str, text: str, step: int) -> None:
         self.client.log_text(self.run_id, text, f"{tag}/step_{step:06d}.md")
-
-    def layout(self, layout: dict[str, Any]) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def __repr__(self) -> str:
-        return "MLflowOutput"
 
 
 def _each(outputs: Sequence[Output], write) -> list[str]:
