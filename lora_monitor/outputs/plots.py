@@ -18,6 +18,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
+from matplotlib.gridspec import GridSpec
 
 from lora_monitor.adapters import ModuleKey
 from lora_monitor.functional.bases import basis_info
@@ -120,20 +121,8 @@ def phi_figure(
     if zoom:
         columns += [(projection, True) for projection in projections]
     width_ratios = [1.6 if zoomed else 3.0 for _, zoomed in columns]
-    # A fixed layout (no constrained layout): measuring every tick label costs seconds.
     width, height = sum(width_ratios) + 1.6, 1.5 * len(rows) + 0.9
-    figure = Figure(figsize=(width, height), dpi=DPI)
-    grid = figure.add_gridspec(
-        len(rows),
-        len(columns) + 1,
-        width_ratios=width_ratios + [0.12],
-        left=0.9 / width,
-        right=1 - 0.6 / width,
-        bottom=0.5 / height,
-        top=1 - 0.6 / height,
-        wspace=0.25,
-        hspace=0.35,
-    )
+    figure, grid = _panel_grid(width, height, len(rows), width_ratios, 0.12, (0.9, 0.6, 0.5, 0.6), 0.25, 0.35)
     axes = np.array(
         [[figure.add_subplot(grid[row, column]) for column in range(len(columns))] for row in range(len(rows))]
     )
@@ -173,6 +162,36 @@ CARD_WIDTH = 450
 CARD_FONT = 11
 
 
+def _panel_grid(
+    width: float,
+    height: float,
+    rows: int,
+    width_ratios: list[float],
+    bar: float,
+    margins: tuple[float, float, float, float],
+    wspace: float,
+    hspace: float,
+) -> tuple[Figure, GridSpec]:
+    """A ``width`` × ``height`` inch figure and its grid: ``rows`` rows of panels as wide as
+    ``width_ratios``, then the colour bar's column (``bar``); ``margins`` (left, right, bottom,
+    top) in inches. A fixed layout, not matplotlib's constrained one: measuring every tick label
+    costs seconds."""
+    left, right, bottom, top = margins
+    figure = Figure(figsize=(width, height), dpi=DPI)
+    grid = figure.add_gridspec(
+        rows,
+        len(width_ratios) + 1,
+        width_ratios=width_ratios + [bar],
+        left=left / width,
+        right=1 - right / width,
+        bottom=bottom / height,
+        top=1 - top / height,
+        wspace=wspace,
+        hspace=hspace,
+    )
+    return figure, grid
+
+
 def _card_figure(
     grids: Mapping[ModuleKey, np.ndarray],
     row_symbol: str,
@@ -203,18 +222,8 @@ def _card_figure(
         width_ratios, panel_height = [1.0] * min(2, len(projections)), 1.6
     width = CARD_WIDTH / DPI
     height = panel_height * len(cells) + 0.95
-    figure = Figure(figsize=(width, height), dpi=DPI)
-    grid = figure.add_gridspec(
-        len(cells),
-        len(width_ratios) + 1,
-        width_ratios=width_ratios + [0.08],
-        left=0.62 / width,
-        right=1 - 0.45 / width,
-        bottom=0.45 / height,
-        top=1 - 0.5 / height,
-        wspace=0.2 if zoom else 0.35,
-        hspace=0.45,
-    )
+    margins = (0.62, 0.45, 0.45, 0.5)
+    figure, grid = _panel_grid(width, height, len(cells), width_ratios, 0.08, margins, 0.2 if zoom else 0.35, 0.45)
     cmap = phi_colormap()
     image = None
     for row, cells_of_row in enumerate(cells):
