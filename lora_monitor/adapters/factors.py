@@ -184,11 +184,12 @@ class _Entry:
     """One LoRA update before its key is made unique (and before a fused module is split)."""
 
     module_name: str
-    projection: str
     lora_A: Tensor
     lora_B: Tensor
     scaling: float
     base_weight: Optional[Tensor]
+    #: Default: the module's canonical projection name (``q_proj`` → ``q``).
+    projection: str = ""
     base_reader: Optional[Callable[[Optional[Rows]], Tensor]] = None
     magnitude: Optional[Tensor] = None
     lora_E: Optional[Tensor] = None
@@ -197,6 +198,10 @@ class _Entry:
     #: The output rows this entry owns in its module (None: all of them).
     rows: Optional[Rows] = None
     qualifiers: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.projection:
+            self.projection = _projection_name(self.module_name)
 
     @property
     def layer(self) -> int:

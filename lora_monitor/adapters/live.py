@@ -13,7 +13,6 @@ from lora_monitor.adapters.factors import (
     ModuleKey,
     _assemble,
     _Entry,
-    _projection_name,
     is_partitioned,
 )
 from lora_monitor.adapters.fused import split_entry
@@ -214,7 +213,6 @@ def find_lora_factors(model: torch.nn.Module, adapter_name: Optional[str] = None
             base_weight = _partitioned_base(layer, d, k)
         entry = _Entry(
             module_name=module_name,
-            projection=_projection_name(module_name),
             base_weight=base_weight,
             base_reader=base_reader,
             base_quantization=base_quantization,

@@ -22,7 +22,6 @@ from lora_monitor.adapters.factors import (
     ModuleKey,
     _assemble,
     _Entry,
-    _projection_name,
 )
 from lora_monitor.adapters.fused import split_entry
 from lora_monitor.adapters.variants import initialization_in_base
@@ -316,7 +315,6 @@ def load_adapter(
     for module in saved.modules:
         entry = _Entry(
             module_name=module.module_name,
-            projection=_projection_name(module.module_name),
             lora_A=module.lora_A,
             lora_B=module.lora_B,
             scaling=module.scaling,
