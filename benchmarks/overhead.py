@@ -22,14 +22,17 @@ garbage collector walks, thread pools) seems to slow the next.
 A whole fit varies by a few percent between identical runs on a shared machine, more than the
 target itself, so the time spent inside the monitor's hooks is also measured directly in every
 monitored run and printed beside it: the same quantity without the run-to-run noise; and the
-on/off ratio of each pair (run back to back) is printed too. Exit status 1 when a target is
-missed.
+on/off ratio of each pair (run back to back) is printed too, with the fits' CPU time (every
+thread of the process: a drawing or import thread counts) and its ratio, which other jobs on
+the machine disturb far less than wall time, and the load average when the pair ended. Exit
+status 1 when a target is missed (wall time, as the targets are set).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -109,9 +112,12 @@ WORKLOADS = {
 }
 
 
-def fit(workload: str, monitor: bool, logdir: str) -> tuple[float, float, float]:
-    """``(fit wall seconds, seconds inside the monitor's hooks, of which the probe's)`` of one
-    fresh training run."""
+Fit = tuple[float, float, float, float]
+
+
+def fit(workload: str, monitor: bool, logdir: str) -> Fit:
+    """``(fit wall seconds, its CPU seconds, seconds inside the monitor's hooks, of which the
+    probe's)`` of one fresh training run."""
     steps, make, arguments = WORKLOADS[workload]
     module = make(steps)
     callbacks, timer = [], None
@@ -133,12 +139,13 @@ def fit(workload: str, monitor: bool, logdir: str) -> tuple[float, float, float]
         devices=1,
         **arguments,
     )
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     trainer.fit(module)
-    return time.perf_counter() - start, timer.seconds if timer else 0.0, timer.probe_seconds if timer else 0.0
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return wall, cpu, timer.seconds if timer else 0.0, timer.probe_seconds if timer else 0.0
 
 
-def fit_in_child(workload: str, monitor: bool, logdir: str, threads: int) -> tuple[float, float, float]:
+def fit_in_child(workload: str, monitor: bool, logdir: str, threads: int) -> Fit:
     """:func:`fit` in a new Python process (see the module docstring for why)."""
     command = [sys.executable, __file__, "--workload", workload, "--threads", str(threads), "--logdir", logdir,
                "--child", "on" if monitor else "off"]
@@ -146,29 +153,40 @@ def fit_in_child(workload: str, monitor: bool, logdir: str, threads: int) -> tup
     if done.returncode:
         sys.exit(f"a benchmark run failed:\n{done.stderr[-4000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    return result["wall"], result["inside"], result["probe"]
+    return result["wall"], result["cpu"], result["inside"], result["probe"]
 
 
 def compare(workload: str, pairs: int, threads: int, targets: Targets) -> None:
-    """``pairs`` on/off pairs of ``workload``, alternated; prints each fit and the medians."""
-    runs: dict[bool, list[tuple[float, float, float]]] = {True: [], False: []}
-    pair_ratios = []
-    print(f"{workload}:", flush=True)
+    """``pairs`` on/off pairs of ``workload``, alternated; prints each pair side by side (wall
+    and CPU time of both fits, their ratios, the time inside the monitor's hooks, the load
+    average) and the medians."""
+    runs: dict[bool, list[Fit]] = {True: [], False: []}
+    pair_ratios, cpu_ratios = [], []
+    print(f"{workload}: fit off / on, wall and CPU time (on vs off), inside the monitor's hooks (the probe), load")
     with tempfile.TemporaryDirectory() as logdir:
         for pair in range(pairs):
             for monitor in ((True, False) if pair % 2 else (False, True)):
                 runs[monitor].append(fit_in_child(workload, monitor, logdir, threads))
-                wall, inside, probe = runs[monitor][-1]
-                print(f"  monitor {'on ' if monitor else 'off'}: fit {wall:.2f} s, inside the monitor {inside:.3f} s"
-                      f" (the functional probe {probe:.3f} s)", flush=True)
-            pair_ratios.append(runs[True][-1][0] / runs[False][-1][0])
-    on = statistics.median(wall for wall, _, _ in runs[True])
-    off = statistics.median(wall for wall, _, _ in runs[False])
-    share = statistics.median(100 * inside / wall for wall, inside, _ in runs[True])
-    probe_share = statistics.median(100 * probe / wall for wall, _, probe in runs[True])
+            (off, off_cpu, _, _), (on, on_cpu, inside, probe) = runs[False][-1], runs[True][-1]
+            pair_ratios.append(on / off)
+            cpu_ratios.append(on_cpu / off_cpu)
+            print(
+                f"  pair {pair + 1} ({'on' if pair % 2 else 'off'} first): wall {off:.2f} / {on:.2f} s "
+                f"({100 * (on / off - 1):+.1f} %), CPU {off_cpu:.2f} / {on_cpu:.2f} s "
+                f"({100 * (on_cpu / off_cpu - 1):+.1f} %), inside {inside:.3f} s = {100 * inside / on:.2f} % "
+                f"({probe:.3f} s), load {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
+    on = statistics.median(wall for wall, _, _, _ in runs[True])
+    off = statistics.median(wall for wall, _, _, _ in runs[False])
+    on_cpu = statistics.median(cpu for _, cpu, _, _ in runs[True])
+    off_cpu = statistics.median(cpu for _, cpu, _, _ in runs[False])
+    share = statistics.median(100 * inside / wall for wall, _, inside, _ in runs[True])
+    probe_share = statistics.median(100 * probe / wall for wall, _, _, probe in runs[True])
     print(f"{workload}, {WORKLOADS[workload][0]} steps, medians of {pairs}: fit on {on:.2f} s, off {off:.2f} s "
-          f"({100 * (on / off - 1):+.2f} %, ×{on / off:.3f}); on/off pair by pair: "
-          f"{', '.join(f'{100 * (r - 1):+.1f} %' for r in pair_ratios)}; "
+          f"({100 * (on / off - 1):+.2f} %, ×{on / off:.3f}); CPU on {on_cpu:.2f} s, off {off_cpu:.2f} s "
+          f"(×{on_cpu / off_cpu:.3f}); pair by pair: wall {', '.join(f'{100 * (r - 1):+.1f} %' for r in pair_ratios)}"
+          f"; CPU {', '.join(f'{100 * (r - 1):+.1f} %' for r in cpu_ratios)}; "
           f"time inside the monitor: {share:.2f} % of the monitored fit, of which the functional probe "
           f"{probe_share:.2f} %")
     if workload == "minilm":
@@ -188,8 +206,8 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
-        wall, inside, probe = fit(args.workload, args.child == "on", args.logdir)
-        print(json.dumps({"wall": wall, "inside": inside, "probe": probe}))
+        wall, cpu, inside, probe = fit(args.workload, args.child == "on", args.logdir)
+        print(json.dumps({"wall": wall, "cpu": cpu, "inside": inside, "probe": probe}))
         return 0
     targets = Targets()
     for workload in WORKLOADS if args.workload == "all" else (args.workload,):

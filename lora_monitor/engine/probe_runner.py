@@ -77,8 +77,8 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, batch)
 
 
-#: The share of training the readings between the first snapshot and the end of training may
-#: take: with the rest of the monitor, about 1 % at most (``docs/performance.md``).
+#: The share of training the readings before the end of training may take (the end's reading
+#: is always taken): with the rest of the monitor, about 1 % at most (``docs/performance.md``).
 BUDGET = 0.005
 #: A training step's cost in forward passes of its batch (the backward pass costs about two):
 #: the probe batch is a training batch, so a reading of n forward passes costs n / 3 steps.
