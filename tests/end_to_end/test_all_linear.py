@@ -18,7 +18,7 @@ from peft.tuners.lora import LoraLayer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lora_monitor import LoRASubspaceMonitor
-from lora_monitor.outputs.tags import MAX_SUMMARY_CARDS, scalar_tag
+from lora_monitor.outputs.tags import MAX_SUMMARY_CARDS, RECOMMENDATION_TEXT_TAG, scalar_tag
 from tests.helpers.events import read_events, scalar_series
 from tests.helpers.lightning import CausalLMModule, make_trainer
 from tests.helpers.models import tiny_llama_lora
@@ -119,9 +119,14 @@ def test_a_narrowed_target_modules_says_what_it_leaves_out(tmp_path, caplog):
     trainer = make_trainer(tmp_path, [monitor], max_steps=2)
     with caplog.at_level("INFO"):
         trainer.fit(CausalLMModule(model))
-    scalars = set(read_events(Path(trainer.logger.log_dir)).Tags()["scalars"])
+    events = read_events(Path(trainer.logger.log_dir))
+    scalars = set(events.Tags()["scalars"])
     assert {t.rsplit(".", 1)[-1] for t in scalars if t.startswith("lora_monitor.delta_w_norm/")} == {"q", "v"}
     recommendation = monitor.engine.recommendation
     assert recommendation.not_covered == ("k", "o", "gate_proj", "up_proj", "down_proj")
+    # Said in the console and in TensorBoard's Text tab.
     said = "\n".join(record.getMessage() for record in caplog.records)
     assert "not covered: the adapter also trains k, o, gate_proj, up_proj, down_proj" in said
+    (text,) = events.Tensors(RECOMMENDATION_TEXT_TAG)
+    markdown = text.tensor_proto.string_val[0].decode()
+    assert "Modules not covered: the adapter also trains k, o, gate_proj, up_proj, down_proj" in markdown
