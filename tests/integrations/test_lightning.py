@@ -189,7 +189,8 @@ def test_rank8_reference_against_running_rank64(tmp_path):
     trainer = make_trainer(tmp_path / "r64", [monitor], max_steps=4)
     trainer.fit(CausalLMModule(rank64))
 
-    assert set(monitor.latest_analysis) == {(layer, p) for layer in range(2) for p in ("q", "v")}
+    # At the defaults every module the adapter trains: c_attn split into its q, k and v.
+    assert set(monitor.latest_analysis) == {(layer, p) for layer in range(2) for p in ("q", "k", "v")}
     current, reference = dense_updates(rank64), dense_updates(rank8)
     for key, analysis in monitor.latest_analysis.items():
         assert tuple(analysis.phi.shape) == (8, 64)
@@ -255,7 +256,8 @@ def test_fused_c_attn_is_split_into_q_and_v(tmp_path):
     monitor = LoRASubspaceMonitor(every_n_steps=2, reference="first", basis="delta_w_left")
     trainer = make_trainer(tmp_path, [monitor], max_steps=4)
     trainer.fit(CausalLMModule(model))
-    assert set(monitor.latest_analysis) == {(layer, p) for layer in range(2) for p in ("q", "v")}
+    # At the defaults every module the adapter trains: c_attn split into its q, k and v.
+    assert set(monitor.latest_analysis) == {(layer, p) for layer in range(2) for p in ("q", "k", "v")}
     assert all(a.phi.shape == (4, 4) for a in monitor.latest_analysis.values())
 
 
