@@ -32,7 +32,7 @@ from typing import Optional
 from torch import Tensor
 
 from lora_monitor.adapters import ModuleKey
-from lora_monitor.adapters.kinds import GROUPS, TrainedModule, module_group
+from lora_monitor.adapters.kinds import GROUPS, TrainedModule, block_order, module_group
 from lora_monitor.analysis.probe import ProbeReading
 from lora_monitor.analysis.rank_rule import RULE
 from lora_monitor.analysis.results import ModuleAnalysis, spectral_statistics
@@ -325,6 +325,8 @@ def recommend_rank(
     for m in modules:
         best = projections.get(m.key[1]) or 0
         projections[m.key[1]] = max(best, m.delta_w_gap_rank) or None
+    # In block order (q, k, v, o, gate, up, down, then the others), as the line and figures list them.
+    projections = dict(sorted(projections.items(), key=lambda item: block_order(item[0])))
     r = max((m.rank for m in modules), default=0)
     spectral = _largest(projections)
     probed = probe.rank if probe is not None else None
