@@ -108,7 +108,7 @@ ENGINE_CONTRACT = {
 }
 #: And what it may import of the engine layer: the engine, its options and warning, where it runs.
 ENGINE_IMPORTS = {
-    "lora_monitor.engine": {"LoRAMonitor", "MonitorOptions", "MonitorKwargs", "AnalysisWarning"},
+    "lora_monitor.engine": {"LoRAMonitor", "MonitorOptions", "MonitorKwargs", "AnalysisWarning", "spells_out_options"},
     "lora_monitor.engine.distributed": {"RankContext"},
 }
 

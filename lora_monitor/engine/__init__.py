@@ -14,7 +14,7 @@
 
 from lora_monitor.engine.monitor import LoRAMonitor
 from lora_monitor.engine.monitored import default_layers
-from lora_monitor.engine.options import MonitorKwargs, MonitorOptions
+from lora_monitor.engine.options import MonitorKwargs, MonitorOptions, spells_out_options
 from lora_monitor.engine.reporter import AnalysisWarning
 
-__all__ = ["AnalysisWarning", "LoRAMonitor", "MonitorKwargs", "MonitorOptions", "default_layers"]
+__all__ = ["AnalysisWarning", "LoRAMonitor", "MonitorKwargs", "MonitorOptions", "default_layers", "spells_out_options"]

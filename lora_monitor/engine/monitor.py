@@ -43,7 +43,7 @@ from lora_monitor.analysis.probe import ProbeReading
 from lora_monitor.analysis.rank import RankRecommendation
 from lora_monitor.engine.distributed import RankContext
 from lora_monitor.engine.monitored import BaseResults, Monitored, default_layers
-from lora_monitor.engine.options import MonitorKwargs, MonitorOptions
+from lora_monitor.engine.options import MonitorKwargs, MonitorOptions, spells_out_options
 from lora_monitor.engine.probe_runner import ProbeRunner
 from lora_monitor.engine.references import References
 from lora_monitor.engine.reporter import OwnOutputs, Reporter
@@ -69,6 +69,7 @@ class Progress:
     recommendation: Optional[RankRecommendation] = None
 
 
+@spells_out_options
 class LoRAMonitor:
     r"""Watch the low-rank updates ΔW of a peft LoRA model while it trains, anywhere.
 
@@ -179,6 +180,11 @@ class LoRAMonitor:
     ) -> None:
         if options is None:
             options = MonitorOptions(**option_values, owner="LoRAMonitor")
+        elif option_values:
+            raise TypeError(
+                f"LoRAMonitor: pass options= or the options one by one ({', '.join(option_values)}), "
+                "not both: the ones passed one by one would be ignored"
+            )
         self.options = options
         if log_dir is not None and writer is not None:
             raise ValueError(f"{options.owner}: pass log_dir= or writer=, not both")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, TypeVar, Union, get_type_hints
 
 from typing_extensions import TypedDict
 
@@ -24,7 +25,8 @@ class MonitorKwargs(TypedDict, total=False):
     """The options as keyword arguments, for the front-ends that take them with arguments of
     their own (``**options: Unpack[MonitorKwargs]``, PEP 692): their names and types, which IDEs
     and type checkers read; defaults and help are :class:`MonitorOptions`' (a test keeps the
-    two equal). Lightning's callback spells them out instead, for LightningCLI."""
+    two equal), and :func:`spells_out_options` gives such a front-end the runtime signature
+    that names them all. Lightning's callback spells them out instead, for LightningCLI."""
 
     every_n_steps: int
     reference: Reference
@@ -249,3 +251,23 @@ class MonitorOptions:
             "target_modules": self.target_modules,
             "adapter_name": self.adapter_name,
         }
+
+
+FrontEnd = TypeVar("FrontEnd", bound=type)
+
+
+def spells_out_options(front_end: FrontEnd) -> FrontEnd:
+    """Give ``front_end.__init__``, which takes ``**options: Unpack[MonitorKwargs]``, the runtime
+    signature that names every option with its type and default (:class:`MonitorOptions`'):
+    what ``help()``, notebooks' call tips and ``inspect.signature`` show, as if spelled out."""
+    init: Callable[..., None] = front_end.__init__  # type: ignore[misc]
+    signature = inspect.signature(init)
+    types = get_type_hints(MonitorKwargs)
+    options = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=types[f.name])
+        for f in fields(MonitorOptions)
+        if f.name != "owner" and f.default is not MISSING
+    ]
+    kept = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    init.__signature__ = signature.replace(parameters=[*kept, *options])  # type: ignore[attr-defined]
+    return front_end

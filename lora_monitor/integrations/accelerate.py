@@ -9,7 +9,7 @@ from typing import Any, Optional, Union
 import torch
 from typing_extensions import Unpack
 
-from lora_monitor.engine import LoRAMonitor, MonitorKwargs, MonitorOptions
+from lora_monitor.engine import LoRAMonitor, MonitorKwargs, MonitorOptions, spells_out_options
 from lora_monitor.engine.distributed import RankContext
 from lora_monitor.integrations.engine_results import EngineResults
 from lora_monitor.outputs.writers import MLflowOutput, Output, SummaryWriterOutput, WandbOutput
@@ -23,6 +23,7 @@ def tracker_outputs(accelerator: Any) -> list[Output]:
     return outputs
 
 
+@spells_out_options
 class LoRAAcceleratorMonitor(EngineResults):
     """Watch the LoRA updates of a model an ``accelerate.Accelerator`` trains: the engine
     (:class:`lora_monitor.LoRAMonitor`, whose docstring lists every tag), placed by the

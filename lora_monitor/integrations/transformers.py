@@ -16,7 +16,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from typing_extensions import Unpack, override
 
-from lora_monitor.engine import AnalysisWarning, LoRAMonitor, MonitorKwargs, MonitorOptions
+from lora_monitor.engine import AnalysisWarning, LoRAMonitor, MonitorKwargs, MonitorOptions, spells_out_options
 from lora_monitor.engine.distributed import RankContext
 from lora_monitor.integrations.engine_results import EngineResults
 from lora_monitor.outputs.writers import MLflowOutput, Output, SummaryWriterOutput, WandbOutput
@@ -65,6 +65,7 @@ def _report_to_outputs(args: TrainingArguments) -> list[Output]:
     return outputs
 
 
+@spells_out_options
 class LoRASubspaceCallback(EngineResults, TrainerCallback):
     r"""Watch the low-rank updates ΔW of a peft LoRA model while a transformers ``Trainer`` (or
     TRL's ``SFTTrainer``, which wraps the model with peft itself) trains it.

@@ -59,17 +59,15 @@ def test_the_keyword_arguments_type_is_the_dataclass():
 
 
 def options_taken(front_end) -> dict[str, tuple[object, object]]:
-    """``name → (type, default)`` of the options ``front_end``'s constructor takes: spelled out
-    in its signature (Lightning's, for LightningCLI), or as ``**options: Unpack[MonitorKwargs]``,
-    whose defaults are the dataclass's."""
+    """``name → (type, default)`` of the options ``front_end``'s constructor takes, as
+    ``inspect.signature`` (``help()``, notebooks' call tips) shows them; its source names them
+    too, for IDEs and type checkers: spelled out (Lightning's, for LightningCLI) or as
+    ``**options: Unpack[MonitorKwargs]``."""
     parameters = inspect.signature(front_end.__init__).parameters
     hints = typing.get_type_hints(front_end.__init__)
-    taken = {p: (hints[p], parameters[p].default) for p in OPTIONS if p in parameters}
-    for parameter in parameters.values():
-        if parameter.kind is parameter.VAR_KEYWORD:
-            assert hints[parameter.name] == Unpack[MonitorKwargs]
-            taken |= {name: (OPTION_TYPES[name], default) for name, default in OPTIONS.items()}
-    return taken
+    in_source = set(hints) & set(OPTIONS) or (set(OPTIONS) if Unpack[MonitorKwargs] in hints.values() else set())
+    assert in_source == set(OPTIONS)
+    return {p: (hints.get(p, parameters[p].annotation), parameters[p].default) for p in OPTIONS if p in parameters}
 
 
 @pytest.mark.parametrize("name", FRONT_ENDS)
@@ -127,3 +125,8 @@ def test_the_option_table_of_the_docs_is_the_dataclass():
     assert {name: rows.get(name) for name in OPTIONS} == {
         name: (repr(default).replace("'", '"'), markdown(HELP[name])) for name, default in OPTIONS.items()
     }
+
+
+def test_options_are_taken_one_by_one_or_as_options_not_both():
+    with pytest.raises(TypeError, match="pass options= or the options one by one"):
+        lora_monitor.LoRAMonitor(options=MonitorOptions(), every_n_steps=10)
