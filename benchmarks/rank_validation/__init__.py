@@ -51,6 +51,16 @@ Phases (each reuses what the cache ``DIR/full`` — ``DIR/quick`` with ``--quick
     python benchmarks/rank_validation --cache DIR all        # the three in turn (default)
     python benchmarks/rank_validation --quick --cache DIR    # smoke test, every phase
 
+Held-out cases (issue 22): the cases above are the *tuning* cases (the rule's constants were
+chosen on them); ``heldout`` holds cases fixed and committed before any was run (all-linear
+adapters, rsLoRA, α = 2r, lr 3× lower and higher, a cosine schedule, planted K = 16 and 24, a
+tiny random Llama), trained one seed each by ``heldout_training`` and read by ``heldout_eval``
+with the package's rule as it is::
+
+    python benchmarks/rank_validation --cache DIR heldout-train      # ≈ 77 min of one shared core
+    python benchmarks/rank_validation --cache DIR heldout-evaluate   # readings (≈ 5 min) + the report
+    python benchmarks/rank_validation --cache DIR heldout-report
+
 The report prints first the per-case table of docs/rank.md (the suggestion from one r = 64 run vs the truth) and
 the hit rates of the suggestion and its runners-up over the 15 r = 64 runs, then the evidence the
 rule was chosen by (every candidate side by side); ``--figure`` draws the suggestion over
