@@ -262,7 +262,7 @@ def _small(run: dict, group: str = "all", proposal: bool = False) -> str:
 
 
 def tail_table(results: dict, big: int) -> None:
-    """The diagnostic of :func:`tail_losses`: per run, at 25 % and 50 % of training, what the top
+    """The diagnostic of :func:`tail_losses`: per run, at 25, 50 and 100 % of training, what the top
     half of the directions does to the log loss of the probe batch (A) and of a second batch (B):
     gain_X = log loss_X(⌈r/2⌉) − log loss_X(r), and its share of the update's log-loss reduction."""
     rows = []
