@@ -8,7 +8,7 @@ training process without a display and without touching other figures.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Optional
 
 import matplotlib
@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.gridspec import GridSpec
 
 from lora_monitor.adapters import ModuleKey
+from lora_monitor.adapters.kinds import block_order
 from lora_monitor.functional.bases import basis_info
 from lora_monitor.functional.similarity import random_subspace_similarity, sample_random_subspace_similarity
 
@@ -33,6 +34,12 @@ DPI = 100
 
 def phi_colormap() -> Colormap:
     return matplotlib.colormaps[COLORMAP].with_extremes(bad=MASK_COLOR)
+
+
+def in_block_order(projections: Iterable[str]) -> list[str]:
+    """The distinct ``projections`` as a block holds them (q, k, v, o, gate, up, down), the
+    others after them as first seen: the columns of every φ figure."""
+    return sorted(dict.fromkeys(projections), key=block_order)
 
 
 def projection_label(projection: str) -> str:
@@ -94,7 +101,7 @@ def phi_figure(
             ``"A_{r=64}"``; the title reads ``φ(row_symbol, column_symbol, i, j)``.
         zoom: add, per projection, a zoom on ``i, j ≤ p`` with the cells ``j > i`` masked grey
             (the right half of the paper's rank-8-vs-64 figure). Default: when ``p < q``.
-        layers, projections: order of rows and columns; default: sorted / first-seen order.
+        layers, projections: order of rows and columns; default: sorted / block order (:func:`in_block_order`).
         extra_rows: ``label → (p, q) grid`` drawn as further rows below the layers, the same grid
             in every column (e.g. the φ of random subspaces: what "nothing shared" looks like).
 
@@ -111,7 +118,7 @@ def phi_figure(
         return _card_figure(grids, row_symbol, column_symbol, zoom, projections, title_prefix)
     layers = list(layers) if layers is not None else sorted({layer for layer, _ in grids})
     if projections is None:
-        projections = list(dict.fromkeys(projection for _, projection in grids))
+        projections = in_block_order(projection for _, projection in grids)
     p, q = next(iter(grids.values())).shape
     if zoom is None:
         zoom = p < q
@@ -208,7 +215,7 @@ def _card_figure(
     (:func:`lora_monitor.outputs.rendering.phi_image`).
     """
     if projections is None:
-        projections = list(dict.fromkeys(projection for _, projection in grids))
+        projections = in_block_order(projection for _, projection in grids)
     by_projection = {projection: phi for (_, projection), phi in grids.items()}
     p, q = next(iter(grids.values())).shape
     if zoom is None:

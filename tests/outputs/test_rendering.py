@@ -112,3 +112,12 @@ def test_a_changed_overview_is_drawn_into_its_frame_as_the_whole_figure_draws_it
     canvas = overview.OverviewCanvas(_content(0, True))
     with pytest.raises(ValueError, match="another structure"):
         canvas.image(_content(0, False))
+
+
+def test_phi_figures_put_their_columns_in_block_order_whatever_order_the_grids_come_in():
+    grids = {(0, "v"): np.eye(2), (0, "down_proj"): np.eye(2), (0, "q"): np.eye(2), (0, "gate_proj"): np.eye(2)}
+    assert plots.in_block_order(p for _, p in grids) == ["q", "v", "gate_proj", "down_proj"]
+    for card in (False, True):
+        figure = plots.phi_figure(grids, row_symbol="A", column_symbol="A", card=card)
+        titles = [axes.get_title() for axes in figure.axes if axes.get_title()]
+        assert titles == [plots.projection_label(p) for p in ("q", "v", "gate_proj", "down_proj")], titles
