@@ -17,15 +17,22 @@ from lora_monitor.engine import LoRAMonitor
 
 class RecordingEngine(LoRAMonitor):
     """The engine, writing which modules this rank analyzed at each step to
-    ``<record_dir>/rank<R>.jsonl``."""
+    ``<record_dir>/rank<R>.jsonl`` (around the analysis its runner calls for each job)."""
 
     record_dir: Path
 
-    def _analyze(self, job):
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        with open(self.record_dir / f"rank{rank}.jsonl", "a") as record:
-            record.write(json.dumps([job.snapshot.step, sorted(job.snapshot.factors)]) + "\n")
-        return super()._analyze(job)
+    def attach(self, model, **kwargs) -> None:
+        super().attach(model, **kwargs)
+        assert self.runner is not None
+        analyze = self.runner.analyze
+
+        def recorded(job):
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            with open(self.record_dir / f"rank{rank}.jsonl", "a") as record:
+                record.write(json.dumps([job.snapshot.step, sorted(job.snapshot.factors)]) + "\n")
+            return analyze(job)
+
+        self.runner.analyze = recorded
 
 
 def analyzed(record_dir: Path, rank: int) -> dict[int, set[tuple[int, str]]]:
