@@ -2,7 +2,7 @@
 
 Every logger gets the scalars through ``log_metrics``; images go where each logger can show them:
 
-- ``TensorBoardLogger``: ``SummaryWriter.add_image``, the *Images* tab;
+- ``TensorBoardLogger``: an image summary, as ``SummaryWriter.add_image`` writes, the *Images* tab;
 - ``CSVLogger``: PNG files ``<log_dir>/images/<tag>/step_<step:06d>.png``, e.g.
   ``lightning_logs/version_0/images/lora_monitor.phi_heatmaps/layer_00/step_000050.png`` next to its
   ``metrics.csv``;
@@ -21,7 +21,8 @@ from typing import Any, Optional
 
 import numpy as np
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
-from PIL import Image
+
+from lora_monitor.outputs.writers import add_png_image, png_bytes
 
 #: Writes one ``(H, W, 3)`` uint8 image under a tag at a step.
 ImageWriter = Callable[[str, np.ndarray, int], None]
@@ -35,7 +36,7 @@ def image_path(log_dir: str | Path, tag: str, step: int) -> Path:
 def _write_png(log_dir: str, tag: str, image: np.ndarray, step: int) -> None:
     path = image_path(log_dir, tag, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path, format="png")
+    path.write_bytes(png_bytes(image))
 
 
 def _log_mlflow_image(logger: MLFlowLogger, tag: str, image: np.ndarray, step: int) -> None:
@@ -49,7 +50,7 @@ def _log_mlflow_image(logger: MLFlowLogger, tag: str, image: np.ndarray, step: i
 def image_writer(logger: Logger) -> Optional[ImageWriter]:
     """How ``logger`` shows an image, or None if it cannot."""
     if isinstance(logger, TensorBoardLogger):
-        return lambda tag, image, step: logger.experiment.add_image(tag, image, global_step=step, dataformats="HWC")
+        return lambda tag, image, step: add_png_image(logger.experiment, tag, image, step)
     if isinstance(logger, CSVLogger):
         return lambda tag, image, step: _write_png(logger.log_dir, tag, image, step)
     if isinstance(logger, WandbLogger):

