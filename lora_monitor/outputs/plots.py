@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.gridspec import GridSpec
 
 from lora_monitor.adapters import ModuleKey
-from lora_monitor.adapters.kinds import block_order
+from lora_monitor.adapters.kinds import KIND_GROUPS, block_order, module_kind
 from lora_monitor.functional.bases import basis_info
 from lora_monitor.functional.similarity import random_subspace_similarity, sample_random_subspace_similarity
 
@@ -43,7 +43,15 @@ def in_block_order(projections: Iterable[str]) -> list[str]:
 
 
 def projection_label(projection: str) -> str:
-    """``"q"`` → ``$\\Delta W_{q}$``, ``"gate_proj"`` → ``$\\Delta W_{\\mathrm{gate\\_proj}}$``."""
+    """A module's label in the figures, by its kind where its name tells one (q, k, v, o, gate,
+    up, down): ``"q"`` → ``$\\Delta W_{q}$``, Llama's ``"gate_proj"`` and BERT's
+    ``"intermediate.dense"`` → ``$\\Delta W_{\\mathrm{gate}}$`` and ``…{up}``, so that an
+    all-linear adapter's panels read alike whatever the architecture calls them. A name with a
+    number in it (a mixture of experts' ``experts.0.w1``) or of no known kind keeps its own name:
+    two modules of one layer never share a label."""
+    kind = module_kind(projection)
+    if kind in KIND_GROUPS and not any(part.isdigit() for part in projection.split(".")):
+        projection = kind
     if len(projection) == 1:
         return rf"$\Delta W_{projection}$"
     return r"$\Delta W_{\mathrm{" + projection.replace("_", r"\_") + "}}$"

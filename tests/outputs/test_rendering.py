@@ -121,3 +121,18 @@ def test_phi_figures_put_their_columns_in_block_order_whatever_order_the_grids_c
         figure = plots.phi_figure(grids, row_symbol="A", column_symbol="A", card=card)
         titles = [axes.get_title() for axes in figure.axes if axes.get_title()]
         assert titles == [plots.projection_label(p) for p in ("q", "v", "gate_proj", "down_proj")], titles
+
+
+def test_panels_are_labelled_by_kind_whatever_the_architecture_names_them():
+    llama = ("q", "k", "v", "o", "gate_proj", "up_proj", "down_proj")
+    bert = ("q", "k", "v", "attention.output.dense", "intermediate.dense", "output.dense")
+    gpt2 = ("q", "k", "v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    kinds = [r"\Delta W_" + kind for kind in ("q", "k", "v", "o")]
+    kinds += [r"\Delta W_{\mathrm{" + kind + "}}" for kind in ("gate", "up", "down")]
+    assert [plots.projection_label(p) for p in llama] == [f"${label}$" for label in kinds]
+    assert [plots.projection_label(p) for p in bert] == [f"${label}$" for label in kinds[:4] + kinds[5:]]
+    assert [plots.projection_label(p) for p in gpt2] == [f"${label}$" for label in kinds[:4] + kinds[5:]]
+    # Experts of one layer share a kind but never a label; an unknown module keeps its name.
+    experts = [f"block_sparse_moe.experts.{e}.w1" for e in range(3)]
+    assert len({plots.projection_label(p) for p in experts}) == 3
+    assert plots.projection_label("score") == r"$\Delta W_{\mathrm{score}}$"
