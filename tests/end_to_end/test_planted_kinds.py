@@ -18,73 +18,40 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from lora_monitor import LoRAMonitor
 from lora_monitor.cli import main
 from tests.helpers.models import lora_layers, tiny_llama
+from tests.helpers.teacher_student import HIDDEN, last_hidden, planted_teacher, random_tokens, train_student
 
-HIDDEN, VOCAB, STEPS, R = 64, 64, 250, 16
+STEPS, R = 250, 16
 PLANTED = {"attention": 1, "mlp": 8}
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-def _tokens(seed: int) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (16, 16), generator=torch.Generator().manual_seed(100 + seed))
-
-
-def _teacher() -> torch.nn.Module:
-    teacher = tiny_llama(hidden_size=HIDDEN, seed=0)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in teacher.model.layers:
-            attention = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj)
-            mlp = (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
-            for planted, linears in ((PLANTED["attention"], attention), (PLANTED["mlp"], mlp)):
-                for linear in linears:
-                    n, m = linear.weight.shape
-                    U = torch.linalg.qr(torch.randn(n, planted, generator=generator))[0]
-                    V = torch.linalg.qr(torch.randn(m, planted, generator=generator))[0]
-                    linear.weight += 2 * float(linear.weight.norm()) / n**0.5 * U @ V.T
-    return teacher.eval()
-
-
-def _hidden(model, tokens):
-    return model(input_ids=tokens, output_hidden_states=True).hidden_states[-1]
+MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 def _held_out_loss(model, held_out) -> float:
     model.eval()
     with torch.no_grad():
-        return sum(float(torch.nn.functional.mse_loss(_hidden(model, t), y)) for t, y in held_out) / len(held_out)
+        return sum(float(torch.nn.functional.mse_loss(last_hidden(model, t), y)) for t, y in held_out) / len(held_out)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("kinds")
-    teacher = _teacher()
+    teacher = planted_teacher(
+        {name: PLANTED["attention"] for name in ATTENTION} | {name: PLANTED["mlp"] for name in MLP}
+    )
     torch.manual_seed(0)
     student = get_peft_model(
         tiny_llama(hidden_size=HIDDEN, seed=0), LoraConfig(r=R, lora_alpha=R, target_modules="all-linear")
     )
-    with torch.no_grad():
-        data = [(tokens, _hidden(teacher, tokens)) for tokens in map(_tokens, range(9))]
-        held_out = [(tokens, _hidden(teacher, tokens)) for tokens in map(_tokens, range(50, 54))]
-    probe_tokens, probe_target = data[0]
-    monitor = LoRAMonitor(
-        student,
-        every_n_steps=50,
-        log_images=False,
-        adapter_dir=root / "adapter",
-        probe=lambda: torch.nn.functional.mse_loss(_hidden(student, probe_tokens), probe_target),
-    )
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-2)
     console = io.StringIO()  # what a plain loop's user reads: the monitor prints its advice
-    with contextlib.redirect_stdout(console), monitor:
-        for step in range(1, STEPS + 1):
-            tokens, target = data[1 + step % 8]
-            torch.nn.functional.mse_loss(_hidden(student, tokens), target).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            monitor.step(step)
+    with contextlib.redirect_stdout(console):
+        monitor, data = train_student(
+            student, teacher, STEPS, every_n_steps=50, log_images=False, adapter_dir=root / "adapter"
+        )
+    with torch.no_grad():
+        held_out = [(batch, last_hidden(teacher, batch)) for batch in map(random_tokens, range(50, 54))]
+    probe_tokens, probe_target = data[0]
     student.save_pretrained(str(root / "adapter"))
     said = console.getvalue().splitlines()
     return student, monitor, said, held_out, (probe_tokens, probe_target)
@@ -126,7 +93,7 @@ def test_the_group_readings_agree_with_a_dense_cut(trained):
                 continue
             dense = _cut_as(student, {group: k, other: R}).eval()
             with torch.no_grad():
-                expected = float(torch.nn.functional.mse_loss(_hidden(dense, tokens), target))
+                expected = float(torch.nn.functional.mse_loss(last_hidden(dense, tokens), target))
             assert loss == pytest.approx(expected, rel=1e-4), (group, k)
 
 

@@ -18,56 +18,18 @@ from lora_monitor import LoRAMonitor
 from lora_monitor.outputs.tags import SUGGESTED_TAG, WEAK_EVIDENCE_TAG
 from tests.helpers.events import read_events, scalar_series
 from tests.helpers.models import tiny_llama
+from tests.helpers.teacher_student import HIDDEN, planted_teacher, train_student
 
-HIDDEN, VOCAB, STEPS = 64, 64, 120
-
-
-def _tokens(seed: int) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (16, 16), generator=torch.Generator().manual_seed(100 + seed))
-
-
-def _teacher(planted: int) -> torch.nn.Module:
-    teacher = tiny_llama(hidden_size=HIDDEN, seed=0)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in teacher.model.layers:
-            for linear in (layer.self_attn.q_proj, layer.self_attn.v_proj):
-                n, m = linear.weight.shape
-                U = torch.linalg.qr(torch.randn(n, planted, generator=generator))[0]
-                V = torch.linalg.qr(torch.randn(m, planted, generator=generator))[0]
-                sigma = 2 * float(linear.weight.norm()) / n**0.5
-                linear.weight += sigma * U @ V.T
-    return teacher.eval()
+STEPS = 120
 
 
 def _train_student(planted: int, rank: int, seed: int, log_dir) -> LoRAMonitor:
-    teacher = _teacher(planted)
+    teacher = planted_teacher({"q_proj": planted, "v_proj": planted})
     torch.manual_seed(seed)
     student = get_peft_model(
         tiny_llama(hidden_size=HIDDEN, seed=0), LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "v_proj"])
     )
-
-    def hidden(model, tokens):
-        return model(input_ids=tokens, output_hidden_states=True).hidden_states[-1]
-
-    with torch.no_grad():
-        data = [(tokens, hidden(teacher, tokens)) for tokens in map(_tokens, range(9))]
-    probe_tokens, probe_target = data[0]
-    monitor = LoRAMonitor(
-        student,
-        log_dir=log_dir,
-        every_n_steps=STEPS // 4,
-        log_images=False,
-        probe=lambda: torch.nn.functional.mse_loss(hidden(student, probe_tokens), probe_target),
-    )
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-2)
-    with monitor:
-        for step in range(1, STEPS + 1):
-            tokens, target = data[1 + step % 8]
-            torch.nn.functional.mse_loss(hidden(student, tokens), target).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            monitor.step(step)
+    monitor, _ = train_student(student, teacher, STEPS, log_dir=log_dir, every_n_steps=STEPS // 4, log_images=False)
     return monitor
 
 
