@@ -153,6 +153,13 @@ class LoRAMonitor:
             as its share of the training time allows (``docs/performance.md``; a snapshot it
             skips carries the latest reading) and always when training ends; it drives the rank
             suggestion with ΔW's spectral gaps. Off: the suggestion rests on ΔW's spectra alone.
+        probe_budget: the share of training the functional probe's readings may take before
+            training ends, counted in forward passes of a batch (a training step counts 3, so
+            the same run is read at the same steps on any machine): a snapshot is read when the
+            readings so far and the next fit in it. At the default 0.5 % the first reading comes
+            after about 530 steps at r = 8, 730 at r = 16, 1000 at r = 64, and a shorter run is
+            read at its end only, which is always read. ``float('inf')``: every snapshot, for
+            early answers in a short run at their cost; 0: the end only.
         adapter_dir: the directory this run saves its adapter to
             (``model.save_pretrained(adapter_dir)``), named in the end-of-fit advice so that its
             ``lora-monitor truncate`` command runs as printed; default a placeholder,
@@ -191,7 +198,7 @@ class LoRAMonitor:
         self._own_outputs = OwnOutputs(log_dir, writer, list(outputs))
         self.references = References(options)
         self.reporter = Reporter(options)
-        self.probe_runner = ProbeRunner(self.reporter, options.functional_probe)
+        self.probe_runner = ProbeRunner(self.reporter, options.functional_probe, options.probe_budget)
         self.probe_runner.loss = probe
         #: The model and what its set-up found (None before :meth:`attach`).
         self._monitored: Optional[Monitored] = None

@@ -10,7 +10,8 @@ back exactly.
 What it costs, and how that is kept near free (``docs/performance.md``): a reading is 3–10
 forward passes of the probe batch. The loss with no update (k = 0) is the frozen model's, so it
 is kept while no other parameter or buffer changes (:func:`_fingerprint`). Before the end of
-training the probe is read only while its readings stay within :data:`BUDGET` of the training,
+training the probe is read only while its readings stay within its budget of the training (the
+``probe_budget`` option),
 counted in forward passes (:meth:`ProbeRunner.due`; the first reading priced at the most a
 reading of this adapter can take, :func:`reading_price`): the same steps on every machine; a
 snapshot it skips carries the latest reading (none before the first); the end of training is
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import math
 from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, Optional
 
@@ -77,9 +79,6 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, batch)
 
 
-#: The share of training the readings before the end of training may take (the end's reading
-#: is always taken): with the rest of the monitor, about 1 % at most (``docs/performance.md``).
-BUDGET = 0.005
 #: A training step's cost in forward passes of its batch (the backward pass costs about two):
 #: the probe batch is a training batch, so a reading of n forward passes costs n / 3 steps.
 PASSES_PER_STEP = 3.0
@@ -129,10 +128,12 @@ class ProbeRunner:
     Args:
         reporter: where the reasons the probe does not run are said (once each), and its failures.
         enabled: the monitor's ``functional_probe`` option.
+        budget: its ``probe_budget``: the share of training, in forward passes, the readings
+            before the end of training may take.
     """
 
-    def __init__(self, reporter: Reporter, enabled: bool) -> None:
-        self.reporter, self.enabled = reporter, enabled
+    def __init__(self, reporter: Reporter, enabled: bool, budget: float) -> None:
+        self.reporter, self.enabled, self.budget = reporter, enabled, budget
         #: The loss on the probe batch: a callable of no argument (None: not known yet).
         self.loss: Optional[Callable[[], Any]] = None
         #: The batch a front-end captured (on the host), and how it gives a loss.
@@ -181,16 +182,16 @@ class ProbeRunner:
         """Whether the probe is read at the snapshot of ``step``: at the end of training
         (``final``) always; before, when the forward passes of the readings so far and of one
         more like the latest (the first: :attr:`price`, the most it can take) stay within
-        :data:`BUDGET` of the training since :meth:`start` (:data:`PASSES_PER_STEP` passes a
+        :attr:`budget` of the training since :meth:`start` (:data:`PASSES_PER_STEP` passes a
         step). Counted in forward passes, not seconds, so that the same run is read at the same
-        steps on any machine: a reading of n passes every n / (BUDGET · 3) steps, about 330 for
-        n = 5, the first after about 730 steps for r = 16 (11 passes at most;
-        ``docs/performance.md``). Without :meth:`start` (a monitor driven by hand), every
+        steps on any machine: a reading of n passes every n / (budget · 3) steps, about 330 for
+        n = 5 at the default 0.5 %, the first after about 730 steps for r = 16 (11 passes at
+        most; ``docs/performance.md``). Without :meth:`start` (a monitor driven by hand), every
         snapshot is read."""
-        if final or self._start_step is None:
+        if final or self._start_step is None or self.budget == math.inf:
             return True
         training = PASSES_PER_STEP * (step - self._start_step)
-        return self._spent + (self._cost if self.latest is not None else self.price) <= BUDGET * training
+        return self._spent + (self._cost if self.latest is not None else self.price) <= self.budget * training
 
     def _loss(self, model: torch.nn.Module) -> Optional[Callable[[], Any]]:
         if self.loss is not None:

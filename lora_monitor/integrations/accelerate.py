@@ -35,7 +35,8 @@ class LoRAAcceleratorMonitor(EngineResults):
         accelerator: the ``Accelerator``, its trackers initialized (``init_trackers``).
         model: the prepared model (what ``accelerator.prepare`` returned).
         every_n_steps, reference, target_modules, layers, basis, adapter_name, log_images,
-        strict, intruder_top_k, asynchronous, functional_probe, adapter_dir, probe, log_dir:
+        strict, intruder_top_k, asynchronous, functional_probe, probe_budget, adapter_dir, probe,
+        log_dir:
             as :class:`lora_monitor.LoRAMonitor`.
 
     Example (``tests/integrations/test_accelerate.py`` runs it)::

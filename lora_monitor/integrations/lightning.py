@@ -53,7 +53,8 @@ class LoRASubspaceMonitor(EngineResults, Callback):
 
     Args:
         every_n_steps, reference, target_modules, layers, basis, adapter_name, log_images,
-        strict, intruder_top_k, asynchronous, adapter_dir: as :class:`lora_monitor.LoRAMonitor`.
+        strict, intruder_top_k, asynchronous, probe_budget, adapter_dir: as
+            :class:`lora_monitor.LoRAMonitor`.
         functional_probe: read the rank the task needs from the loss of ``training_step`` on
             the first batch of the fit with every monitored ΔW cut to k directions (a few
             forward passes a snapshot, without gradients, in eval mode, ``self.log`` silenced;
@@ -89,6 +90,7 @@ class LoRASubspaceMonitor(EngineResults, Callback):
         intruder_top_k: Optional[int] = None,
         asynchronous: Optional[bool] = None,
         functional_probe: bool = True,
+        probe_budget: float = 0.005,
         adapter_dir: Optional[Union[str, os.PathLike]] = None,
     ) -> None:
         try:
@@ -109,6 +111,7 @@ class LoRASubspaceMonitor(EngineResults, Callback):
     intruder_top_k = property(lambda self: self.engine.options.intruder_top_k)
     asynchronous = property(lambda self: self.engine.options.asynchronous)
     functional_probe = property(lambda self: self.engine.options.functional_probe)
+    probe_budget = property(lambda self: self.engine.options.probe_budget)
 
     @property
     @override

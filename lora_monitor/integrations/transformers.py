@@ -81,7 +81,8 @@ class LoRASubspaceCallback(EngineResults, TrainerCallback):
 
     Args:
         every_n_steps, reference, target_modules, layers, basis, adapter_name, log_images,
-        strict, intruder_top_k, asynchronous, adapter_dir: as :class:`lora_monitor.LoRAMonitor`.
+        strict, intruder_top_k, asynchronous, probe_budget, adapter_dir: as
+            :class:`lora_monitor.LoRAMonitor`.
         functional_probe: read the rank the task needs from the model's own loss on the first
             batch it trains on with every monitored ΔW cut to k directions (a few forward
             passes a snapshot, without gradients; the batch must hold ``labels``).

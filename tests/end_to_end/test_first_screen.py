@@ -12,7 +12,6 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from lora_monitor import LoRASubspaceMonitor
-from lora_monitor.engine import probe_runner
 from lora_monitor.outputs.tags import SCALAR_NAMES
 from tests.helpers.events import read_events
 from tests.helpers.lightning import CausalLMModule, make_trainer
@@ -42,11 +41,11 @@ def custom_scalars_layouts(log_dir: Path) -> list[layout_pb2.Layout]:
     return layouts
 
 
-def test_first_screen_of_a_32_layer_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(probe_runner, "BUDGET", float("inf"))  # every card at every snapshot of this short fit
+def test_first_screen_of_a_32_layer_model(tmp_path):
     # B starts at zero (a fresh start), so A₀ is known and a_init_similarity is logged too.
     model = tiny_llama_lora(num_layers=LAYERS, hidden_size=16, rank=4, randomize_B=False)
-    trainer = make_trainer(tmp_path, [LoRASubspaceMonitor(every_n_steps=2)], max_steps=SNAPSHOTS[-1])
+    monitor = LoRASubspaceMonitor(every_n_steps=2, probe_budget=float("inf"))  # every card at every snapshot
+    trainer = make_trainer(tmp_path, [monitor], max_steps=SNAPSHOTS[-1])
     trainer.fit(CausalLMModule(model))
     log_dir = Path(trainer.logger.log_dir)
     events = read_events(log_dir)

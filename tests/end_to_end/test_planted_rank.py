@@ -10,6 +10,8 @@ trained to match the teacher's last hidden states (MSE) on random tokens, a plai
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -23,13 +25,15 @@ from tests.helpers.teacher_student import HIDDEN, planted_teacher, train_student
 STEPS = 120
 
 
-def _train_student(planted: int, rank: int, seed: int, log_dir) -> LoRAMonitor:
+def _train_student(planted: int, rank: int, seed: int, log_dir, **options: Any) -> LoRAMonitor:
     teacher = planted_teacher({"q_proj": planted, "v_proj": planted})
     torch.manual_seed(seed)
     student = get_peft_model(
         tiny_llama(hidden_size=HIDDEN, seed=0), LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "v_proj"])
     )
-    monitor, _ = train_student(student, teacher, STEPS, log_dir=log_dir, every_n_steps=STEPS // 4, log_images=False)
+    monitor, _ = train_student(
+        student, teacher, STEPS, log_dir=log_dir, every_n_steps=STEPS // 4, log_images=False, **options
+    )
     return monitor
 
 

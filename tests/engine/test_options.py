@@ -29,6 +29,10 @@ from lora_monitor.engine import MonitorKwargs, MonitorOptions
         (dict(layers=["1"]), "layers"),
         (dict(reference=3), "reference"),
         (dict(adapter_dir=3), "adapter_dir"),
+        (dict(probe_budget=-0.01), "probe_budget must be a share of training"),
+        (dict(probe_budget="1%"), "probe_budget"),
+        (dict(probe_budget=True), "probe_budget"),
+        (dict(probe_budget=float("nan")), "probe_budget"),
     ],
 )
 def test_constructor_validates_arguments(kwargs, match):

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from lora_monitor import LoRAMonitor
-from lora_monitor.engine.probe_runner import BUDGET, PASSES_PER_STEP
+from lora_monitor.engine import MonitorOptions
+from lora_monitor.engine.probe_runner import PASSES_PER_STEP
 from tests.helpers.models import tiny_llama_lora
 
 STEPS, EVERY = 3000, 100
@@ -44,5 +45,8 @@ def test_group_readings_are_counted_in_the_probe_budget():
     # Before the end: within the budget, give or take one reading. Were the groups' passes not
     # counted, the schedule would read (joint + groups) / joint ≈ 2–3× as often as it may.
     reading_cost = joint + groups
-    assert before_end <= BUDGET * PASSES_PER_STEP * STEPS + reading_cost, (before_end, reading_cost)
+    assert before_end <= MonitorOptions().probe_budget * PASSES_PER_STEP * STEPS + reading_cost, (
+        before_end,
+        reading_cost,
+    )
     assert reading_cost > 1.5 * joint

@@ -67,13 +67,17 @@ def test_each_probe_loss_is_the_dense_truncated_model_s():
     assert monitor.recommendation.rank == reading.rank
 
 
-def test_reading_the_probe_changes_nothing_in_training(monkeypatch):
+def test_reading_the_probe_changes_nothing_in_training():
     """Same seeds, with and without the probe: the same losses and factors, bit for bit, the
     model back in training mode and the random generator where it was."""
-    monkeypatch.setattr(probe_runner, "BUDGET", float("inf"))  # read at every snapshot, mid-training
     with_probe, without = tiny_llama_lora(rank=4, seed=3), tiny_llama_lora(rank=4, seed=3)
     tokens = _batch(2)
-    monitor = LoRAMonitor(with_probe, every_n_steps=2, probe=lambda: with_probe(input_ids=tokens, labels=tokens).loss)
+    monitor = LoRAMonitor(
+        with_probe,
+        every_n_steps=2,
+        probe_budget=float("inf"),  # read at every snapshot, mid-training
+        probe=lambda: with_probe(input_ids=tokens, labels=tokens).loss,
+    )
     plain = LoRAMonitor(without, every_n_steps=2, functional_probe=False)
     torch.manual_seed(0)
     losses = _train(with_probe, 4, monitor)
@@ -207,6 +211,22 @@ def test_the_schedule_reads_within_its_budget_and_always_at_the_end():
     assert not probe.due(666) and probe.due(667)  # 10 passes ≤ 0.5 % of 3 × 667
     probe._start_step = None  # a monitor that never started: every snapshot is read
     assert probe.due(1)
+
+
+def test_the_budget_is_the_user_s():
+    def first_reading(budget: float, step: int) -> bool:
+        probe = LoRAMonitor(functional_probe=True, probe_budget=budget).probe_runner
+        probe.start(0)
+        probe.price = 11  # r = 16
+        return probe.due(step)
+
+    # 5 %: the first reading once 11 passes ≤ 5 % of 3 passes a step, at step 74 instead of 734.
+    assert not first_reading(0.05, 73) and first_reading(0.05, 74)
+    # 0: the end only; infinite: every snapshot, the first step included.
+    assert not first_reading(0.0, 10**9) and first_reading(float("inf"), 1)
+    probe = LoRAMonitor(functional_probe=True, probe_budget=0.0).probe_runner
+    probe.start(0)
+    assert probe.due(1, final=True)
 
 
 def test_a_short_run_is_probed_at_its_end_only_the_end_s_reading_the_whole_probe_s():

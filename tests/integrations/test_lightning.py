@@ -22,7 +22,6 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lora_monitor import LoRAMonitorError, LoRASubspaceMonitor
-from lora_monitor.engine import probe_runner
 from lora_monitor.outputs.plots import CARD_WIDTH, MASK_COLOR
 from lora_monitor.outputs.rank_text import CAUTIONS_BELOW, summary_line
 from lora_monitor.outputs.tags import (
@@ -44,10 +43,10 @@ from tests.helpers.lightning import CausalLMModule, CountingModule, make_trainer
 from tests.helpers.models import tiny_gpt2_lora, tiny_llama, tiny_llama_lora
 
 
-def test_tensorboard_run_has_heatmaps_and_scalars(tmp_path, monkeypatch):
-    monkeypatch.setattr(probe_runner, "BUDGET", float("inf"))  # read at every snapshot of this short fit
+def test_tensorboard_run_has_heatmaps_and_scalars(tmp_path):
     model = tiny_llama_lora(rank=4, num_layers=4, randomize_B=False)
-    monitor = LoRASubspaceMonitor(every_n_steps=2, reference="first")
+    # The probe read at every snapshot of this short fit.
+    monitor = LoRASubspaceMonitor(every_n_steps=2, reference="first", probe_budget=float("inf"))
     trainer = make_trainer(tmp_path, [monitor], max_steps=6)
     trainer.fit(CausalLMModule(model))
 
@@ -262,16 +261,17 @@ def test_fused_c_attn_is_split_into_q_and_v(tmp_path):
     assert all(a.phi.shape == (4, 4) for a in monitor.latest_analysis.values())
 
 
-def test_the_functional_probe_reads_training_step_and_changes_no_training(tmp_path, monkeypatch):
+def test_the_functional_probe_reads_training_step_and_changes_no_training(tmp_path):
     """With the probe (the default) and without: the same training losses, bit for bit; with
     it, a probe reading at every snapshot whose whole-update loss is ``training_step``'s loss
     on the fit's first batch, the model in eval mode."""
-    monkeypatch.setattr(probe_runner, "BUDGET", float("inf"))  # read at every snapshot of this short fit
     runs = {}
     for probe in (True, False):
         torch.manual_seed(0)
         model = tiny_llama_lora(rank=4)
-        monitor = LoRASubspaceMonitor(every_n_steps=2, log_images=False, functional_probe=probe)
+        monitor = LoRASubspaceMonitor(
+            every_n_steps=2, log_images=False, functional_probe=probe, probe_budget=float("inf")
+        )  # read at every snapshot of this short fit
         trainer = make_trainer(tmp_path / str(probe), [monitor], max_steps=6)
         module = CausalLMModule(model)
         trainer.fit(module)

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from lora_monitor import AnalysisWarning, LoRASubspaceCallback
-from lora_monitor.engine import probe_runner
 from lora_monitor.outputs.tags import (
     OVERVIEW_TAG,
     PROBE_RANK_TAG,
@@ -109,8 +108,9 @@ class StopAt(TrainerCallback):
 
 
 def _train_with_checkpoints(tokenizer, output_dir, lora_seed, stop_at=None, resume=None):
-    """Six steps planned (the learning-rate schedule depends on it), checkpoints every 3."""
-    callback = LoRASubspaceCallback(every_n_steps=EVERY, log_images=False)
+    """Six steps planned (the learning-rate schedule depends on it), checkpoints every 3; the
+    probe read at every snapshot (its state, the latest reading and the passes spent, resumes too)."""
+    callback = LoRASubspaceCallback(every_n_steps=EVERY, log_images=False, probe_budget=float("inf"))
     trainer = Trainer(
         model=lora_model(tokenizer, lora_seed=lora_seed),
         args=trainer_arguments(output_dir, max_steps=6, save_strategy="steps", save_steps=3),
@@ -123,7 +123,6 @@ def _train_with_checkpoints(tokenizer, output_dir, lora_seed, stop_at=None, resu
 
 def test_resume_from_a_checkpoint_gives_the_uninterrupted_figures(tokenizer, tmp_path, monkeypatch):
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
-    monkeypatch.setattr(probe_runner, "BUDGET", float("inf"))  # the probe read at every snapshot
     whole = tmp_path / "whole"
     _train_with_checkpoints(tokenizer, whole, lora_seed=0)
     interrupted = tmp_path / "interrupted"
@@ -157,10 +156,11 @@ def test_the_functional_probe_reads_the_model_s_loss_and_changes_no_training(tok
     a reading at every snapshot whose whole-update loss is the model's own loss on the first
     batch it trained on, the model in eval mode."""
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
-    monkeypatch.setattr(probe_runner, "BUDGET", float("inf"))  # read at every snapshot of this short run
     runs = {}
     for probe in (True, False):
-        callback = LoRASubspaceCallback(every_n_steps=EVERY, log_images=False, functional_probe=probe)
+        callback = LoRASubspaceCallback(
+            every_n_steps=EVERY, log_images=False, functional_probe=probe, probe_budget=float("inf")
+        )  # read at every snapshot of this short run
         model = lora_model(tokenizer)
         first: list[dict] = []
 
