@@ -61,12 +61,14 @@ class Progress:
         snapshot_step: the step of the latest snapshot taken (saved as ``"last_step"``).
         latest: the latest analyzed snapshot's outcome: its analyses, probe and recommendation.
         recommendation: the rank suggested when training ended, the latest analysis's.
+        last_step: the step training is planned to end at, where the front-end knows it.
     """
 
     training_step: Optional[int] = None
     snapshot_step: Optional[int] = None
     latest: Optional[Outcome] = None
     recommendation: Optional[RankRecommendation] = None
+    last_step: Optional[int] = None
 
 
 @spells_out_options
@@ -302,9 +304,13 @@ class LoRAMonitor:
                 target=importlib.import_module, args=("lora_monitor.outputs.rendering",), daemon=True
             ).start()
 
-    def start(self, step: int) -> None:
+    def start(self, step: int, last_step: Optional[int] = None) -> None:
         """Training starts at ``step``: from a fresh start (0), keep the factors before the
-        first optimizer step (``a_init_similarity``, a PiSSA-like initialization's B₀, A₀)."""
+        first optimizer step (``a_init_similarity``, a PiSSA-like initialization's B₀, A₀).
+        ``last_step``: where training is planned to end (``max_steps``), where the front-end
+        knows it: a snapshot due there is the last one, its probe always read, so that its
+        TensorBoard cards say what the end-of-fit recommendation says."""
+        self._progress.last_step = last_step
         if self.references.initial is None:
             note = self.references.start(self._capture(step, base_numbers=False)[0], step)
             if note is not None:
@@ -319,7 +325,7 @@ class LoRAMonitor:
         # slows training down, rather than piling snapshots up in memory.
         self._collect(wait=due)
         if due:
-            self._take_snapshot(step)
+            self._take_snapshot(step, final=step == self._progress.last_step)
 
     def finish(self, step: int) -> None:
         """Training ended at ``step``: a last snapshot, every pending result written, and the
@@ -330,8 +336,9 @@ class LoRAMonitor:
         self._collect(wait=True)
         latest = progress.latest
         if latest is not None and self._monitored is not None and self.probe_runner.skipped == step:
-            # The probe's schedule skipped the last snapshot (its cards carry the reading before):
-            # the recommendation rests on the probe of its own step, decided again.
+            # The probe's schedule skipped the last snapshot, not known to be the last (a plain
+            # loop; its cards carry the reading before): the recommendation rests on the probe of
+            # its own step, decided again.
             latest = progress.latest = dataclasses.replace(
                 latest, probe=self._read_probe(step, final=True), problems=[]
             )

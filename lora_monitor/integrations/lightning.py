@@ -37,6 +37,18 @@ def _quiet_training_step(pl_module: pl.LightningModule, batch: Any) -> Any:
         del pl_module.log, pl_module.log_dict  # the class's methods again
 
 
+def _planned_steps(trainer: pl.Trainer) -> Optional[int]:
+    """The optimizer steps the fit is planned to end at: ``max_steps``, else Lightning's own
+    estimate from the epochs and the data (None where it cannot tell, e.g. an iterable dataset)."""
+    if trainer.max_steps > 0:
+        return trainer.max_steps
+    try:
+        planned = trainer.estimated_stepping_batches
+    except Exception:  # an estimate only: the monitor does without it
+        return None
+    return int(planned) if planned != float("inf") else None
+
+
 class LoRASubspaceMonitor(EngineResults, Callback):
     r"""Watch the low-rank updates ΔW = s·B·A of a peft LoRA model while Lightning trains it.
 
@@ -137,7 +149,7 @@ class LoRASubspaceMonitor(EngineResults, Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.engine.start(trainer.global_step)
+        self.engine.start(trainer.global_step, last_step=_planned_steps(trainer))
 
     @override
     def on_train_batch_start(

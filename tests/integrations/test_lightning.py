@@ -30,6 +30,7 @@ from lora_monitor.outputs.tags import (
     PROBE_RANK_TAG,
     RECOMMENDATION_TAG,
     SCALAR_NAMES,
+    SUGGESTED_TAG,
     heatmap_tag,
     is_monitor_tag,
     recommendation_scalars,
@@ -309,3 +310,20 @@ def test_manual_optimization_has_no_probe_and_says_so_once(tmp_path, caplog):
     assert len(said) == 1 and "probe does not run: under manual optimization" in said[0]
     assert monitor.recommendation.probe is None
     assert monitor.recommendation.cautions[0].startswith("spectrum only")
+
+
+@pytest.mark.parametrize("planned", [dict(max_steps=6), dict(max_steps=-1, max_epochs=1)])
+def test_the_last_snapshot_says_what_the_end_of_fit_says(tmp_path, planned):
+    """At the default probe budget a short fit is probed at its end only; where the fit ends on a
+    snapshot's step (``max_steps``, or Lightning's estimate from the epochs: 8 batches), that
+    snapshot is the end's: its TensorBoard cards carry the reading the recommendation rests on."""
+    monitor = LoRASubspaceMonitor(every_n_steps=2, log_images=False)
+    trainer = make_trainer(tmp_path, [monitor], **planned)
+    trainer.fit(CausalLMModule(tiny_llama_lora(rank=4)))
+    last = trainer.global_step
+    assert last == (6 if trainer.max_steps > 0 else 8)
+    events = read_events(trainer.logger.log_dir)
+    recommendation = monitor.recommendation
+    assert recommendation.probe is not None and recommendation.probe.rank is not None
+    assert scalar_series(events, PROBE_RANK_TAG) == {last: recommendation.probe.rank}  # read there only
+    assert scalar_series(events, SUGGESTED_TAG)[last] == recommendation.rank

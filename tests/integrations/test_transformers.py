@@ -357,3 +357,23 @@ def test_the_transformers_front_end_runs_without_lightning(tmp_path):
     assert scalar_tag("delta_w_norm", (0, "q")) in result["tags"]
     assert "LoRA_rank/suggested.model" in result["tags"]
     assert "pip install 'lora-monitor[lightning]'" in result["message"]
+
+
+def test_the_last_snapshot_says_what_the_end_of_training_says(tokenizer, tmp_path, monkeypatch):
+    """At the default probe budget a short run is probed at its end only; the Trainer's
+    ``max_steps`` falling on a snapshot's step, that snapshot is the end's: its cards carry the
+    reading the recommendation rests on."""
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    callback = LoRASubspaceCallback(every_n_steps=EVERY, log_images=False)
+    Trainer(
+        model=lora_model(tokenizer),
+        args=trainer_arguments(tmp_path, max_steps=6),
+        train_dataset=TokenDataset(tokenizer),
+        callbacks=[callback],
+    ).train()
+    (run,) = run_dirs(tmp_path)
+    rank_scalars = scalar_values(read_events(run), "LoRA_rank")
+    recommendation = callback.recommendation
+    assert recommendation.probe is not None and recommendation.probe.rank is not None
+    assert rank_scalars[PROBE_RANK_TAG] == {6: recommendation.probe.rank}  # read there only
+    assert rank_scalars[SUGGESTED_TAG][6] == recommendation.rank
