@@ -20,7 +20,9 @@ from matplotlib.artist import Artist
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from matplotlib.text import Text
+from matplotlib.textpath import text_to_path
 
 from lora_monitor.adapters import ModuleKey
 from lora_monitor.analysis.rank import RankRecommendation
@@ -112,6 +114,20 @@ class _Changing:
         self.artists.extend((ax, artist) for artist in artists)
 
 
+def _text_width(text: str, size: float, weight: str = "normal") -> float:
+    """How wide ``text`` is set at ``size`` (points; a ``$…$`` text as mathtext)."""
+    properties = FontProperties(size=size, weight=weight)
+    return float(text_to_path.get_text_width_height_descent(text, properties, ismath=text.startswith("$"))[0])
+
+
+def _fitting_size(text: str, size: float, available: float, weight: str = "normal") -> float:
+    """``size``, or the smaller size at which ``text`` is ``available`` points wide: a heading or
+    title that says more (an "r may be too small", a long rank list) shrinks instead of running
+    off the card or into its neighbour."""
+    width = _text_width(text, size, weight)
+    return size if width <= available else size * available / width
+
+
 def _gap_title(content: OverviewContent, projection: str, gap: Optional[int]) -> str:
     r_text = "/".join(str(r) for r in sorted({r for key, r, _ in content.modules if key[1] == projection}))
     return f"gap {gap or 'none'}, r = {r_text}"
@@ -134,8 +150,17 @@ def _gap_panel(
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(4, integer=True))
     # The mathtext label alone, constant over a run (matplotlib caches its parse, which costs
     # tens of ms a title); the numbers that change go in plain text beside it.
-    ax.set_title(projection_label(projection), fontsize=CARD_FONT - 1, loc="left", pad=3)
-    title = ax.set_title(_gap_title(content, projection, gap), fontsize=CARD_FONT - 2, loc="right", pad=3)
+    label = projection_label(projection)
+    ax.set_title(label, fontsize=CARD_FONT - 1, loc="left", pad=3)
+    # What the right title may take: the panel's width but the label's and a space.
+    panel_width = ax.get_position().width * CARD_WIDTH / DPI * 72
+    room = panel_width - _text_width(label, CARD_FONT - 1) - 4
+
+    def title_size(text: str) -> float:
+        return _fitting_size(text, CARD_FONT - 2, room)
+
+    text = _gap_title(content, projection, gap)
+    title = ax.set_title(text, fontsize=title_size(text), loc="right", pad=3)
     ax.set_xlabel("layer", fontsize=CARD_FONT - 2, labelpad=0)
     # The r line is the frame's, drawn again over the bars, as the whole figure draws it.
     changing.add(ax, *bars.patches, r_line, suggestion, title)
@@ -146,7 +171,9 @@ def _gap_panel(
             bar.set_height(height)
         suggestion.set_ydata([content.rank or 1] * 2)
         suggestion.set_visible(bool(content.rank))
-        title.set_text(_gap_title(content, projection, dict(content.projections)[projection]))
+        text = _gap_title(content, projection, dict(content.projections)[projection])
+        title.set_text(text)
+        title.set_fontsize(title_size(text))
 
     changing.setters.append(follow)
 
@@ -221,11 +248,22 @@ def _draw(content: OverviewContent) -> tuple[Figure, _Changing]:
         ax = figure.add_subplot(grid[divmod(len(projections), columns)])
         _probe_panel(ax, content, top_rank, changing)
         ax.tick_params(labelsize=CARD_FONT - 2, length=2, pad=1)
+
+    def heading_size(words: str) -> float:
+        return _fitting_size(words, CARD_FONT + 1, 0.96 * width * 72, weight="bold")
+
+    first = _heading(content)
     text = figure.text(
-        0.5, 1 - 0.08 / height, _heading(content), ha="center", va="top", fontsize=CARD_FONT + 1, weight="bold"
+        0.5, 1 - 0.08 / height, first, ha="center", va="top", fontsize=heading_size(first), weight="bold"
     )
     changing.add(None, text)
-    changing.setters.append(lambda content: text.set_text(_heading(content)))
+
+    def follow(content: OverviewContent) -> None:
+        words = _heading(content)
+        text.set_text(words)
+        text.set_fontsize(heading_size(words))
+
+    changing.setters.append(follow)
     legend = "bars: ΔW's spectral gap rank per layer; red: suggestion; dashed: r"
     if content.probe:
         legend += "\nprobe: share of the loss reduction kept with every ΔW cut to k"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from lora_monitor.analysis import Snapshot, analyze
 from lora_monitor.analysis.probe import read_probe
@@ -60,3 +61,36 @@ def test_without_a_probe_the_overview_has_the_projections_only():
     factors = random_factors(4, ("q", "k", "v"), rank=8, seed=1, n=32)
     figure = overview.overview_figure(recommend_rank(analyze(Snapshot(step=5, factors=factors))))
     assert len(figure.axes) == 3 and "probe" not in " ".join(ax.get_title(loc="left") for ax in figure.axes)
+
+
+def _overlaps(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_the_heading_and_the_titles_fit_their_card_whatever_they_say():
+    """A run told "r may be too small" has the longest heading, three panels a row the narrowest
+    titles: the heading stays inside the card and no panel's two titles run into each other,
+    drawn whole or into a kept frame (``OverviewCanvas``)."""
+    factors = random_factors(4, ("q", "v"), rank=16, seed=0, n=64)
+    every_direction = read_probe(lambda k: 1e-3 * math.exp(-3 * min(1, k / 13)), 16)  # 12 of 16 keep 92 %
+    long = recommend_rank(analyze(Snapshot(step=5, factors=factors)), probe=every_direction)
+    assert long.too_small and long.low < long.high
+    short = recommend_rank(analyze(Snapshot(step=5, factors=factors)), probe=_probe(16))
+    assert overview.overview_structure(overview.overview_content(long)) == overview.overview_structure(
+        overview.overview_content(short)
+    )
+    canvas = overview.OverviewCanvas(overview.overview_content(short))
+    canvas.image(overview.overview_content(long))  # the frame of the short one, the texts of the long one
+    for figure in (overview.overview_figure(long), canvas.figure):
+        renderer = FigureCanvasAgg(figure).get_renderer()
+        card = figure.bbox
+        (heading,) = [t for t in figure.texts if t.get_text().startswith("suggested rank")]
+        assert "r may be too small" in heading.get_text()
+        box = heading.get_window_extent(renderer)
+        assert card.x0 <= box.x0 and box.x1 <= card.x1, (box, card)
+        for ax in figure.axes:
+            left, right = ax._left_title, ax._right_title  # set_title(loc="left" | "right")
+            assert not _overlaps(left.get_window_extent(renderer), right.get_window_extent(renderer)), (
+                left.get_text(),
+                right.get_text(),
+            )
