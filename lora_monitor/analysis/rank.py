@@ -260,9 +260,10 @@ def _cautions(
         cautions.append(
             "spectrum only: no probe reading (a saved adapter has none; live, the probe is read "
             "once its cost fits within its share of the training so far, the option probe_budget "
-            "(0.5 %: after a few hundred steps), and always at the end — docs/performance.md; a plain loop gives "
-            "LoRAMonitor(probe=...)), so the suggestion is ΔW's spectral gaps alone, which in "
-            "validation came right later in training than the probe did (docs/rank.md)"
+            "(0.5 % by default: after a few hundred steps), and always at the end — "
+            "docs/performance.md; a plain loop gives LoRAMonitor(probe=...)), so the suggestion is "
+            "ΔW's spectral gaps alone, which in validation came right later in training than the "
+            "probe did (docs/rank.md)"
         )
     elif probe.rank is None:
         cautions.append(

@@ -61,14 +61,15 @@ class Progress:
         snapshot_step: the step of the latest snapshot taken (saved as ``"last_step"``).
         latest: the latest analyzed snapshot's outcome: its analyses, probe and recommendation.
         recommendation: the rank suggested when training ended, the latest analysis's.
-        last_step: the step training is planned to end at, where the front-end knows it.
+        planned_end: the step training is planned to end at, where the front-end knows it
+            (not ``snapshot_step``, which the checkpoint saves as ``"last_step"``).
     """
 
     training_step: Optional[int] = None
     snapshot_step: Optional[int] = None
     latest: Optional[Outcome] = None
     recommendation: Optional[RankRecommendation] = None
-    last_step: Optional[int] = None
+    planned_end: Optional[int] = None
 
 
 @spells_out_options
@@ -304,13 +305,13 @@ class LoRAMonitor:
                 target=importlib.import_module, args=("lora_monitor.outputs.rendering",), daemon=True
             ).start()
 
-    def start(self, step: int, last_step: Optional[int] = None) -> None:
+    def start(self, step: int, planned_end: Optional[int] = None) -> None:
         """Training starts at ``step``: from a fresh start (0), keep the factors before the
         first optimizer step (``a_init_similarity``, a PiSSA-like initialization's B₀, A₀).
-        ``last_step``: where training is planned to end (``max_steps``), where the front-end
+        ``planned_end``: the step training is planned to end at (``max_steps``), where the front-end
         knows it: a snapshot due there is the last one, its probe always read, so that its
         TensorBoard cards say what the end-of-fit recommendation says."""
-        self._progress.last_step = last_step
+        self._progress.planned_end = planned_end
         if self.references.initial is None:
             note = self.references.start(self._capture(step, base_numbers=False)[0], step)
             if note is not None:
@@ -325,7 +326,7 @@ class LoRAMonitor:
         # slows training down, rather than piling snapshots up in memory.
         self._collect(wait=due)
         if due:
-            self._take_snapshot(step, final=step == self._progress.last_step)
+            self._take_snapshot(step, final=step == self._progress.planned_end)
 
     def finish(self, step: int) -> None:
         """Training ended at ``step``: a last snapshot, every pending result written, and the

@@ -37,7 +37,7 @@ def _quiet_training_step(pl_module: pl.LightningModule, batch: Any) -> Any:
         del pl_module.log, pl_module.log_dict  # the class's methods again
 
 
-def _planned_steps(trainer: pl.Trainer) -> Optional[int]:
+def _planned_end(trainer: pl.Trainer) -> Optional[int]:
     """The optimizer steps the fit is planned to end at: ``max_steps``, else Lightning's own
     estimate from the epochs and the data (None where it cannot tell, e.g. an iterable dataset)."""
     if trainer.max_steps > 0:
@@ -149,7 +149,7 @@ class LoRASubspaceMonitor(EngineResults, Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.engine.start(trainer.global_step, last_step=_planned_steps(trainer))
+        self.engine.start(trainer.global_step, planned_end=_planned_end(trainer))
 
     @override
     def on_train_batch_start(

@@ -144,7 +144,7 @@ class LoRASubspaceCallback(EngineResults, TrainerCallback):
         self.engine.attach(model, rank_context=rank_context, outputs=outputs)
         if state.global_step > 0:
             self._resume(args, state)
-        self.engine.start(state.global_step, last_step=state.max_steps or None)
+        self.engine.start(state.global_step, planned_end=state.max_steps or None)
         if self.engine.wants_probe_batch:
             self._capture_first_batch(model)
 
