@@ -33,7 +33,8 @@ Candidates (named as in the benchmark's table):
 - ``probe90`` / ``probe95`` (:func:`functional_probe`): the smallest k whose joint truncation
   keeps 90 / 95 % of the loss reduction ``loss(0) − loss(full)`` on the probe batch;
   ``probe_log``: 95 % of the reduction in log loss (the benchmark's own knee rule, applied to
-  the probe batch and to the update so far).
+  the probe batch and to the update so far), measured to the lowest loss read on the way up the
+  grid (the package's probe since 7 December 2026; before, to loss(r)).
 - with a reference run (another seed): ``ref_dw``, ``ref_A``: the overlap rank of the directions
   shared clearly above chance in ΔW's left singular vectors / in A's right singular vectors
   (the paper's method, as the package's former reference rule read it: :func:`overlap_rank`).
@@ -221,19 +222,38 @@ def functional_probe(
     keep: float = 0.9,
     grid: Optional[Sequence[int]] = None,
     log: bool = False,
+    to_lowest: Optional[float] = None,
 ) -> int:
     """The smallest k (on ``grid``, capped at r) whose joint truncation of every ΔW to its top k
     directions keeps ``keep`` of the loss reduction of the whole update on the probe batch:
     ``loss(k) ≤ loss(r) + (1 − keep)·(loss(0) − loss(r))``; 0 when the update does not reduce
     the loss. With ``log``, the reduction is measured in log loss (the benchmark's knee rule:
     ``log loss(k) ≤ log loss(r) + (1 − keep)·(log loss(0) − log loss(r))``). Scanned upwards from
-    k = 1."""
+    k = 1.
+
+    With ``to_lowest`` (a share, the package's ``RULE.keep_high``), the reduction is measured to
+    the lowest loss met instead of loss(r), as the knee rule measures it to the lowest point of
+    its curve, and the grid is read upwards as the package reads it: until some k read keeps
+    ``to_lowest`` of the reduction to the lowest loss so far and k's loss is not a new lowest."""
     loss0, full = loss_at(0), loss_at(r)
     if loss0 - full <= 0 or full <= 0:
         return 0
-    bar = full * (loss0 / full) ** (1 - keep) if log else full + (1 - keep) * (loss0 - full)
     ks = sorted({k for k in (grid or range(1, r + 1)) if 0 < k < r})
-    return next((k for k in ks if loss_at(k) <= bar), r)
+    if to_lowest is None:
+        bar = full * (loss0 / full) ** (1 - keep) if log else full + (1 - keep) * (loss0 - full)
+        return next((k for k in ks if loss_at(k) <= bar), r)
+    read = {r: full}
+
+    def bar(share: float) -> float:
+        lowest = min(read.values())
+        return lowest * (loss0 / lowest) ** (1 - share) if log else lowest + (1 - share) * (loss0 - lowest)
+
+    for k in ks:
+        before = min(read.values())
+        read[k] = loss_at(k)
+        if read[k] >= before and any(j <= k and x <= bar(to_lowest) for j, x in read.items()):
+            break
+    return next(k for k in sorted(read) if read[k] <= bar(keep))
 
 
 # ------------------------------------------------------------------------------ aggregation

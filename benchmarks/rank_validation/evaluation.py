@@ -192,8 +192,12 @@ def candidates_at(run: dict, ref: Optional[dict], fraction: float, probe: Callab
         ri = snapshot_index(ref, fraction)
         per_module |= rc.reference_candidates(B, A, ref["B"][ri], ref["A"][ri], s, ref["scaling"])
     probes = {
-        name: rc.functional_probe(probe, run["rank"], keep=keep, grid=TRUNC_K, log=log)
-        for name, keep, log in (("probe90", 0.90, False), ("probe95", 0.95, False), ("probe_log", 0.95, True))
+        name: rc.functional_probe(probe, run["rank"], keep=keep, grid=TRUNC_K, log=log, to_lowest=to_lowest)
+        for name, keep, log, to_lowest in (
+            ("probe90", 0.90, False, None),
+            ("probe95", 0.95, False, None),
+            ("probe_log", 0.95, True, 0.98),
+        )
     }
     return {
         "per_module": {name: v.tolist() for name, v in per_module.items()},

@@ -4,10 +4,13 @@ At a snapshot, every monitored ΔW is cut to its top k directions at once and th
 model is measured on one fixed batch (:class:`~lora_monitor.adapters.truncation.LiveTruncation`
 does the cutting; a front-end gives the loss: Lightning's ``training_step``, the transformers
 model's own loss, a plain loop's ``probe=``). The update so far lowered the loss from ``loss(0)``
-(no update) to ``loss(r)``; the rank it needs is the smallest k that keeps ``RULE.keep`` of that
-reduction, measured in log loss — a loss that fell a hundredfold is cut at the same share of the
-way as one that halved. It reads the task, not r: directions that only add noise raise the loss
-or leave it where it is, so they never count.
+(no update) to the lowest loss it reads — ``loss(r)``, unless fewer directions do better, as they
+do where the update's noise directions hurt (rsLoRA's large scaling, a high learning rate) —
+and the rank it needs is the smallest k that keeps ``RULE.keep`` of that reduction, measured in
+log loss: a loss that fell a hundredfold is cut at the same share of the way as one that halved.
+The validation's truth is defined the same way (the knee of held-out loss against its lowest
+point). It reads the task, not r: directions that only add noise raise the loss or leave it
+where it is, so they never count.
 """
 
 from __future__ import annotations
@@ -45,40 +48,50 @@ class ProbeReading:
     seconds: float = 0.0
     groups: dict[str, ProbeReading] = field(default_factory=dict)
 
+    @property
+    def lowest(self) -> float:
+        """The lowest loss read with any update (``losses[r]`` unless fewer directions did better)."""
+        return min(loss for k, loss in self.losses.items() if k > 0 and math.isfinite(loss))
+
     def kept(self, k: int) -> float:
-        """The share of the whole update's log-loss reduction that rank ``k`` keeps."""
-        full, none = math.log(self.losses[self.r]), math.log(self.losses[0])
-        return (none - math.log(self.losses[k])) / (none - full)
+        """The share of the log-loss reduction, from ``losses[0]`` to :attr:`lowest`, that rank ``k`` keeps."""
+        lowest, none = math.log(self.lowest), math.log(self.losses[0])
+        return (none - math.log(self.losses[k])) / (none - lowest)
+
+    def first_keeping(self, share: float) -> Optional[int]:
+        """The smallest k read that keeps ``share`` of the reduction (None: none does)."""
+        return next((k for k in sorted(self.losses) if k > 0 and self.kept(k) >= share), None)
 
 
 def read_probe(loss_at: Callable[[int], float], r: int, base: Optional[float] = None) -> ProbeReading:
     """Cut to 0 and to r, then upwards through ``RULE.grid`` until ``RULE.keep_high`` of the
-    log-loss reduction is kept (2 + a few forward passes: the suggestion is usually small).
+    log-loss reduction is kept and the loss has stopped falling below the lowest read (2 + a few
+    forward passes: the suggestion is usually small, and the loss at r is usually the lowest).
 
     ``base``: ``loss_at(0)`` where the caller knows it (the loss with no update at all is the
     frozen model's, the same at every snapshot while nothing else trains): one forward fewer.
     The grid is still walked from 1 upwards: the suggestion is the *first* k keeping the share,
-    and the curve need not rise monotonically (noise directions can raise the loss), so no
-    bisection or warm start is sure to find the same k."""
+    and the curve need not fall monotonically (noise directions can raise the loss), so no
+    bisection or warm start is sure to find the same k. Where a cut beats the whole update, the
+    walk goes on while the loss still falls, so that the reduction is measured to the bottom of
+    the curve rather than to the first k that happens to beat a noisy ``loss(r)``."""
     start = time.perf_counter()
     losses = {0: float(loss_at(0)) if base is None else base, r: float(loss_at(r))}
     if not (math.isfinite(losses[0]) and math.isfinite(losses[r]) and 0 < losses[r] < losses[0]):
         return ProbeReading(r, losses, seconds=time.perf_counter() - start)
     reading = ProbeReading(r, losses)
-    found: dict[float, int] = {}
-    for k in [k for k in RULE.grid if k < r] + [r]:
-        if k not in losses:
-            losses[k] = float(loss_at(k))
-        for share in (RULE.keep_low, RULE.keep, RULE.keep_high):
-            if share not in found and reading.kept(k) >= share:
-                found[share] = k
-        if RULE.keep_high in found:
+    for k in [k for k in RULE.grid if k < r]:
+        lowest = reading.lowest
+        losses[k] = float(loss_at(k))
+        walked_far_enough = (reading.first_keeping(RULE.keep_high) or r) <= k
+        if walked_far_enough and not losses[k] < lowest:
             break
+    keeping = {share: reading.first_keeping(share) for share in (RULE.keep_low, RULE.keep, RULE.keep_high)}
     return ProbeReading(
         r,
         dict(sorted(losses.items())),
-        found[RULE.keep],
-        found[RULE.keep_low],
-        found[RULE.keep_high],
+        keeping[RULE.keep],
+        keeping[RULE.keep_low],
+        keeping[RULE.keep_high],
         time.perf_counter() - start,
     )

@@ -46,8 +46,35 @@ def test_noise_that_raises_the_loss_never_counts():
     # The whole update is worse than its top 3 directions (noise that hurts): rank 3 keeps it all.
     r = 64
     losses = {0: 1.0, 1: 0.2, 2: 0.05, 3: 0.01, 4: 0.011, 5: 0.012, 6: 0.013, 8: 0.015, 64: 0.03}
-    reading = read_probe(_curve(losses)[0], r)
-    assert reading.rank <= 3 and reading.high <= 3
+    loss_at, asked = _curve(losses)
+    reading = read_probe(loss_at, r)
+    assert reading.lowest == 0.01 and reading.rank == 3 and reading.high == 3
+    assert max(asked) == r and 5 not in asked  # walked one past the bottom, no further
+
+
+def test_a_cut_that_beats_a_noisy_whole_update_does_not_end_the_walk_while_the_loss_falls():
+    # rsLoRA-like: 1 direction already beats the whole update (its noise directions hurt), but
+    # the curve goes on falling to k = 4. Measured against loss(r), k = 1 "keeps 100 %" and
+    # would be the answer; measured to the bottom of the curve, 1 keeps only 73 % of it.
+    r = 64
+    bottom = {0: 1.0, 1: 0.04, 2: 0.02, 3: 0.015, 4: 0.012, 5: 0.0125, 6: 0.013}
+    losses = {**bottom, **{k: 0.014 for k in GRID if k > 6}, r: 0.05}
+    loss_at, asked = _curve(losses)
+    reading = read_probe(loss_at, r)
+    assert reading.lowest == 0.012
+    expected = {share: min(k for k in bottom if k and _kept(bottom, k, 4) >= share) for share in (KEEP_LOW, KEEP)}
+    assert (reading.low, reading.rank) == (expected[KEEP_LOW], expected[KEEP]) == (3, 4)
+    assert reading.kept(1) < KEEP_LOW and reading.kept(reading.r) < 1
+    assert asked == [0, r, 1, 2, 3, 4, 5]  # stopped at the first k that did not fall further
+
+
+def test_a_curve_falling_to_r_is_walked_no_further_than_the_share():
+    # The loss at r is the lowest: the walk stops at the first k keeping RULE.keep_high of it.
+    r = 64
+    losses = {k: 0.01 + 0.99 * math.exp(-k) for k in range(r + 1)}
+    loss_at, asked = _curve(losses)
+    reading = read_probe(loss_at, r)
+    assert reading.lowest == losses[r] and max(asked[2:]) == reading.high < 12
 
 
 @pytest.mark.parametrize("full", [1.0, 1.5, float("nan")])
