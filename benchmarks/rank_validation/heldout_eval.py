@@ -247,17 +247,17 @@ def _cell(reading: dict, k_star: int) -> str:
     return f"{rank}{likely} {_mark(k_star <= rank <= 2 * k_star)}"
 
 
-def _fires(run: dict, f: str, group: str = "all", proposal: bool = False) -> bool:
+def _fires(run: dict, f: str, group: str = "all", former: bool = False) -> bool:
     """Whether "r may be too small" is said at fraction ``f``: the package's rule (the probe needs
-    all r directions) or the proposal of the report (the probe needs more than r/2 of them)."""
+    more than r/2 directions) or its former rule (the probe needs all r of them)."""
     reading = run["readings"][f][group]
-    if not proposal:
+    if not former:
         return bool(reading["too_small"])
-    return reading["probe"] is not None and reading["probe"] > run["rank"] / 2
+    return reading["probe"] is not None and reading["probe"] >= run["rank"]
 
 
-def _small(run: dict, group: str = "all", proposal: bool = False) -> str:
-    fired = [f for f in ("0.1", "0.25", "0.5", "0.75", "1.0") if _fires(run, f, group, proposal)]
+def _small(run: dict, group: str = "all", former: bool = False) -> str:
+    fired = [f for f in ("0.1", "0.25", "0.5", "0.75", "1.0") if _fires(run, f, group, former)]
     return "at " + ", ".join(f"{float(f):.0%}" for f in fired) if fired else "never"
 
 
@@ -297,7 +297,7 @@ def report_heldout(cache: pathlib.Path, settings: Settings) -> bool:
     big = settings.big_rank
     rows, small_rows = [], []
     hits: dict[str, list[bool]] = {f: [] for f in ("0.1", "0.25", "0.5", "0.75", "1.0")}
-    below_ok, above_ok, below_proposal, above_proposal = [], [], [], []
+    below_ok, above_ok, below_former, above_former = [], [], [], []
     per_kind_rows = []
     for case in HELDOUT_CASES:
         runs = results.get(case.name)
@@ -330,14 +330,15 @@ def report_heldout(cache: pathlib.Path, settings: Settings) -> bool:
         )
         if big >= 2 * k_star:
             above_ok.append(not any(_fires(run, f) for f in hits))
-            above_proposal.append(not any(_fires(run, f, proposal=True) for f in hits))
+            above_former.append(not any(_fires(run, f, former=True) for f in hits))
         for other in runs.values():
             r = other["rank"]
             if r >= k_star and r < 2 * k_star and r != big:
                 continue
             if r < k_star:
-                below_ok.append(_fires(other, "0.25") or _fires(other, "0.5"))
-                below_proposal.append(_fires(other, "0.25", proposal=True) or _fires(other, "0.5", proposal=True))
+                by_half = ("0.1", "0.25", "0.5")
+                below_ok.append(any(_fires(other, f) for f in by_half))
+                below_former.append(any(_fires(other, f, former=True) for f in by_half))
             small_rows.append(
                 [
                     case.name,
@@ -345,7 +346,7 @@ def report_heldout(cache: pathlib.Path, settings: Settings) -> bool:
                     k_star,
                     "below k*" if r < k_star else ("≥ 2k*" if r >= 2 * k_star else "k*…2k*"),
                     _small(other),
-                    _small(other, proposal=True),
+                    _small(other, former=True),
                     " / ".join(str(other["readings"][f]["all"]["rank"]) for f in ("0.25", "0.5", "1.0")),
                 ]
             )
@@ -382,7 +383,7 @@ def report_heldout(cache: pathlib.Path, settings: Settings) -> bool:
                 "k*",
                 "r vs k*",
                 "said",
-                "proposal (probe > r/2) would say",
+                "the former rule (probe needs all r) said",
                 "suggestion 25 % / 50 % / 100 %",
             ],
             small_rows,
@@ -390,8 +391,8 @@ def report_heldout(cache: pathlib.Path, settings: Settings) -> bool:
     )
     print(
         f"\nruns below k* that said it by half of training: {sum(below_ok)}/{len(below_ok)}; "
-        f"runs at r ≥ 2k* that never said it: {sum(above_ok)}/{len(above_ok)}. The proposal (not the "
-        f"package's rule): {sum(below_proposal)}/{len(below_proposal)} and {sum(above_proposal)}/{len(above_proposal)}"
+        f"runs at r ≥ 2k* that never said it: {sum(above_ok)}/{len(above_ok)}. The former rule (the probe "
+        f"needs all r): {sum(below_former)}/{len(below_former)} and {sum(above_former)}/{len(above_former)}"
     )
     if per_kind_rows:
         print("\n## Per group (attention / MLP), each cut with the other whole\n")

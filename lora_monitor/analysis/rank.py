@@ -17,7 +17,8 @@ it is right is in docs/rank.md, "How right it is". Two readings, and the suggest
 What the validation showed decides the strength said beside it: the probe and the gaps more
 than twice apart happened only early in training (and the probe was then wrong), so that
 reads as weak; without a probe the gaps alone are weak evidence (they came right later in
-training than the probe). The probe keeping nothing but the whole update says r may be too small.
+training than the probe). The probe needing more than half of the r directions says r may be too
+small.
 Directions shared with another run (the paper's φ) are shown beside, not used: in ΔW's bases
 they count the update's structured noise, which two seeds share too.
 """
@@ -133,8 +134,8 @@ class KindAnswer:
 
     @property
     def too_small(self) -> bool:
-        """The group's probe needs every direction of its r: more might help."""
-        return self.probe is not None and self.probe.rank is not None and self.probe.rank >= self.r
+        """The group's probe needs more than half the directions of its r: more might help."""
+        return _needs_more(self.probe, self.r)
 
 
 @dataclass(frozen=True)
@@ -225,9 +226,14 @@ class RankRecommendation:
 
     @property
     def too_small(self) -> bool:
-        """The probe needs the whole update: every direction of r counts, more might help (the
-        model's reading; each group's is :attr:`KindAnswer.too_small` in :attr:`kinds`)."""
-        return self.probe is not None and self.probe.rank is not None and self.probe.rank >= self.r
+        """The probe needs more than half of the r directions: more might help (the model's
+        reading; each group's is :attr:`KindAnswer.too_small` in :attr:`kinds`)."""
+        return _needs_more(self.probe, self.r)
+
+
+def _needs_more(probe: Optional[ProbeReading], r: int) -> bool:
+    """The probe's rank above ``RULE.too_small`` · r: r may be too small."""
+    return probe is not None and probe.rank is not None and probe.rank > RULE.too_small * r
 
 
 def _largest(projections: Mapping[str, Optional[int]]) -> Optional[int]:
@@ -250,6 +256,11 @@ def _kinds(
         r = max(m.rank for m in grouped)
         answers[group] = KindAnswer(group, rank, reading, spectral, r, projections)
     return answers
+
+
+def counted_directions(rank: int, r: int) -> str:
+    """How many of the r directions a rank counts: "every one of the r = 8", "6 of the r = 8"."""
+    return f"every one of the r = {r}" if rank >= r else f"{rank} of the r = {r}"
 
 
 def _cautions(
@@ -275,11 +286,12 @@ def _cautions(
             f"a disagreement (more than {RULE.disagreement:g}×) came only early in training, when the "
             f"probe was wrong; read the suggestion again later"
         )
-    if probe is not None and probe.rank is not None and probe.rank >= r:
+    if _needs_more(probe, r):
+        assert probe is not None and probe.rank is not None
         cautions.append(
-            f"r may be too small: the probe needs every one of the r = {r} directions to keep "
-            f"{100 * RULE.keep:g} % of the loss reduction; train with a larger r and see whether the "
-            f"suggestion stays below it"
+            f"r may be too small: the probe needs {counted_directions(probe.rank, r)} directions to keep "
+            f"{100 * RULE.keep:g} % of the loss reduction, so r is less than twice what the update "
+            f"uses; train with a larger r and see whether the suggestion stays at or below half of it"
         )
     norms = [m.delta_w_relative_norm for m in modules if m.delta_w_relative_norm is not None]
     if norms and median(norms) < RULE.early_relative_norm:
@@ -342,11 +354,12 @@ def recommend_rank(
     kinds = _kinds(modules, probe, groups)
     cautions = _cautions(modules, probe, spectral, r)
     for answer in kinds.values():
-        if answer.too_small and not (probe is not None and probe.rank is not None and probe.rank >= r):
+        if answer.too_small and not _needs_more(probe, r):
+            assert answer.probe is not None and answer.probe.rank is not None
             cautions.append(
                 f"r may be too small for the {answer.group} modules: cut alone, the others whole, they "
-                f"need every one of their r = {answer.r} directions to keep {100 * RULE.keep:g} % of the "
-                f"loss reduction; train them with a larger r"
+                f"need {counted_directions(answer.probe.rank, answer.r)} directions to keep "
+                f"{100 * RULE.keep:g} % of the loss reduction; train them with a larger r"
             )
     return RankRecommendation(
         rank=rank,

@@ -33,6 +33,9 @@ class RankRule:
             initialization: too early to read.
         kind_split: attention and MLP ranks further apart than this factor get a rank each
             (peft's ``rank_pattern``); closer, one rank serves both.
+        too_small: the probe needing more than this share of the r directions says r may be
+            too small: r is then under twice the rank the update uses, the margin the
+            validation's target allows ([k*, 2k*]).
     """
 
     keep: float = 0.95
@@ -44,6 +47,7 @@ class RankRule:
     disagreement: float = 2.0
     early_relative_norm: float = 1e-3
     kind_split: float = 2.0
+    too_small: float = 0.5
 
 
 #: The rule the monitor, the CLI and the validation benchmark use.

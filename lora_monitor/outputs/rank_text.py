@@ -15,7 +15,7 @@ from typing import Optional
 
 from lora_monitor.adapters.kinds import block_order
 from lora_monitor.adapters.truncation import rank_pattern
-from lora_monitor.analysis.rank import ModuleEvidence, RankRecommendation, layer_name
+from lora_monitor.analysis.rank import ModuleEvidence, RankRecommendation, counted_directions, layer_name
 from lora_monitor.analysis.rank_rule import RULE
 from lora_monitor.functional.bases import basis_info
 from lora_monitor.outputs.tags import RECOMMENDATION_PLACE
@@ -132,8 +132,8 @@ def _advice(rec: RankRecommendation, adapter_dir: Optional[str | os.PathLike]) -
         wanted = {g: 2 * a.r if a.too_small else split[g] for g, a in rec.kinds.items()}
         small = [_GROUP_NAMES[g] for g, a in rec.kinds.items() if a.too_small]
         act = (
-            f"Train again with a larger r for the {' and '.join(small)} modules (every one of their r "
-            f"directions counts on the probe batch) and "
+            f"Train again with a larger r for the {' and '.join(small)} modules (they need more than half "
+            f"of their r directions on the probe batch) and "
             + " and ".join(f"r = {wanted[g]} for the {_GROUP_NAMES[g]} modules" for g in wanted)
         )
         ordered = sorted(rec.trained, key=lambda m: block_order(m.name))
@@ -143,9 +143,10 @@ def _advice(rec: RankRecommendation, adapter_dir: Optional[str | os.PathLike]) -
             act += f": LoraConfig(r={r}, rank_pattern={pattern!r}, ...)"
         return act + "."
     if rec.too_small:
+        used = rec.probe.rank if rec.probe is not None and rec.probe.rank is not None else rec.r
         return (
-            f"Train again with a larger r (e.g. r = {2 * rec.r}): every one of the r = {rec.r} "
-            f"directions counts on the probe batch, so the task may need more."
+            f"Train again with a larger r (e.g. r = {2 * rec.r}): {counted_directions(used, rec.r)} "
+            f"directions count on the probe batch, so the task may need more."
         )
     if rec.rank >= rec.r and split is None:
         return f"Keep r = {rec.r}."
@@ -193,10 +194,11 @@ def report_markdown(recommendation: RankRecommendation, adapter_dir: Optional[st
             markdown_table(["k (every ΔW cut to)", "probe loss", "share of the log-loss reduction kept"], rows),
             "",
         ]
-        if any(probe.kept(k) > 1 for k in probe.losses):
+        if probe.lowest < probe.losses[probe.r]:
             lines += [
-                "A share above 100 %: cut to those k directions, the model's loss on the probe batch is "
-                "lower than with its whole update (the directions cut off raise it on this batch).",
+                "The shares are measured to the lowest loss read, which is below the whole update's: cut "
+                "to fewer directions, the model does better on the probe batch (the directions cut off "
+                "raise its loss there).",
                 "",
             ]
     if rec.kinds:

@@ -128,6 +128,18 @@ def test_a_probe_that_needs_every_direction_says_r_may_be_too_small(planted_dire
     assert "Train again with a larger r (e.g. r = 16)" in advice(recommendation)
 
 
+@pytest.mark.parametrize(("scale", "used", "said"), [(1.2, 4, False), (1.5, 5, True), (2.0, 6, True)])
+def test_r_may_be_too_small_once_the_probe_needs_more_than_half_of_r(planted_directions, scale, used, said):
+    # At r = 8: a probe needing 4 directions leaves r twice what the update uses, 5 or 6 do not.
+    U, V = planted_directions
+    current = planted_adapter(U, V, [10.0, 9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0], rank=8, seed=2)
+    recommendation = recommend_rank(analyze(Snapshot(step=100, factors=current)), probe=_probe(scale=scale, r=8))
+    assert recommendation.probe.rank == used and recommendation.too_small == said
+    assert ("r may be too small" in summary_line(recommendation)) == said
+    assert any(f"the probe needs {used} of the r = 8 directions" in c for c in recommendation.cautions) == said
+    assert ("Train again with a larger r (e.g. r = 16)" in advice(recommendation)) == said
+
+
 def test_an_update_that_has_not_lowered_the_probe_loss_is_too_early(planted_directions):
     U, V = planted_directions
     current = planted_adapter(U, V, SIGMA, rank=64, seed=2)

@@ -100,15 +100,17 @@ def test_compare_and_the_tensorboard_report_agree(tmp_path):
 
 
 @pytest.mark.parametrize("dip", [False, True])
-def test_a_share_kept_above_100_percent_is_explained(dip):
+def test_shares_measured_to_a_cut_below_the_whole_update_are_explained(dip):
     # Cut to 2 directions, the probe loss may fall below the whole update's (the rest hurt on
-    # that batch): the table shows the share as measured, and a line says what it means.
+    # that batch): the shares are measured to that lowest loss, and a line says so.
     analyses = analyze(Snapshot(step=4, factors=random_factors(2, ("q", "v"), rank=8, seed=0)))
     losses = {0: 1.0, 1: 0.5, 2: 0.2 if dip else 0.4, 3: 0.35, 4: 0.32, 6: 0.31, 8: 0.3}
     probe = read_probe(lambda k: losses[min(losses, key=lambda g: abs(g - k))], 8)
     text = report_markdown(recommend_rank(analyses, probe=probe))
-    assert ("A share above 100 %" in text) == dip
-    assert ("133.7%" in text) == dip  # log(1/0.2) / log(1/0.3): kept as measured, not clamped
+    assert ("measured to the lowest loss read" in text) == dip
+    # log(1/0.3) / log(1/0.2): the whole update keeps 74.8 % of the reduction to the dip.
+    assert ("| 8 " in text and "74.8%" in text) == dip
+    assert "100.0%" in text
 
 
 def test_advice_names_the_run_s_adapter_directory_quoted_for_the_shell():

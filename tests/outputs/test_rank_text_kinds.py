@@ -16,8 +16,9 @@ from lora_monitor.outputs.rank_text import advice, report_markdown, summary_line
 from tests.analysis.test_rank_kinds import R, _factors, _reading
 
 
-def _split(mlp: float = 1.8):
-    """Attention needing 1 direction; the MLP 6 (``mlp`` = 1.8) or all 8 of r (2.5)."""
+def _split(mlp: float = 1.3):
+    """Attention needing 1 direction; the MLP 4 of r = 8 (``mlp`` = 1.3: r still twice what it
+    uses) or all 8 (2.5: r may be too small)."""
     factors = _factors()
     analyses = analyze(Snapshot(step=1, factors=factors), None, "A")
     rec = recommend_rank(
