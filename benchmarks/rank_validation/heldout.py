@@ -25,6 +25,13 @@ are ~2× larger); on the random Llama 2‖W₀‖_F/√n_out, twice a typical si
 ``tests/end_to_end/test_planted_rank.py``). Directions are a fresh random draw (seeds unlike the
 tuning cases'). Where nothing else is said: α = r, AdamW lr 1e-3 (weight decay 0.01), constant lr.
 
+A second set (``batch=2``) was fixed and committed after the first set had been read and the
+rule changed on 7 December 2026 (the probe measured to its lowest loss; "too small" above r/2),
+before any of it was run: the first set can no longer tell whether those changes generalize, the
+second can. It varies the same things in other combinations: planted K = 8 on the causal LM and
+different ranks by kind there, rsLoRA on an all-linear causal LM, K = 12 on MiniLM under rsLoRA,
+a 3× higher lr, α = 2r with a cosine schedule, and K = 3 at a 3× lower lr.
+
 The truth k* and the targets are the tuning cases': the knee of the truncation curve of the trained
 r = 64 run (one seed here), the suggestion within [k*, 2k*] at 25 % and at 100 % of training from
 that run; every run below k* says "r may be too small" by half of training, none at r ≥ 2k*.
@@ -93,6 +100,8 @@ class HeldoutCase:
             ``warmup`` of the steps, then cosine decay to 0).
         alpha: ``"r"`` (α = r) or ``"2r"``; rslora: peft's ``use_rslora`` (scaling α/√r).
         what: what the case varies, for the report.
+        batch: 1, the first held-out set; 2, the set fixed after the rule's changes of
+            7 December 2026 had been made on the tuning cases (blind to them).
     """
 
     name: str
@@ -107,6 +116,7 @@ class HeldoutCase:
     rslora: bool = False
     steps: int = 300
     what: str = ""
+    batch: int = 1
 
     @property
     def teacher(self) -> str:
@@ -170,6 +180,39 @@ HELDOUT_CASES = (
         ((QV, 6),),
         schedule="cosine",
         what="cosine schedule, 10 % linear warm-up, peak lr 1e-3, K = 6",
+    ),
+    HeldoutCase("llama_qv_K8", "llama", QV, ((QV, 8),), ranks=(4, 64), batch=2, what="causal LM, q/v, K = 8"),
+    HeldoutCase(
+        "llama_by_kind",
+        "llama",
+        ALL_LLAMA,
+        ((ATTENTION, 2), (MLP, 8)),
+        ranks=(4, 64),
+        batch=2,
+        what="causal LM, all-linear, K = 2 in attention (q,k,v,o), K = 8 in the MLP (gate, up, down)",
+    ),
+    HeldoutCase(
+        "llama_rslora",
+        "llama",
+        ALL_LLAMA,
+        ((ALL_LLAMA, 4),),
+        rslora=True,
+        batch=2,
+        what="causal LM, all-linear, rsLoRA (α = r), K = 4 in every kind",
+    ),
+    HeldoutCase("K12_flat", "minilm", QV, ((QV, 12),), ranks=(4, 64), batch=2, what="planted K = 12 (q/v)"),
+    HeldoutCase("rslora_K12", "minilm", QV, ((QV, 12),), rslora=True, batch=2, what="rsLoRA, α = r, K = 12"),
+    HeldoutCase("lr_low_K3", "minilm", QV, ((QV, 3),), lr=3.3e-4, batch=2, what="lr 3.3e-4 (3× lower), K = 3"),
+    HeldoutCase("lr_high_K12", "minilm", QV, ((QV, 12),), lr=3e-3, batch=2, what="lr 3e-3 (3× higher), K = 12"),
+    HeldoutCase(
+        "alpha_2r_cosine",
+        "minilm",
+        QV,
+        ((QV, 12),),
+        alpha="2r",
+        schedule="cosine",
+        batch=2,
+        what="α = 2r, cosine schedule (10 % linear warm-up, peak lr 1e-3), K = 12",
     ),
 )
 """In the order they are trained (the cheap Llama cases first, then by what the issue most needs)."""
