@@ -290,24 +290,56 @@ def _split(entry: dict) -> str:
     return "one rank" if split is None else ", ".join(f"{g} {r}" for g, r in split.items())
 
 
+#: The held-out sets, by ``HeldoutCase.batch``.
+SET_NAMES = {
+    1: "set 1 (read before and after the changes of 7 December 2026)",
+    2: "set 2 (fixed after those changes: blind to them)",
+}
+
+
+@dataclasses.dataclass
+class _Tally:
+    """One held-out set's hits (per fraction) and "too small" checks."""
+
+    fractions: tuple[str, ...]
+    hits: dict[str, list[bool]] = dataclasses.field(init=False)
+    below: list[bool] = dataclasses.field(default_factory=list)
+    above: list[bool] = dataclasses.field(default_factory=list)
+    below_former: list[bool] = dataclasses.field(default_factory=list)
+    above_former: list[bool] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.hits = {f: [] for f in self.fractions}
+
+    def met(self) -> bool:
+        """The issue's targets: 90 % within [k*, 2k*] at 25 % and at 100 %; "too small" on every run
+        below k* by half of training and on none at r ≥ 2k*."""
+        enough = all(sum(self.hits[f]) >= 0.9 * len(self.hits[f]) for f in ("0.25", "1.0"))
+        return enough and all(self.below) and all(self.above)
+
+
+def _count(checks: list[bool]) -> str:
+    return f"{sum(checks)}/{len(checks)}"
+
+
 def report_heldout(cache: pathlib.Path, settings: Settings) -> bool:
     """Print the held-out table, the hit rates and the "too small" check; True when every target held."""
     path = cache / "heldout" / "results.json"
     results = json.loads(path.read_text())["cases"]
     big = settings.big_rank
     rows, small_rows = [], []
-    hits: dict[str, list[bool]] = {f: [] for f in ("0.1", "0.25", "0.5", "0.75", "1.0")}
-    below_ok, above_ok, below_former, above_former = [], [], [], []
+    fractions = ("0.1", "0.25", "0.5", "0.75", "1.0")
+    sets = {case.batch: _Tally(fractions) for case in HELDOUT_CASES}
     per_kind_rows = []
     for case in HELDOUT_CASES:
         runs = results.get(case.name)
         k = truths(case, runs, big) if runs else None
         if not runs or k is None:
             continue
-        k_star, run = k["all"], runs[f"r{big}"]
-        for f in hits:
+        k_star, run, tally = k["all"], runs[f"r{big}"], sets[case.batch]
+        for f in fractions:
             rank = run["readings"][f]["all"]["rank"]
-            hits[f].append(rank is not None and k_star <= rank <= 2 * k_star)
+            tally.hits[f].append(rank is not None and k_star <= rank <= 2 * k_star)
         full = run["truncation"]["all"][str(big)]
         cut = run.get("cut", {})
         cuts = " / ".join(
@@ -319,6 +351,7 @@ def report_heldout(cache: pathlib.Path, settings: Settings) -> bool:
         groups = " / ".join(f"{g} {x}" for g, x in k.items() if g != "all")
         rows.append(
             [
+                case.batch,
                 case.name,
                 case.what,
                 f"{k_star}" + (f" ({groups})" if groups else ""),
@@ -329,16 +362,16 @@ def report_heldout(cache: pathlib.Path, settings: Settings) -> bool:
             ]
         )
         if big >= 2 * k_star:
-            above_ok.append(not any(_fires(run, f) for f in hits))
-            above_former.append(not any(_fires(run, f, former=True) for f in hits))
+            tally.above.append(not any(_fires(run, f) for f in fractions))
+            tally.above_former.append(not any(_fires(run, f, former=True) for f in fractions))
         for other in runs.values():
             r = other["rank"]
             if r >= k_star and r < 2 * k_star and r != big:
                 continue
             if r < k_star:
                 by_half = ("0.1", "0.25", "0.5")
-                below_ok.append(any(_fires(other, f) for f in by_half))
-                below_former.append(any(_fires(other, f, former=True) for f in by_half))
+                tally.below.append(any(_fires(other, f) for f in by_half))
+                tally.below_former.append(any(_fires(other, f, former=True) for f in by_half))
             small_rows.append(
                 [
                     case.name,
@@ -364,14 +397,17 @@ def report_heldout(cache: pathlib.Path, settings: Settings) -> bool:
                     ]
                 )
     print("\n## Held-out cases: the suggestion from one r = 64 run vs the truth\n")
-    headers = ["case", "what it varies", "k* (per group)", "target", "at 25 %", "at 100 %"]
+    headers = ["set", "case", "what it varies", "k* (per group)", "target", "at 25 %", "at 100 %"]
     headers.append("held-out loss: cut to the suggestion 25 % / 100 % / full r = 64 / base")
     print(table(headers, rows))
     print("\n## Held-out hit rates (within [k*, 2k*])\n")
     print(
         table(
-            ["reading", *[f"{float(f):.0%}" for f in hits]],
-            [["suggestion", *[f"{sum(h)}/{len(h)}" for h in hits.values()]]],
+            ["reading", *[f"{float(f):.0%}" for f in fractions]],
+            [
+                [f"suggestion, {SET_NAMES[batch]}", *[f"{sum(h)}/{len(h)}" for h in tally.hits.values()]]
+                for batch, tally in sorted(sets.items())
+            ],
         )
     )
     print('\n## "r may be too small"\n')
@@ -389,15 +425,16 @@ def report_heldout(cache: pathlib.Path, settings: Settings) -> bool:
             small_rows,
         )
     )
-    print(
-        f"\nruns below k* that said it by half of training: {sum(below_ok)}/{len(below_ok)}; "
-        f"runs at r ≥ 2k* that never said it: {sum(above_ok)}/{len(above_ok)}. The former rule (the probe "
-        f"needs all r): {sum(below_former)}/{len(below_former)} and {sum(above_former)}/{len(above_former)}"
-    )
+    for batch, tally in sorted(sets.items()):
+        print(
+            f"\n{SET_NAMES[batch]}: runs below k* that said it by half of training: {_count(tally.below)}; "
+            f"runs at r ≥ 2k* that never said it: {_count(tally.above)}. The former rule (the probe "
+            f"needs all r): {_count(tally.below_former)} and {_count(tally.above_former)}"
+        )
     if per_kind_rows:
         print("\n## Per group (attention / MLP), each cut with the other whole\n")
         headers = ["case", "group", "k* of the group", "at 25 %", "at 100 %", "too small said"]
         headers.append("the package's per-kind answer (25 % / 100 %)")
         print(table(headers, per_kind_rows))
     tail_table(results, big)
-    return all(hits["0.25"]) and all(hits["1.0"]) and all(below_ok) and all(above_ok)
+    return all(tally.met() for tally in sets.values())

@@ -65,3 +65,22 @@ def test_the_schedule(name):
     warm = round(case.warmup * case.steps)
     assert factors[0] == pytest.approx(1 / warm) and factors[warm - 1] == pytest.approx(1.0)
     assert factors[warm] == pytest.approx(1.0) and factors[-1] < 0.01
+
+
+def test_the_second_set_is_new_and_its_targets_are_scored_apart():
+    from rank_validation.heldout_eval import SET_NAMES, _Tally
+
+    first = {c for c in HELDOUT_CASES if c.batch == 1}
+    second = [c for c in HELDOUT_CASES if c.batch == 2]
+    assert len(first) == 11 and len(second) == 8 and set(SET_NAMES) == {1, 2}
+    # Not the first set's cases again: each varies a recipe or planted update the first did not pair.
+    recipe = lambda c: (c.model, c.lora, c.planted, c.lr, c.schedule, c.alpha, c.rslora)  # noqa: E731
+    assert {recipe(c) for c in second}.isdisjoint({recipe(c) for c in first})
+    tally = _Tally(("0.25", "1.0"))
+    tally.hits = {"0.25": [True] * 9 + [False], "1.0": [True] * 10}
+    assert tally.met()  # 90 % at both points
+    tally.hits["1.0"][0] = tally.hits["1.0"][1] = False
+    assert not tally.met()  # 80 % at the end
+    tally.hits["1.0"] = [True] * 10
+    tally.below.append(False)  # a run below k* that did not say "too small" by half of training
+    assert not tally.met()
