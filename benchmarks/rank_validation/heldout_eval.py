@@ -247,6 +247,10 @@ def _cell(reading: dict, k_star: int) -> str:
     return f"{rank}{likely} {_mark(k_star <= rank <= 2 * k_star)}"
 
 
+#: The fractions of training read, as the results' keys spell them ("0.1" … "1.0").
+READ_AT = tuple(str(f) for f in HELDOUT_FRACTIONS)
+
+
 def _fires(run: dict, f: str, group: str = "all", former: bool = False) -> bool:
     """Whether "r may be too small" is said at fraction ``f``: the package's rule (the probe needs
     more than r/2 directions) or its former rule (the probe needs all r of them)."""
@@ -257,7 +261,7 @@ def _fires(run: dict, f: str, group: str = "all", former: bool = False) -> bool:
 
 
 def _small(run: dict, group: str = "all", former: bool = False) -> str:
-    fired = [f for f in ("0.1", "0.25", "0.5", "0.75", "1.0") if _fires(run, f, group, former)]
+    fired = [f for f in READ_AT if _fires(run, f, group, former)]
     return "at " + ", ".join(f"{float(f):.0%}" for f in fired) if fired else "never"
 
 
@@ -301,15 +305,11 @@ SET_NAMES = {
 class _Tally:
     """One held-out set's hits (per fraction) and "too small" checks."""
 
-    fractions: tuple[str, ...]
-    hits: dict[str, list[bool]] = dataclasses.field(init=False)
+    hits: dict[str, list[bool]] = dataclasses.field(default_factory=lambda: {f: [] for f in READ_AT})
     below: list[bool] = dataclasses.field(default_factory=list)
     above: list[bool] = dataclasses.field(default_factory=list)
     below_former: list[bool] = dataclasses.field(default_factory=list)
     above_former: list[bool] = dataclasses.field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.hits = {f: [] for f in self.fractions}
 
     def met(self) -> bool:
         """The issue's targets: 90 % within [k*, 2k*] at 25 % and at 100 %; "too small" on every run
@@ -328,8 +328,7 @@ def report_heldout(cache: pathlib.Path, settings: Settings) -> bool:
     results = json.loads(path.read_text())["cases"]
     big = settings.big_rank
     rows, small_rows = [], []
-    fractions = ("0.1", "0.25", "0.5", "0.75", "1.0")
-    sets = {case.batch: _Tally(fractions) for case in HELDOUT_CASES}
+    sets = {case.batch: _Tally() for case in HELDOUT_CASES}
     per_kind_rows = []
     for case in HELDOUT_CASES:
         runs = results.get(case.name)
@@ -337,7 +336,7 @@ def report_heldout(cache: pathlib.Path, settings: Settings) -> bool:
         if not runs or k is None:
             continue
         k_star, run, tally = k["all"], runs[f"r{big}"], sets[case.batch]
-        for f in fractions:
+        for f in READ_AT:
             rank = run["readings"][f]["all"]["rank"]
             tally.hits[f].append(rank is not None and k_star <= rank <= 2 * k_star)
         full = run["truncation"]["all"][str(big)]
@@ -362,8 +361,8 @@ def report_heldout(cache: pathlib.Path, settings: Settings) -> bool:
             ]
         )
         if big >= 2 * k_star:
-            tally.above.append(not any(_fires(run, f) for f in fractions))
-            tally.above_former.append(not any(_fires(run, f, former=True) for f in fractions))
+            tally.above.append(not any(_fires(run, f) for f in READ_AT))
+            tally.above_former.append(not any(_fires(run, f, former=True) for f in READ_AT))
         for other in runs.values():
             r = other["rank"]
             if r >= k_star and r < 2 * k_star and r != big:
@@ -403,7 +402,7 @@ def report_heldout(cache: pathlib.Path, settings: Settings) -> bool:
     print("\n## Held-out hit rates (within [k*, 2k*])\n")
     print(
         table(
-            ["reading", *[f"{float(f):.0%}" for f in fractions]],
+            ["reading", *[f"{float(f):.0%}" for f in READ_AT]],
             [
                 [f"suggestion, {SET_NAMES[batch]}", *[f"{sum(h)}/{len(h)}" for h in tally.hits.values()]]
                 for batch, tally in sorted(sets.items())

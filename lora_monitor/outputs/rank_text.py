@@ -143,9 +143,9 @@ def _advice(rec: RankRecommendation, adapter_dir: Optional[str | os.PathLike]) -
             act += f": LoraConfig(r={r}, rank_pattern={pattern!r}, ...)"
         return act + "."
     if rec.too_small:
-        used = rec.probe.rank if rec.probe is not None and rec.probe.rank is not None else rec.r
+        assert rec.probe is not None and rec.probe.rank is not None  # too_small: the probe read a rank
         return (
-            f"Train again with a larger r (e.g. r = {2 * rec.r}): {counted_directions(used, rec.r)} "
+            f"Train again with a larger r (e.g. r = {2 * rec.r}): {counted_directions(rec.probe.rank, rec.r)} "
             f"directions count on the probe batch, so the task may need more."
         )
     if rec.rank >= rec.r and split is None:

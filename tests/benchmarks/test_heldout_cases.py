@@ -76,8 +76,8 @@ def test_the_second_set_is_new_and_its_targets_are_scored_apart():
     # Not the first set's cases again: each varies a recipe or planted update the first did not pair.
     recipe = lambda c: (c.model, c.lora, c.planted, c.lr, c.schedule, c.alpha, c.rslora)  # noqa: E731
     assert {recipe(c) for c in second}.isdisjoint({recipe(c) for c in first})
-    tally = _Tally(("0.25", "1.0"))
-    tally.hits = {"0.25": [True] * 9 + [False], "1.0": [True] * 10}
+    tally = _Tally()
+    tally.hits |= {"0.25": [True] * 9 + [False], "1.0": [True] * 10}
     assert tally.met()  # 90 % at both points
     tally.hits["1.0"][0] = tally.hits["1.0"][1] = False
     assert not tally.met()  # 80 % at the end
